@@ -1,0 +1,98 @@
+// Shared declarations of the forward kernels: the parameters of one call and
+// the bindings every forward kernel sees (a kernel uses a subset of them).
+//
+// The input is viewed as [P, A, G, B] (SPEC.md §1): statistics are taken per
+// group (p, g) over the A·B elements x[p, a, g, b]. Element j of a group
+// (0 <= j < A·B) lives at ((p·A + j / B)·G + g)·B + j % B.
+//
+// Statistics are kept per group as vec4(shift, dmean, rstd, var): the mean is
+// shift + dmean, where shift is the group's first element. Normalizing as
+// ((x - shift) - dmean) keeps the digits that a large common offset would
+// otherwise cost (x - shift is exact for nearby values, dmean is small).
+
+struct Params {
+    p: u32,
+    a: u32,
+    g: u32,
+    b: u32,
+    // Groups (P·G) and elements (P·A·G·B) of the whole tensor.
+    n_groups: u32,
+    total: u32,
+    // Partials pass: tiles per group and elements per tile.
+    tiles: u32,
+    tile_len: u32,
+    // Affine index of the element at (g, b) is (g·B + b) / affine_div.
+    affine_div: u32,
+    // Bit set of FLAG_* below.
+    flags: u32,
+    eps: f32,
+    // Running-stat update: new = keep·old + take·batch (unless cumulative).
+    keep: f32,
+    take: f32,
+    // Offset (in vec4) of the partials inside the scratch buffer.
+    partials_offset: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+const FLAG_WEIGHT: u32 = 1u;
+const FLAG_BIAS: u32 = 2u;
+const FLAG_RMS: u32 = 4u;
+const FLAG_UPDATE_RUNNING: u32 = 8u;
+const FLAG_CUMULATIVE: u32 = 16u;
+const FLAG_UNBIASED: u32 = 32u;
+const FLAG_BUMP_COUNTER: u32 = 64u;
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(3) var<storage, read> weight: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+@group(0) @binding(5) var<storage, read_write> running_mean: array<f32>;
+@group(0) @binding(6) var<storage, read_write> running_var: array<f32>;
+// num_batches_tracked as an i64 split in (low, high) u32 words.
+@group(0) @binding(7) var<storage, read_write> counter: array<u32>;
+// Per-group statistics first, then the partials of the stats pass.
+@group(0) @binding(8) var<storage, read_write> scratch: array<vec4<f32>>;
+
+fn has_flag(f: u32) -> bool {
+    return (params.flags & f) != 0u;
+}
+
+// Workgroups beyond 65535 are laid out on a 2-D grid; this is the linear index.
+fn linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+fn element_index(p: u32, g: u32, j: u32) -> u32 {
+    return ((p * params.a + j / params.b) * params.g + g) * params.b + j % params.b;
+}
+
+// Chan et al.'s merge of two (count, mean, M2) summaries. Exact in the sense
+// that it never subtracts large sums; order only changes rounding.
+fn chan_merge(x: vec3<f32>, y: vec3<f32>) -> vec3<f32> {
+    let n = x.x + y.x;
+    if (n == 0.0) {
+        return vec3<f32>(0.0, 0.0, 0.0);
+    }
+    let delta = y.y - x.y;
+    let wy = y.x / n;
+    let mean = x.y + delta * wy;
+    let m2 = x.z + y.z + delta * delta * x.x * wy;
+    return vec3<f32>(n, mean, m2);
+}
+
+fn affine(v: f32, g: u32, b: u32) -> f32 {
+    let c = (g * params.b + b) / params.affine_div;
+    var r = v;
+    if (has_flag(FLAG_WEIGHT)) {
+        r = r * weight[c];
+    }
+    if (has_flag(FLAG_BIAS)) {
+        r = r + bias[c];
+    }
+    return r;
+}
+
+// y from x and its group's statistics vec4(shift, dmean, rstd, var).
+fn normalize_value(v: f32, st: vec4<f32>, g: u32, b: u32) -> f32 {
+    return affine(((v - st.x) - st.y) * st.z, g, b);
+}

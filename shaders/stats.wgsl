@@ -1,0 +1,90 @@
+// Partials pass of the statistics engine.
+//
+// One workgroup reduces one tile of one group: up to STATS_WG·STATS_PER_THREAD
+// consecutive elements j of the group (p, g), shifted by the group's first
+// element (zero for RMS). Each invocation holds its values in registers, takes
+// their exact two-pass mean and M2, and the workgroup merges the invocations'
+// summaries with Chan's formula. Output: scratch[partials_offset + w] =
+// vec4(count, mean, M2, 0) for workgroup w = group·tiles + tile.
+//
+// The workgroup with w == 0 also bumps num_batches_tracked when asked, so the
+// finalize pass (the next dispatch) reads the already incremented counter.
+
+var<workgroup> wg_sum: array<vec3<f32>, STATS_WG>;
+
+fn group_shift(p: u32, g: u32) -> f32 {
+    if (has_flag(FLAG_RMS)) {
+        return 0.0;
+    }
+    return load_x(element_index(p, g, 0u));
+}
+
+fn bump_counter_once() {
+    let lo = counter[0] + 1u;
+    counter[0] = lo;
+    if (lo == 0u) {
+        counter[1] = counter[1] + 1u;
+    }
+}
+
+@compute @workgroup_size(1)
+fn bump_counter() {
+    bump_counter_once();
+}
+
+@compute @workgroup_size(STATS_WG)
+fn partials(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = linear_workgroup(wid, nwg);
+    if (w >= params.n_groups * params.tiles) {
+        return;
+    }
+    if (w == 0u && lid == 0u && has_flag(FLAG_BUMP_COUNTER)) {
+        bump_counter_once();
+    }
+    let group = w / params.tiles;
+    let tile = w % params.tiles;
+    let p = group / params.g;
+    let g = group % params.g;
+    let n_group = params.a * params.b;
+    let start = tile * params.tile_len;
+    let end = min(start + params.tile_len, n_group);
+    let shift = group_shift(p, g);
+
+    var values: array<f32, STATS_PER_THREAD>;
+    var count = 0u;
+    var sum = 0.0;
+    for (var k = 0u; k < STATS_PER_THREAD; k++) {
+        let j = start + lid + k * STATS_WG;
+        if (j < end) {
+            let v = load_x(element_index(p, g, j)) - shift;
+            values[k] = v;
+            sum += v;
+            count++;
+        }
+    }
+    var mean = 0.0;
+    if (count > 0u && !has_flag(FLAG_RMS)) {
+        mean = sum / f32(count);
+    }
+    var m2 = 0.0;
+    for (var k = 0u; k < count; k++) {
+        let d = values[k] - mean;
+        m2 += d * d;
+    }
+    wg_sum[lid] = vec3<f32>(f32(count), mean, m2);
+    workgroupBarrier();
+    for (var stride = STATS_WG / 2u; stride > 0u; stride /= 2u) {
+        if (lid < stride) {
+            wg_sum[lid] = chan_merge(wg_sum[lid], wg_sum[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        let s = wg_sum[0];
+        scratch[params.partials_offset + w] = vec4<f32>(s, 0.0);
+    }
+}

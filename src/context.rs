@@ -1,0 +1,382 @@
+//! The device a [`crate::GpuTensor`] lives on: adapter choice, limits, the
+//! pipeline cache, uploads and downloads.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::kernels::PipelineCache;
+use crate::tensor::{decode, encode, DType, GpuTensor};
+
+/// Environment variable that picks an adapter by (part of) its name.
+pub const ADAPTER_ENV: &str = "GPUNORM_ADAPTER";
+
+/// How [`Context::with_options`] picks and configures its device.
+#[derive(Debug, Clone, Default)]
+pub struct ContextOptions {
+    /// Use the first adapter whose name contains this (case-insensitive).
+    /// When `None`, the `GPUNORM_ADAPTER` environment variable is read.
+    pub adapter_name: Option<String>,
+    /// Pretend the adapter binds at most this many bytes per storage buffer
+    /// (for tests of the size checks on small data).
+    pub max_storage_binding: Option<u64>,
+}
+
+/// What the context knows of its adapter.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    /// The adapter's name, e.g. `llvmpipe (LLVM 15.0.6, 256 bits)`.
+    pub name: String,
+    /// Backend, lower case (`vulkan`, `metal`, ...).
+    pub backend: String,
+    /// Device type (`DiscreteGpu`, `Cpu`, ...).
+    pub device_type: String,
+    /// Driver name and version.
+    pub driver: String,
+}
+
+impl AdapterSummary {
+    fn from_info(info: &wgpu::AdapterInfo) -> Self {
+        AdapterSummary {
+            name: info.name.clone(),
+            backend: format!("{:?}", info.backend).to_lowercase(),
+            device_type: format!("{:?}", info.device_type),
+            driver: format!("{} {}", info.driver, info.driver_info)
+                .trim()
+                .to_string(),
+        }
+    }
+}
+
+/// A wgpu device and queue with the crate's pipelines.
+///
+/// Build one with [`Context::new`] (picks the best adapter: a discrete GPU,
+/// then an integrated one, then a software rasterizer such as lavapipe) or
+/// embed in a device you already have with [`Context::from_wgpu`].
+pub struct Context {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) pipelines: PipelineCache,
+    adapter: Option<AdapterSummary>,
+    max_storage_binding: u64,
+    max_buffer: u64,
+    /// Placeholder buffers bound where an op has no tensor (no weight, no
+    /// running stats): one per binding slot, so no two writable bindings of
+    /// one dispatch alias.
+    pub(crate) dummies: [wgpu::Buffer; 9],
+}
+
+/// Rank of an adapter: lower is better.
+fn adapter_rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let device = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let backend = match info.backend {
+        wgpu::Backend::Vulkan | wgpu::Backend::Metal | wgpu::Backend::Dx12 => 0,
+        _ => 1,
+    };
+    (device, backend)
+}
+
+/// Every adapter wgpu can see, best first.
+pub fn enumerate_adapters() -> Vec<wgpu::Adapter> {
+    crate::ensure_runtime_dir();
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    adapters.sort_by_key(|a| adapter_rank(&a.get_info()));
+    adapters
+}
+
+impl Context {
+    /// A context on the best adapter (or the one `GPUNORM_ADAPTER` names).
+    pub fn new() -> Result<Self> {
+        Self::with_options(ContextOptions::default())
+    }
+
+    /// A context configured by `options`.
+    pub fn with_options(options: ContextOptions) -> Result<Self> {
+        let wanted = options
+            .adapter_name
+            .clone()
+            .or_else(|| std::env::var(ADAPTER_ENV).ok().filter(|s| !s.is_empty()));
+        let adapters = enumerate_adapters();
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        let adapter = match &wanted {
+            Some(name) => {
+                let lower = name.to_lowercase();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&lower))
+                    .ok_or_else(|| {
+                        Error::NoAdapter(format!(
+                            "no adapter name contains {name:?}; available: {names:?}"
+                        ))
+                    })?
+            }
+            None => adapters.into_iter().next().ok_or_else(|| {
+                Error::NoAdapter(
+                    "wgpu found no adapter (is a Vulkan driver such as mesa-vulkan-drivers installed? run scripts/ensure-vulkan)"
+                        .into(),
+                )
+            })?,
+        };
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let wanted_features = wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::SUBGROUP
+            | wgpu::Features::SHADER_F16;
+        let features = adapter.features() & wanted_features;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("gpunorm"),
+            required_features: features,
+            required_limits: limits,
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| Error::Device(e.to_string()))?;
+        // Errors outside our error scopes must not abort the caller's process.
+        device.on_uncaptured_error(Arc::new(|e| {
+            eprintln!("gpunorm: uncaptured wgpu error: {e}");
+        }));
+        let mut ctx = Self::build(device, queue, Some(AdapterSummary::from_info(&info)));
+        if let Some(limit) = options.max_storage_binding {
+            ctx.max_storage_binding = ctx.max_storage_binding.min(limit);
+        }
+        Ok(ctx)
+    }
+
+    /// Embeds in a device the caller already has (created with the same
+    /// `wgpu` version: use [`crate::wgpu`]). Limits are read from the device.
+    pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Self {
+        Self::build(device, queue, None)
+    }
+
+    fn build(device: wgpu::Device, queue: wgpu::Queue, adapter: Option<AdapterSummary>) -> Self {
+        let limits = device.limits();
+        let pipelines = PipelineCache::new(&device);
+        let dummies = std::array::from_fn(|i| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&format!("gpunorm placeholder {i}")),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::UNIFORM,
+                mapped_at_creation: false,
+            })
+        });
+        Context {
+            max_storage_binding: limits.max_storage_buffer_binding_size,
+            max_buffer: limits.max_buffer_size,
+            device,
+            queue,
+            pipelines,
+            adapter,
+            dummies,
+        }
+    }
+
+    /// The wgpu device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// The adapter, when the context picked it (not for [`Context::from_wgpu`]).
+    pub fn adapter(&self) -> Option<&AdapterSummary> {
+        self.adapter.as_ref()
+    }
+
+    /// Largest storage binding, in bytes.
+    pub fn max_storage_binding(&self) -> u64 {
+        self.max_storage_binding
+    }
+
+    /// Checks that a buffer of `bytes` can be created and bound.
+    pub(crate) fn check_size(&self, what: &str, bytes: u64) -> Result<()> {
+        if bytes > self.max_buffer {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                bytes,
+                limit: self.max_buffer,
+                limit_name: "max_buffer_size",
+            });
+        }
+        if bytes > self.max_storage_binding {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                bytes,
+                limit: self.max_storage_binding,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+        Ok(())
+    }
+
+    /// Creates a zero-filled device buffer of at least `bytes` (rounded up to
+    /// a multiple of 4, at least 4) usable as storage and copy source/target.
+    pub(crate) fn create_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        self.check_size(label, bytes)?;
+        let size = bytes.div_ceil(4).max(1) * 4;
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Wgpu(format!(
+                "allocating {bytes} bytes for {label}: {e}"
+            )));
+        }
+        Ok(buffer)
+    }
+
+    /// A zero-filled tensor.
+    pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<GpuTensor> {
+        let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+        let buffer = self.create_buffer("gpunorm tensor", bytes)?;
+        GpuTensor::from_buffer(Arc::new(buffer), 0, shape, dtype)
+    }
+
+    /// Uploads f32 values as a tensor of `shape`, stored as f32.
+    pub fn upload(&self, values: &[f32], shape: &[usize]) -> Result<GpuTensor> {
+        self.upload_as(values, shape, DType::F32)
+    }
+
+    /// Uploads f32 values as a tensor of `shape` stored as `dtype` (rounded to
+    /// nearest even).
+    pub fn upload_as(&self, values: &[f32], shape: &[usize], dtype: DType) -> Result<GpuTensor> {
+        let n: usize = shape.iter().product();
+        if n != values.len() {
+            return Err(Error::Shape(format!(
+                "shape {shape:?} holds {n} elements, but {} values were given",
+                values.len()
+            )));
+        }
+        self.upload_bytes(&encode(values, dtype), shape, dtype)
+    }
+
+    /// Uploads raw little-endian bytes of `dtype`.
+    pub fn upload_bytes(&self, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<GpuTensor> {
+        let n: usize = shape.iter().product();
+        if n * dtype.size() != bytes.len() {
+            return Err(Error::Shape(format!(
+                "shape {shape:?} of {dtype} needs {} bytes, but {} were given",
+                n * dtype.size(),
+                bytes.len()
+            )));
+        }
+        let tensor = self.zeros(shape, dtype)?;
+        self.write(&tensor, bytes);
+        Ok(tensor)
+    }
+
+    /// Overwrites a tensor's bytes (queued; takes effect before the next submit).
+    pub(crate) fn write(&self, tensor: &GpuTensor, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut padded;
+        let data = if bytes.len().is_multiple_of(4) {
+            bytes
+        } else {
+            padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4) * 4, 0);
+            &padded
+        };
+        self.queue
+            .write_buffer(tensor.buffer(), tensor.offset(), data);
+    }
+
+    /// Reads a tensor back as f32 values (waits for the device).
+    pub fn download(&self, tensor: &GpuTensor) -> Result<Vec<f32>> {
+        Ok(decode(&self.download_bytes(tensor)?, tensor.dtype()))
+    }
+
+    /// Reads a tensor's raw bytes back (waits for the device).
+    pub fn download_bytes(&self, tensor: &GpuTensor) -> Result<Vec<u8>> {
+        pollster::block_on(self.download_bytes_async(tensor))
+    }
+
+    /// Reads a tensor's raw bytes back without blocking the thread.
+    pub async fn download_bytes_async(&self, tensor: &GpuTensor) -> Result<Vec<u8>> {
+        let len = tensor.byte_len();
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let size = tensor.binding_size();
+        self.read_buffer(tensor.buffer(), tensor.offset(), size)
+            .await
+            .map(|mut bytes| {
+                bytes.truncate(len as usize);
+                bytes
+            })
+    }
+
+    /// Copies `size` bytes of `buffer` from `offset` into host memory.
+    pub(crate) async fn read_buffer(
+        &self,
+        buffer: &wgpu::Buffer,
+        offset: u64,
+        size: u64,
+    ) -> Result<Vec<u8>> {
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("gpunorm download"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("gpunorm download"),
+            });
+        encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
+        self.queue.submit([encoder.finish()]);
+        if let Some(e) = scope.pop().await {
+            return Err(Error::Wgpu(e.to_string()));
+        }
+        let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            sender.send(r).ok();
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(e.to_string()))?;
+        match receiver.receive().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Device(e.to_string())),
+            None => return Err(Error::Device("buffer mapping was cancelled".into())),
+        }
+        let bytes = {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| Error::Device(e.to_string()))?;
+            view.to_vec()
+        };
+        staging.unmap();
+        Ok(bytes)
+    }
+
+    /// Submits recorded work and waits until the device has finished it.
+    pub fn submit_and_wait(&self, encoder: wgpu::CommandEncoder) -> Result<()> {
+        self.queue.submit([encoder.finish()]);
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Device(e.to_string()))
+    }
+}

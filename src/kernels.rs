@@ -1,0 +1,226 @@
+//! Shader sources, pipeline creation and caching, dispatch geometry.
+//!
+//! Every forward kernel is assembled from plain WGSL files in `shaders/`: a
+//! prelude of the constants below, the load/store file of the storage dtype,
+//! `common.wgsl` (parameters, bindings, helpers) and the kernel's own file.
+//! Pipelines are built once per (kernel, dtype) and cached in the context.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::tensor::DType;
+
+/// Invocations per workgroup of the partials pass. With
+/// [`STATS_PER_THREAD`] values held in registers per invocation, one tile is
+/// 4096 elements: large enough that the finalize pass merges few partials,
+/// small enough that a BatchNorm channel of a few thousand elements still
+/// spreads over several workgroups.
+pub const STATS_WG: u32 = 256;
+/// Values each partials invocation holds in registers.
+pub const STATS_PER_THREAD: u32 = 16;
+/// Elements of one tile of the partials pass.
+pub const STATS_TILE: u32 = STATS_WG * STATS_PER_THREAD;
+/// Invocations per workgroup of the finalize and eval-statistics passes.
+pub const FINALIZE_WG: u32 = 64;
+/// Invocations per workgroup of the normalize pass.
+pub const NORMALIZE_WG: u32 = 256;
+/// Consecutive elements each normalize invocation writes (more work per
+/// invocation was measurably faster on lavapipe, see NOTES.md).
+pub const NORMALIZE_PER_THREAD: u32 = 4;
+/// Invocations per workgroup of the row kernel.
+pub const ROWS_WG: u32 = 128;
+/// Longest row the single-dispatch row kernel takes when there are few rows;
+/// longer rows with fewer than [`ROWS_MIN_FOR_LONG`] rows go through the
+/// partials/finalize/normalize path, which spreads a row over many
+/// workgroups.
+pub const ROWS_MAX_LEN: u32 = 16384;
+/// Rows above which the row kernel is used whatever their length: there is
+/// then enough parallelism across rows.
+pub const ROWS_MIN_FOR_LONG: u32 = 64;
+/// Largest workgroup count per grid dimension that WebGPU guarantees.
+pub const MAX_GRID_DIM: u32 = 65535;
+
+/// One compute entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// Per-tile (count, mean, M2) partials.
+    Partials,
+    /// Increments num_batches_tracked (empty inputs only).
+    BumpCounter,
+    /// Chan merge of partials to statistics, running-stat update.
+    Finalize,
+    /// Statistics from running mean/var (eval mode).
+    EvalStats,
+    /// Fused normalize-scale-shift.
+    Normalize,
+    /// Whole-row kernel for contiguous groups.
+    Rows,
+}
+
+impl Kernel {
+    /// Every kernel, for validation tests.
+    pub const ALL: [Kernel; 6] = [
+        Kernel::Partials,
+        Kernel::BumpCounter,
+        Kernel::Finalize,
+        Kernel::EvalStats,
+        Kernel::Normalize,
+        Kernel::Rows,
+    ];
+
+    fn file(self) -> &'static str {
+        match self {
+            Kernel::Partials | Kernel::BumpCounter => include_str!("../shaders/stats.wgsl"),
+            Kernel::Finalize | Kernel::EvalStats => include_str!("../shaders/finalize.wgsl"),
+            Kernel::Normalize => include_str!("../shaders/normalize.wgsl"),
+            Kernel::Rows => include_str!("../shaders/rows.wgsl"),
+        }
+    }
+
+    /// WGSL entry point name.
+    pub fn entry_point(self) -> &'static str {
+        match self {
+            Kernel::Partials => "partials",
+            Kernel::BumpCounter => "bump_counter",
+            Kernel::Finalize => "finalize",
+            Kernel::EvalStats => "eval_stats",
+            Kernel::Normalize => "normalize",
+            Kernel::Rows => "rows",
+        }
+    }
+}
+
+fn io_source(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => include_str!("../shaders/io_f32.wgsl"),
+        DType::F16 | DType::BF16 => include_str!("../shaders/io_f32.wgsl"),
+    }
+}
+
+/// The complete WGSL source of `kernel` for storage dtype `dtype`.
+pub fn source(kernel: Kernel, dtype: DType) -> String {
+    let prelude = format!(
+        "const STATS_WG: u32 = {STATS_WG}u;\n\
+         const STATS_PER_THREAD: u32 = {STATS_PER_THREAD}u;\n\
+         const FINALIZE_WG: u32 = {FINALIZE_WG}u;\n\
+         const NORMALIZE_WG: u32 = {NORMALIZE_WG}u;\n\
+         const NORMALIZE_PER_THREAD: u32 = {NORMALIZE_PER_THREAD}u;\n\
+         const ROWS_WG: u32 = {ROWS_WG}u;\n"
+    );
+    [
+        prelude.as_str(),
+        io_source(dtype),
+        include_str!("../shaders/common.wgsl"),
+        kernel.file(),
+    ]
+    .join("\n")
+}
+
+/// A 2-D grid of at most [`MAX_GRID_DIM`] workgroups per dimension covering
+/// `workgroups` workgroups; shaders compute the linear index and skip the
+/// surplus.
+pub fn grid(workgroups: u32) -> (u32, u32) {
+    if workgroups <= MAX_GRID_DIM {
+        (workgroups, 1)
+    } else {
+        let y = workgroups.div_ceil(MAX_GRID_DIM);
+        (workgroups.div_ceil(y), y)
+    }
+}
+
+/// Builds pipelines on first use and keeps them for the context's lifetime.
+pub(crate) struct PipelineCache {
+    layout: wgpu::PipelineLayout,
+    pub(crate) bind_group_layout: wgpu::BindGroupLayout,
+    pipelines: Mutex<HashMap<(Kernel, DType), Arc<wgpu::ComputePipeline>>>,
+}
+
+impl PipelineCache {
+    pub(crate) fn new(device: &wgpu::Device) -> Self {
+        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let uniform = wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("gpunorm forward"),
+            entries: &[
+                uniform,
+                storage(1, true),
+                storage(2, false),
+                storage(3, true),
+                storage(4, true),
+                storage(5, false),
+                storage(6, false),
+                storage(7, false),
+                storage(8, false),
+            ],
+        });
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("gpunorm forward"),
+            bind_group_layouts: &[Some(&bind_group_layout)],
+            immediate_size: 0,
+        });
+        PipelineCache {
+            layout,
+            bind_group_layout,
+            pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn get(
+        &self,
+        device: &wgpu::Device,
+        kernel: Kernel,
+        dtype: DType,
+    ) -> Arc<wgpu::ComputePipeline> {
+        let mut map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry((kernel, dtype))
+            .or_insert_with(|| {
+                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(kernel.entry_point()),
+                    source: wgpu::ShaderSource::Wgsl(source(kernel, dtype).into()),
+                });
+                Arc::new(
+                    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                        label: Some(kernel.entry_point()),
+                        layout: Some(&self.layout),
+                        module: &module,
+                        entry_point: Some(kernel.entry_point()),
+                        compilation_options: Default::default(),
+                        cache: None,
+                    }),
+                )
+            })
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_covers_every_workgroup_within_the_dimension_limit() {
+        for n in [1, 65535, 65536, 200_000, 4_000_000_000] {
+            let (x, y) = grid(n);
+            assert!(x <= MAX_GRID_DIM && y <= MAX_GRID_DIM);
+            assert!(x as u64 * y as u64 >= n as u64);
+        }
+    }
+}

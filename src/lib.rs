@@ -1,0 +1,63 @@
+//! # gpunorm
+//!
+//! Neural-network normalization — BatchNorm, LayerNorm, RMSNorm — on any GPU
+//! through WGSL compute shaders and [`wgpu`], with PyTorch's and Keras's
+//! semantics down to momentum conventions, running-variance bias, eps
+//! defaults and error cases (see `SPEC.md` of the project).
+//!
+//! Every normalization is statistics per group of an `[P, A, G, B]` view of
+//! the input plus a fused normalize-scale-shift ([`View`]); one engine serves
+//! them all. Work is recorded into a `wgpu::CommandEncoder`: `forward` records
+//! and submits, `record` leaves submission to you, and nothing but
+//! [`Context::download`] waits for the device.
+//!
+//! ```
+//! use gpunorm::{BatchNorm, BatchNormConfig, Context, Mode};
+//!
+//! let ctx = Context::new()?; // best adapter: GPU, else software (lavapipe)
+//! let x = ctx.upload(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &[2, 2, 2])?;
+//! let mut bn = BatchNorm::new(&ctx, 2, BatchNormConfig::torch_1d())?;
+//! let y = bn.forward(&ctx, &x, Mode::Train)?; // running stats updated on the device
+//! let host = ctx.download(&y)?;
+//! assert!((host.iter().sum::<f32>()).abs() < 1e-4);
+//! # Ok::<(), gpunorm::Error>(())
+//! ```
+
+pub mod context;
+pub mod engine;
+pub mod error;
+pub mod kernels;
+pub mod norm;
+pub mod reference;
+pub mod tensor;
+pub mod view;
+
+pub use context::{AdapterSummary, Context, ContextOptions};
+pub use error::{Error, Result};
+pub use norm::batch::{BatchNorm, BatchNormConfig};
+pub use norm::group::{GroupNorm, GroupNormConfig};
+pub use norm::instance::{InstanceNorm, InstanceNormConfig};
+pub use norm::layer::{LayerNorm, RmsNorm, RowNormConfig};
+pub use norm::{Affine, Convention, Mode, RunningStats};
+pub use tensor::{DType, GpuTensor};
+pub use view::View;
+/// The wgpu version this crate is built on, so callers create devices with it.
+pub use wgpu;
+
+/// Mesa prints `error: XDG_RUNTIME_DIR is invalid` on every start when the
+/// variable is unset; point it at a private temporary directory first.
+pub fn ensure_runtime_dir() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join(format!("gpunorm-runtime-{}", std::process::id()));
+        if std::fs::create_dir_all(&dir).is_ok() {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+            }
+            // SAFETY-free in edition 2021: set_var is safe here; done before
+            // any wgpu instance exists.
+            std::env::set_var("XDG_RUNTIME_DIR", dir);
+        }
+    }
+}

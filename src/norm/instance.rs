@@ -1,0 +1,199 @@
+//! InstanceNorm (torch `InstanceNorm1d/2d/3d`): statistics per (sample,
+//! channel) over the spatial dims, with torch's optional running statistics.
+
+use crate::context::Context;
+use crate::engine::{Dispatch, ForwardSpec, RunningUpdate, StatsSource};
+use crate::error::{Error, Result};
+use crate::norm::{
+    check_eps, check_input_dtype, check_momentum, check_output, record_validated, submit_scoped,
+    Affine, Convention, Mode, RunningStats, Saved,
+};
+use crate::tensor::GpuTensor;
+use crate::view::View;
+
+/// Hyper-parameters of an [`InstanceNorm`] (torch's defaults in
+/// [`InstanceNormConfig::torch`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceNormConfig {
+    /// Added to the variance inside the square root.
+    pub eps: f32,
+    /// Weight of the new value in the running update; `None` freezes the
+    /// running statistics (torch's instance-norm rule, SPEC.md §3).
+    pub momentum: Option<f32>,
+    /// Learnable γ and β.
+    pub affine: bool,
+    /// Keep running statistics (used in eval mode).
+    pub track_running_stats: bool,
+}
+
+impl InstanceNormConfig {
+    /// torch's defaults: eps 1e-5, momentum 0.1, no affine, no running stats.
+    pub fn torch() -> Self {
+        InstanceNormConfig {
+            eps: 1e-5,
+            momentum: Some(0.1),
+            affine: false,
+            track_running_stats: false,
+        }
+    }
+}
+
+/// Instance normalization of `[N, C, *S]` inputs.
+#[derive(Debug)]
+pub struct InstanceNorm {
+    num_features: usize,
+    config: InstanceNormConfig,
+    affine: Affine,
+    running: Option<RunningStats>,
+    saved: Option<Saved>,
+}
+
+impl InstanceNorm {
+    /// A layer for `num_features` channels.
+    pub fn new(ctx: &Context, num_features: usize, config: InstanceNormConfig) -> Result<Self> {
+        check_eps(config.eps)?;
+        if let Some(m) = config.momentum {
+            check_momentum(m)?;
+        }
+        let affine = Affine::new(ctx, num_features, config.affine, config.affine)?;
+        let running = if config.track_running_stats {
+            Some(RunningStats::new(ctx, num_features, true)?)
+        } else {
+            None
+        };
+        Ok(InstanceNorm {
+            num_features,
+            config,
+            affine,
+            running,
+            saved: None,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &InstanceNormConfig {
+        &self.config
+    }
+
+    /// γ and β.
+    pub fn affine(&self) -> &Affine {
+        &self.affine
+    }
+
+    /// Replaces γ and β (each optional).
+    pub fn set_affine(&mut self, affine: Affine) -> Result<()> {
+        affine.check(self.num_features)?;
+        self.affine = affine;
+        Ok(())
+    }
+
+    /// The running statistics, when tracked.
+    pub fn running_stats(&self) -> Option<&RunningStats> {
+        self.running.as_ref()
+    }
+
+    /// Replaces (or with `None` drops) the running statistics and counter.
+    pub fn set_running_stats(
+        &mut self,
+        ctx: &Context,
+        stats: Option<(GpuTensor, GpuTensor, Option<i64>)>,
+    ) -> Result<()> {
+        self.running = match stats {
+            None => None,
+            Some((mean, var, count)) => Some(RunningStats::from_tensors(
+                ctx,
+                Convention::Torch,
+                self.num_features,
+                mean,
+                var,
+                count,
+            )?),
+        };
+        Ok(())
+    }
+
+    fn spec(&self, x: &GpuTensor, mode: Mode) -> Result<ForwardSpec> {
+        check_input_dtype(x)?;
+        let shape = x.shape();
+        if shape.len() < 3 {
+            return Err(Error::Shape(format!(
+                "expected a batched input [N, C, *S] of at least 3D (got {}D input of size {shape:?})",
+                shape.len()
+            )));
+        }
+        if shape[1] != self.num_features {
+            return Err(Error::Shape(format!(
+                "expected input with {} channels, got input of size {shape:?}",
+                self.num_features
+            )));
+        }
+        self.affine.check(self.num_features)?;
+        if let Some(r) = &self.running {
+            r.check(self.num_features)?;
+        }
+        let view = View::instance_norm(shape);
+        let train = mode == Mode::Train;
+        let batch_stats = train || self.running.is_none();
+        if batch_stats && view.b == 1 && view.numel() > 0 {
+            return Err(Error::Shape(format!(
+                "Expected more than 1 spatial element when training, got input size {shape:?}"
+            )));
+        }
+        let update = match (&self.running, train, self.config.momentum) {
+            (Some(_), true, Some(m)) => Some(RunningUpdate {
+                keep: 1.0 - m,
+                take: m,
+                cumulative: false,
+                unbiased: true,
+            }),
+            _ => None,
+        };
+        Ok(ForwardSpec {
+            view,
+            rms: false,
+            eps: self.config.eps,
+            source: if batch_stats {
+                StatsSource::Batch
+            } else {
+                StatsSource::Running
+            },
+            update,
+            bump_counter: false,
+        })
+    }
+
+    /// Normalizes `x` (records, submits, returns the output).
+    pub fn forward(&mut self, ctx: &Context, x: &GpuTensor, mode: Mode) -> Result<GpuTensor> {
+        self.spec(x, mode)?;
+        let y = ctx.zeros(x.shape(), x.dtype())?;
+        submit_scoped(ctx, |encoder| self.record(ctx, encoder, x, &y, mode))?;
+        Ok(y)
+    }
+
+    /// Records the forward pass into the caller's encoder, writing `y`.
+    pub fn record(
+        &mut self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        y: &GpuTensor,
+        mode: Mode,
+    ) -> Result<Vec<Dispatch>> {
+        let spec = self.spec(x, mode)?;
+        let running = self.running.as_ref();
+        check_output(
+            x,
+            y,
+            &[
+                self.affine.weight.as_ref(),
+                self.affine.bias.as_ref(),
+                running.map(|r| &r.mean),
+                running.map(|r| &r.var),
+            ],
+        )?;
+        let (saved, dispatches) =
+            record_validated(ctx, encoder, spec, x, y, &self.affine, running)?;
+        self.saved = Some(saved);
+        Ok(dispatches)
+    }
+}

@@ -1,0 +1,299 @@
+//! The public layers, one file each, and what they share: modes,
+//! conventions, parameter and running-state buffers, argument checks.
+
+pub mod batch;
+pub mod group;
+pub mod instance;
+pub mod layer;
+
+use std::sync::Arc;
+
+use crate::context::Context;
+use crate::engine::{self, Dispatch, ForwardBuffers, ForwardSpec};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, GpuTensor};
+
+/// torch's `module.train()` / `module.eval()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Batch statistics; running statistics are updated.
+    Train,
+    /// Running statistics where the layer tracks them; nothing is updated.
+    Eval,
+}
+
+/// Which framework's semantics a config follows (SPEC.md §2–3, §7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Convention {
+    /// PyTorch: momentum is the weight of the new value, running variance
+    /// unbiased, a `num_batches_tracked` counter.
+    #[default]
+    Torch,
+    /// Keras 3: momentum is the weight of the old value, moving variance
+    /// biased, no counter.
+    Keras,
+}
+
+/// Checks eps: finite and not negative (zero is allowed, SPEC.md §5).
+pub(crate) fn check_eps(eps: f32) -> Result<()> {
+    if eps.is_finite() && eps >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "eps must be a finite number >= 0, got {eps}"
+        )))
+    }
+}
+
+/// Checks a momentum: finite and within [0, 1] (torch accepts 2.0; we
+/// refuse it on purpose, SPEC.md §5).
+pub(crate) fn check_momentum(momentum: f32) -> Result<()> {
+    if momentum.is_finite() && (0.0..=1.0).contains(&momentum) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "momentum must be a finite number in [0, 1], got {momentum}"
+        )))
+    }
+}
+
+/// Checks that an input tensor has a dtype the engine can read.
+pub(crate) fn check_input_dtype(x: &GpuTensor) -> Result<()> {
+    match x.dtype() {
+        DType::F32 => Ok(()),
+        other => Err(Error::Dtype(format!(
+            "expected an f32 input, got {other} (f16 and bf16 storage are not supported yet)"
+        ))),
+    }
+}
+
+/// A per-channel (or per-element) parameter vector: length and dtype check.
+pub(crate) fn check_vector(name: &str, t: &GpuTensor, len: usize) -> Result<()> {
+    if t.dtype() != DType::F32 {
+        return Err(Error::Dtype(format!(
+            "expected {name} of dtype f32, got {}",
+            t.dtype()
+        )));
+    }
+    if t.numel() != len {
+        return Err(Error::Shape(format!(
+            "expected {name} with {len} elements, got shape {:?}",
+            t.shape()
+        )));
+    }
+    Ok(())
+}
+
+/// Running statistics kept on the device.
+#[derive(Debug, Clone)]
+pub struct RunningStats {
+    /// Running (moving) mean, one per channel.
+    pub mean: GpuTensor,
+    /// Running (moving) variance, one per channel.
+    pub var: GpuTensor,
+    /// torch's `num_batches_tracked` as an i64 in two u32 words (low,
+    /// high); `None` under the Keras convention.
+    pub(crate) counter: Option<Arc<wgpu::Buffer>>,
+}
+
+impl RunningStats {
+    /// Fresh running statistics: mean 0, variance 1, counter 0.
+    pub(crate) fn new(ctx: &Context, channels: usize, with_counter: bool) -> Result<Self> {
+        let mean = ctx.upload(&vec![0.0; channels], &[channels])?;
+        let var = ctx.upload(&vec![1.0; channels], &[channels])?;
+        let counter = if with_counter {
+            Some(Arc::new(ctx.create_buffer("num_batches_tracked", 8)?))
+        } else {
+            None
+        };
+        Ok(RunningStats { mean, var, counter })
+    }
+
+    /// Wraps existing tensors; under torch the counter is required
+    /// (SPEC.md §5, partial state), under Keras it must be absent.
+    pub(crate) fn from_tensors(
+        ctx: &Context,
+        convention: Convention,
+        channels: usize,
+        mean: GpuTensor,
+        var: GpuTensor,
+        count: Option<i64>,
+    ) -> Result<Self> {
+        check_vector("running_mean", &mean, channels)?;
+        check_vector("running_var", &var, channels)?;
+        let counter = match (convention, count) {
+            (Convention::Torch, Some(n)) => {
+                let buffer = ctx.create_buffer("num_batches_tracked", 8)?;
+                ctx.queue.write_buffer(&buffer, 0, &n.to_le_bytes());
+                Some(Arc::new(buffer))
+            }
+            (Convention::Torch, None) => {
+                return Err(Error::State(
+                    "running statistics under the torch convention need num_batches_tracked".into(),
+                ))
+            }
+            (Convention::Keras, Some(_)) => {
+                return Err(Error::State(
+                    "the Keras convention has no num_batches_tracked".into(),
+                ))
+            }
+            (Convention::Keras, None) => None,
+        };
+        Ok(RunningStats { mean, var, counter })
+    }
+
+    pub(crate) fn check(&self, channels: usize) -> Result<()> {
+        check_vector("running_mean", &self.mean, channels)?;
+        check_vector("running_var", &self.var, channels)
+    }
+
+    /// Reads `num_batches_tracked` (waits for the device). `None` when the
+    /// convention has no counter.
+    pub fn num_batches_tracked(&self, ctx: &Context) -> Result<Option<i64>> {
+        match &self.counter {
+            None => Ok(None),
+            Some(buffer) => {
+                let bytes = pollster::block_on(ctx.read_buffer(buffer, 0, 8))?;
+                Ok(Some(i64::from_le_bytes(
+                    bytes[..8].try_into().unwrap_or([0; 8]),
+                )))
+            }
+        }
+    }
+
+    /// Sets `num_batches_tracked` (queued before the next submission).
+    pub fn set_num_batches_tracked(&self, ctx: &Context, value: i64) -> Result<()> {
+        match &self.counter {
+            None => Err(Error::State(
+                "this layer has no num_batches_tracked (Keras convention)".into(),
+            )),
+            Some(buffer) => {
+                ctx.queue.write_buffer(buffer, 0, &value.to_le_bytes());
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Scale and shift, each optional (Keras's `scale`/`center` are independent).
+#[derive(Debug, Clone, Default)]
+pub struct Affine {
+    /// γ (`weight` / `gamma`).
+    pub weight: Option<GpuTensor>,
+    /// β (`bias` / `beta`).
+    pub bias: Option<GpuTensor>,
+}
+
+impl Affine {
+    /// γ = 1 and β = 0 of `len` elements, each only if asked for.
+    pub(crate) fn new(ctx: &Context, len: usize, weight: bool, bias: bool) -> Result<Self> {
+        Ok(Affine {
+            weight: if weight {
+                Some(ctx.upload(&vec![1.0; len], &[len])?)
+            } else {
+                None
+            },
+            bias: if bias {
+                Some(ctx.upload(&vec![0.0; len], &[len])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub(crate) fn check(&self, len: usize) -> Result<()> {
+        if let Some(w) = &self.weight {
+            check_vector("weight", w, len)?;
+        }
+        if let Some(b) = &self.bias {
+            check_vector("bias", b, len)?;
+        }
+        Ok(())
+    }
+}
+
+/// Statistics a forward pass saved for the backward pass.
+#[allow(dead_code)] // read by the backward pass
+#[derive(Debug, Clone)]
+pub(crate) struct Saved {
+    pub spec: ForwardSpec,
+    pub scratch: Arc<wgpu::Buffer>,
+}
+
+/// Refuses an output that aliases a tensor the pass reads.
+pub(crate) fn check_output(
+    x: &GpuTensor,
+    y: &GpuTensor,
+    others: &[Option<&GpuTensor>],
+) -> Result<()> {
+    if y.shape() != x.shape() || y.dtype() != x.dtype() {
+        return Err(Error::Shape(format!(
+            "expected an output of shape {:?} and dtype {}, got shape {:?} and dtype {}",
+            x.shape(),
+            x.dtype(),
+            y.shape(),
+            y.dtype()
+        )));
+    }
+    let aliased = y.same_buffer(x) || others.iter().flatten().any(|t| y.same_buffer(t));
+    if aliased {
+        return Err(Error::InvalidArgument(
+            "the output must not share a buffer with the input, parameters or running statistics"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Records one validated forward with a scratch buffer of its own.
+pub(crate) fn record_validated(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    spec: ForwardSpec,
+    x: &GpuTensor,
+    y: &GpuTensor,
+    affine: &Affine,
+    running: Option<&RunningStats>,
+) -> Result<(Saved, Vec<Dispatch>)> {
+    engine::check_limits(ctx, &spec, x)?;
+    let scratch =
+        Arc::new(ctx.create_buffer("gpunorm statistics", engine::scratch_bytes(&spec.view))?);
+    let bufs = ForwardBuffers {
+        x,
+        y,
+        weight: affine.weight.as_ref(),
+        bias: affine.bias.as_ref(),
+        running_mean: running.map(|r| &r.mean),
+        running_var: running.map(|r| &r.var),
+        counter: running.and_then(|r| r.counter.as_deref()),
+        scratch: &scratch,
+    };
+    let dispatches = engine::record_forward(ctx, encoder, &spec, &bufs);
+    Ok((Saved { spec, scratch }, dispatches))
+}
+
+/// Runs `record` in its own encoder inside error scopes, submits it, and
+/// turns any wgpu error into [`Error::Wgpu`].
+pub(crate) fn submit_scoped<T>(
+    ctx: &Context,
+    record: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<T>,
+) -> Result<T> {
+    let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let mut encoder = ctx
+        .device
+        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("gpunorm"),
+        });
+    let result = record(&mut encoder);
+    if result.is_ok() {
+        ctx.queue.submit([encoder.finish()]);
+    }
+    let validation_error = pollster::block_on(validation.pop());
+    let oom_error = pollster::block_on(oom.pop());
+    let value = result?;
+    if let Some(e) = validation_error.or(oom_error) {
+        return Err(Error::Wgpu(e.to_string()));
+    }
+    Ok(value)
+}

@@ -1,0 +1,166 @@
+//! Tensors on the device: a buffer, a shape and a storage dtype.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// Storage type of a tensor's elements. Arithmetic is always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16 (the top half of an f32).
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Lower-case name as the CLI and bench report it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A tensor living in a device buffer.
+///
+/// Cloning is cheap: clones share the buffer. A tensor may wrap a buffer the
+/// caller owns (see [`GpuTensor::from_buffer`]), so an application can
+/// normalize its own activations without copying them.
+#[derive(Debug, Clone)]
+pub struct GpuTensor {
+    buffer: Arc<wgpu::Buffer>,
+    offset: u64,
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl GpuTensor {
+    /// Wraps `buffer` (from byte `offset` on) as a tensor of `shape`.
+    ///
+    /// The buffer needs `STORAGE` usage (and `COPY_SRC` to be downloaded);
+    /// the offset must be a multiple of the device's storage-buffer offset
+    /// alignment (256 on most adapters).
+    pub fn from_buffer(
+        buffer: Arc<wgpu::Buffer>,
+        offset: u64,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Self> {
+        let tensor = GpuTensor {
+            buffer,
+            offset,
+            shape: shape.to_vec(),
+            dtype,
+        };
+        let end = offset + tensor.byte_len();
+        if end > tensor.buffer.size() {
+            return Err(Error::Shape(format!(
+                "a tensor of shape {shape:?} ({dtype}) at offset {offset} needs {end} bytes, but the buffer has {}",
+                tensor.buffer.size()
+            )));
+        }
+        Ok(tensor)
+    }
+
+    /// The dimensions, outermost first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The storage dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of data (without the padding to a multiple of 4).
+    pub fn byte_len(&self) -> u64 {
+        (self.numel() * self.dtype.size()) as u64
+    }
+
+    /// The underlying buffer.
+    pub fn buffer(&self) -> &Arc<wgpu::Buffer> {
+        &self.buffer
+    }
+
+    /// Byte offset of the first element in the buffer.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The bytes a binding of this tensor covers: its data rounded up to a
+    /// multiple of 4 (storage bindings must be), at least 4.
+    pub(crate) fn binding_size(&self) -> u64 {
+        self.byte_len().div_ceil(4).max(1) * 4
+    }
+
+    /// A binding of this tensor's bytes.
+    pub(crate) fn binding(&self) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: wgpu::BufferSize::new(self.binding_size()),
+        })
+    }
+
+    /// Whether two tensors share a buffer (used to refuse aliasing).
+    pub(crate) fn same_buffer(&self, other: &GpuTensor) -> bool {
+        Arc::ptr_eq(&self.buffer, &other.buffer)
+    }
+}
+
+/// Converts f32 values to the bytes of `dtype`, rounding to nearest even.
+pub fn encode(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => bytemuck::cast_slice(values).to_vec(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Converts the little-endian bytes of `dtype` to f32 values (exactly).
+pub fn decode(bytes: &[u8], dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}
