@@ -1,0 +1,558 @@
+//! `gpunorm apply`: one normalization of the tensor `input` of a safetensors
+//! file, with the layer's state read from and written to the same names as
+//! torch's or Keras's (CLI.md).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::ValueEnum;
+use gpunorm::{
+    Affine, BatchNorm, BatchNormConfig, Context, ContextOptions, Error, GroupNorm, GroupNormConfig,
+    InstanceNorm, InstanceNormConfig, LayerNorm, Mode, Result, RmsNorm, RowNormConfig,
+    RunningStats,
+};
+use safetensors::Dtype;
+
+use crate::tensors::{self, HostTensor};
+
+/// The normalization to apply (variant names are the CLI values).
+#[allow(clippy::enum_variant_names)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Op {
+    BatchNorm,
+    LayerNorm,
+    InstanceNorm,
+    GroupNorm,
+    RmsNorm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Train,
+    Eval,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConventionArg {
+    Torch,
+    Keras,
+}
+
+/// Flags of `gpunorm apply` (CLI.md). Numbers are parsed by hand so that
+/// negative values work as `--axis -1` and `--axis=-2,-1`.
+#[derive(Debug, clap::Args)]
+pub struct ApplyArgs {
+    /// batch-norm | layer-norm | instance-norm | group-norm | rms-norm
+    #[arg(long, value_enum)]
+    pub op: Op,
+    /// Input safetensors file (tensor `input`, optional state and `grad_output`).
+    #[arg(long = "in", value_name = "IN.safetensors")]
+    pub input: PathBuf,
+    /// Output safetensors file (`output`, updated state, gradients).
+    #[arg(long = "out", value_name = "OUT.safetensors")]
+    pub output: PathBuf,
+    /// train | eval, as torch's train()/eval()
+    #[arg(long, value_enum, default_value = "train")]
+    pub mode: ModeArg,
+    /// torch | keras
+    #[arg(long, value_enum, default_value = "torch")]
+    pub convention: ConventionArg,
+    /// Default: the convention's default for the op.
+    #[arg(long, allow_hyphen_values = true, value_name = "F")]
+    pub eps: Option<String>,
+    /// F or `none` (batch-norm, instance-norm). Default 0.1 torch, 0.99 keras.
+    #[arg(long, allow_hyphen_values = true, value_name = "F|none")]
+    pub momentum: Option<String>,
+    /// torch layer-norm/rms-norm: D1[,D2...]. Default: weight's shape, else the last dim.
+    #[arg(
+        long = "normalized-shape",
+        allow_hyphen_values = true,
+        value_name = "D1[,D2...]"
+    )]
+    pub normalized_shape: Option<String>,
+    /// keras: channel axis of batch-norm (default -1); normalized axes of layer-norm/rms-norm (default -1).
+    #[arg(long, allow_hyphen_values = true, value_name = "K[,K...]")]
+    pub axis: Option<String>,
+    /// group-norm: required with torch; keras default 32, -1 means one group per channel.
+    #[arg(long, allow_hyphen_values = true, value_name = "G")]
+    pub groups: Option<String>,
+    /// Use the adapter whose name contains this.
+    #[arg(long, value_name = "S")]
+    pub adapter: Option<String>,
+}
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+fn parse_f32(flag: &str, s: &str) -> Result<f32> {
+    s.trim()
+        .parse::<f32>()
+        .map_err(|_| invalid(format!("{flag} expects a number, got {s:?}")))
+}
+
+fn parse_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Vec<T>> {
+    s.split(',')
+        .map(|p| {
+            p.trim().parse::<T>().map_err(|_| {
+                invalid(format!(
+                    "{flag} expects a comma-separated list of integers, got {s:?}"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Refuses flags that do not apply to the op and convention (CLI.md).
+fn check_flags(a: &ApplyArgs) -> Result<()> {
+    let keras = a.convention == ConventionArg::Keras;
+    let reject = |flag: &str, why: &str| -> Result<()> {
+        Err(invalid(format!("{flag} does not apply {why}")))
+    };
+    if a.momentum.is_some() && !matches!(a.op, Op::BatchNorm | Op::InstanceNorm) {
+        reject(
+            "--momentum",
+            "to this op (only batch-norm and instance-norm have running statistics)",
+        )?;
+    }
+    if a.normalized_shape.is_some() {
+        if keras {
+            reject("--normalized-shape", "with --convention keras (use --axis)")?;
+        }
+        if !matches!(a.op, Op::LayerNorm | Op::RmsNorm) {
+            reject(
+                "--normalized-shape",
+                "to this op (only layer-norm and rms-norm)",
+            )?;
+        }
+    }
+    if a.axis.is_some() {
+        if !keras {
+            reject("--axis", "with --convention torch (torch's channel axis is 1; use --normalized-shape for layer-norm)")?;
+        }
+        if !matches!(a.op, Op::BatchNorm | Op::LayerNorm | Op::RmsNorm) {
+            reject(
+                "--axis",
+                "to this op (only batch-norm, layer-norm and rms-norm)",
+            )?;
+        }
+    }
+    if a.groups.is_some() && a.op != Op::GroupNorm {
+        reject("--groups", "to this op (only group-norm)")?;
+    }
+    if keras && a.op == Op::InstanceNorm {
+        return Err(invalid(
+            "Keras has no instance-norm layer; use --op group-norm --groups=-1 (GroupNormalization(groups=-1))".into(),
+        ));
+    }
+    if let Some(m) = &a.momentum {
+        if m.trim().eq_ignore_ascii_case("none") && keras {
+            reject(
+                "--momentum none",
+                "with --convention keras (Keras momentum is a number)",
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The names a file may hold for this op and convention.
+fn allowed_names(op: Op, keras: bool) -> Vec<&'static str> {
+    let mut names = vec!["input", "grad_output"];
+    let (scale, shift) = match (keras, op) {
+        (true, Op::RmsNorm) => ("scale", ""),
+        (true, _) => ("gamma", "beta"),
+        (false, _) => ("weight", "bias"),
+    };
+    names.push(scale);
+    if op != Op::RmsNorm {
+        names.push(shift);
+    }
+    if matches!(op, Op::BatchNorm | Op::InstanceNorm) {
+        if keras {
+            names.extend(["moving_mean", "moving_variance"]);
+        } else {
+            names.extend(["running_mean", "running_var", "num_batches_tracked"]);
+        }
+    }
+    names
+}
+
+/// The state tensors of the input file, by role.
+struct State<'a> {
+    files: &'a BTreeMap<String, HostTensor>,
+    keras: bool,
+    ctx: &'a Context,
+}
+
+impl<'a> State<'a> {
+    fn get(&self, name: &str) -> Option<&'a HostTensor> {
+        self.files.get(name)
+    }
+
+    fn upload(&self, name: &str) -> Result<Option<gpunorm::GpuTensor>> {
+        self.get(name).map(|t| t.upload(self.ctx, name)).transpose()
+    }
+
+    fn scale_name(&self, op: Op) -> &'static str {
+        match (self.keras, op) {
+            (true, Op::RmsNorm) => "scale",
+            (true, _) => "gamma",
+            (false, _) => "weight",
+        }
+    }
+
+    fn shift_name(&self) -> &'static str {
+        if self.keras {
+            "beta"
+        } else {
+            "bias"
+        }
+    }
+
+    fn affine(&self, op: Op) -> Result<Affine> {
+        Ok(Affine {
+            weight: self.upload(self.scale_name(op))?,
+            bias: if op == Op::RmsNorm {
+                None
+            } else {
+                self.upload(self.shift_name())?
+            },
+        })
+    }
+
+    fn running_names(&self) -> (&'static str, &'static str) {
+        if self.keras {
+            ("moving_mean", "moving_variance")
+        } else {
+            ("running_mean", "running_var")
+        }
+    }
+
+    /// Running mean, variance and counter; `None` when not tracked. One
+    /// without the other is an error, and so are torch stats without a counter.
+    #[allow(clippy::type_complexity)]
+    fn running(&self) -> Result<Option<(gpunorm::GpuTensor, gpunorm::GpuTensor, Option<i64>)>> {
+        let (mean_name, var_name) = self.running_names();
+        let counter = self
+            .get("num_batches_tracked")
+            .map(|t| t.i64_scalar("num_batches_tracked"))
+            .transpose()?;
+        match (self.get(mean_name), self.get(var_name)) {
+            (None, None) => {
+                if counter.is_some() {
+                    return Err(Error::State(format!(
+                        "num_batches_tracked was given without {mean_name} and {var_name}"
+                    )));
+                }
+                Ok(None)
+            }
+            (Some(_), None) | (None, Some(_)) => Err(Error::State(format!(
+                "{mean_name} and {var_name} must be given together (running statistics are tracked only when both are present)"
+            ))),
+            (Some(m), Some(v)) => {
+                if !self.keras && counter.is_none() {
+                    return Err(Error::State(format!(
+                        "{mean_name} and {var_name} were given without num_batches_tracked (an I64 of shape [])"
+                    )));
+                }
+                Ok(Some((m.upload(self.ctx, mean_name)?, v.upload(self.ctx, var_name)?, counter)))
+            }
+        }
+    }
+}
+
+/// Normalizes a possibly negative axis of a rank-`rank` tensor.
+fn resolve_axis(axis: i64, rank: usize) -> Result<usize> {
+    let r = rank as i64;
+    if axis < -r || axis >= r {
+        return Err(invalid(format!(
+            "axis {axis} is out of range for an input of rank {rank}"
+        )));
+    }
+    Ok(if axis < 0 {
+        (axis + r) as usize
+    } else {
+        axis as usize
+    })
+}
+
+/// The trailing dims a layer-norm/rms-norm normalizes.
+fn normalized_shape(a: &ApplyArgs, st: &State, op: Op, shape: &[usize]) -> Result<Vec<usize>> {
+    if st.keras {
+        let axes: Vec<i64> = match &a.axis {
+            Some(s) => parse_list("--axis", s)?,
+            None => vec![-1],
+        };
+        let mut resolved = axes
+            .iter()
+            .map(|&k| resolve_axis(k, shape.len()))
+            .collect::<Result<Vec<_>>>()?;
+        resolved.sort_unstable();
+        resolved.dedup();
+        let first = resolved[0];
+        let trailing: Vec<usize> = (first..shape.len()).collect();
+        if resolved != trailing {
+            return Err(invalid(format!(
+                "Keras layer-norm is supported over trailing, contiguous axes only; got axis {axes:?} for an input of rank {}",
+                shape.len()
+            )));
+        }
+        return Ok(shape[first..].to_vec());
+    }
+    let param_shape = st
+        .get(st.scale_name(op))
+        .or_else(|| {
+            if op == Op::RmsNorm {
+                None
+            } else {
+                st.get(st.shift_name())
+            }
+        })
+        .map(|t| t.shape.clone());
+    match (&a.normalized_shape, param_shape) {
+        (Some(s), param) => {
+            let flag: Vec<usize> = parse_list("--normalized-shape", s)?;
+            if let Some(p) = param {
+                if p != flag {
+                    return Err(Error::Shape(format!(
+                        "--normalized-shape {flag:?} disagrees with the shape {p:?} of {}",
+                        st.scale_name(op)
+                    )));
+                }
+            }
+            Ok(flag)
+        }
+        (None, Some(p)) => Ok(p),
+        (None, None) => Ok(shape.last().map(|&d| vec![d]).unwrap_or_default()),
+    }
+}
+
+fn eps_or(a: &ApplyArgs, default: f32) -> Result<f32> {
+    a.eps
+        .as_deref()
+        .map(|s| parse_f32("--eps", s))
+        .transpose()
+        .map(|e| e.unwrap_or(default))
+}
+
+/// `Some(m)`, or `None` for `--momentum none`; the convention's default when absent.
+fn momentum_or(a: &ApplyArgs, default: f32) -> Result<Option<f32>> {
+    match a.momentum.as_deref().map(str::trim) {
+        None => Ok(Some(default)),
+        Some(s) if s.eq_ignore_ascii_case("none") => Ok(None),
+        Some(s) => parse_f32("--momentum", s).map(Some),
+    }
+}
+
+/// Tensors written besides `output`.
+struct Outputs {
+    tensors: BTreeMap<String, HostTensor>,
+}
+
+impl Outputs {
+    fn add(&mut self, ctx: &Context, name: &str, t: &gpunorm::GpuTensor) -> Result<()> {
+        self.tensors
+            .insert(name.to_string(), tensors::download(ctx, t)?);
+        Ok(())
+    }
+
+    fn add_running(
+        &mut self,
+        ctx: &Context,
+        st: &State,
+        running: Option<&RunningStats>,
+    ) -> Result<()> {
+        let Some(r) = running else { return Ok(()) };
+        let (mean_name, var_name) = st.running_names();
+        self.add(ctx, mean_name, &r.mean)?;
+        self.add(ctx, var_name, &r.var)?;
+        if let (Some(n), Some(orig)) = (r.num_batches_tracked(ctx)?, st.get("num_batches_tracked"))
+        {
+            self.tensors.insert(
+                "num_batches_tracked".into(),
+                HostTensor {
+                    dtype: Dtype::I64,
+                    shape: orig.shape.clone(),
+                    data: n.to_le_bytes().to_vec(),
+                },
+            );
+        }
+        Ok(())
+    }
+}
+
+pub fn run(a: ApplyArgs) -> Result<ExitCode> {
+    check_flags(&a)?;
+    let files = tensors::read(&a.input)?;
+    let keras = a.convention == ConventionArg::Keras;
+    let allowed = allowed_names(a.op, keras);
+    for name in files.keys() {
+        if !allowed.contains(&name.as_str()) {
+            return Err(Error::File(format!(
+                "unexpected tensor {name:?} in {}; this op and convention take {allowed:?}",
+                a.input.display()
+            )));
+        }
+    }
+    let input = files.get("input").ok_or_else(|| {
+        Error::File(format!(
+            "{} has no tensor named \"input\"",
+            a.input.display()
+        ))
+    })?;
+    input.float_dtype("input")?;
+    if files.contains_key("grad_output") {
+        return Err(invalid(
+            "the backward pass (grad_output) is not supported yet".into(),
+        ));
+    }
+    let ctx = Context::with_options(ContextOptions {
+        adapter_name: a.adapter.clone(),
+        ..Default::default()
+    })?;
+    let st = State {
+        files: &files,
+        keras,
+        ctx: &ctx,
+    };
+    let shape = input.shape.clone();
+    let x = input.upload(&ctx, "input")?;
+    let mode = match a.mode {
+        ModeArg::Train => Mode::Train,
+        ModeArg::Eval => Mode::Eval,
+    };
+    let mut out = Outputs {
+        tensors: BTreeMap::new(),
+    };
+    let affine = st.affine(a.op)?;
+    let y = match a.op {
+        Op::BatchNorm => {
+            let (mut config, channel_axis) = if keras {
+                let axis: Vec<i64> = match &a.axis {
+                    Some(s) => parse_list("--axis", s)?,
+                    None => vec![-1],
+                };
+                if axis.len() != 1 {
+                    return Err(invalid(format!(
+                        "batch-norm takes one --axis, got {axis:?}"
+                    )));
+                }
+                (BatchNormConfig::keras(), axis[0])
+            } else {
+                (BatchNormConfig::torch(), 1)
+            };
+            if shape.len() < 2 {
+                return Err(Error::Shape(format!(
+                    "expected an input of at least 2D, got size {shape:?}"
+                )));
+            }
+            let axis_index = resolve_axis(channel_axis, shape.len())?;
+            config.axis = channel_axis as isize;
+            config.eps = eps_or(&a, config.eps)?;
+            config.momentum = momentum_or(&a, config.momentum.unwrap_or(0.1))?;
+            config.weight = false;
+            config.bias = false;
+            config.track_running_stats = false;
+            let mut bn = BatchNorm::new(&ctx, shape[axis_index], config)?;
+            bn.set_weight(affine.weight)?;
+            bn.set_bias(affine.bias)?;
+            bn.set_running_stats(&ctx, st.running()?)?;
+            let y = bn.forward(&ctx, &x, mode)?;
+            out.add_running(&ctx, &st, bn.running_stats())?;
+            y
+        }
+        Op::InstanceNorm => {
+            if shape.len() < 3 {
+                return Err(Error::Shape(format!(
+                    "instance-norm expects a batched input [N, C, *S] of at least 3D, got size {shape:?}"
+                )));
+            }
+            let mut config = InstanceNormConfig::torch();
+            config.eps = eps_or(&a, config.eps)?;
+            config.momentum = momentum_or(&a, 0.1)?;
+            let mut inorm = InstanceNorm::new(&ctx, shape[1], config)?;
+            inorm.set_affine(affine)?;
+            inorm.set_running_stats(&ctx, st.running()?)?;
+            let y = inorm.forward(&ctx, &x, mode)?;
+            out.add_running(&ctx, &st, inorm.running_stats())?;
+            y
+        }
+        Op::GroupNorm => {
+            if shape.len() < 2 {
+                return Err(Error::Shape(format!(
+                    "group-norm expects an input of at least 2D, got size {shape:?}"
+                )));
+            }
+            let mut config = if keras {
+                GroupNormConfig::keras()
+            } else {
+                GroupNormConfig::torch()
+            };
+            config.eps = eps_or(&a, config.eps)?;
+            let channels = if keras {
+                shape[shape.len() - 1]
+            } else {
+                shape[1]
+            };
+            let groups: i64 = match (&a.groups, keras) {
+                (Some(s), _) => s
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(format!("--groups expects an integer, got {s:?}")))?,
+                (None, true) => 32,
+                (None, false) => {
+                    return Err(invalid(
+                        "--groups is required for group-norm with --convention torch".into(),
+                    ))
+                }
+            };
+            let groups = match groups {
+                -1 if keras => channels,
+                g if g >= 1 => g as usize,
+                g => {
+                    return Err(invalid(format!(
+                        "--groups must be a positive integer{}, got {g}",
+                        if keras { " or -1" } else { "" }
+                    )))
+                }
+            };
+            if !channels.is_multiple_of(groups) {
+                return Err(Error::Shape(format!(
+                    "Expected number of channels in input to be divisible by num_groups, but got input of shape {shape:?} and num_groups={groups}"
+                )));
+            }
+            let mut gn = GroupNorm::new(&ctx, groups, channels, config)?;
+            gn.set_affine(affine)?;
+            gn.forward(&ctx, &x)?
+        }
+        Op::LayerNorm | Op::RmsNorm => {
+            let dims = normalized_shape(&a, &st, a.op, &shape)?;
+            let (config, rms) = match (a.op, keras) {
+                (Op::LayerNorm, false) => (RowNormConfig::torch_layer_norm(), false),
+                (Op::LayerNorm, true) => (RowNormConfig::keras_layer_norm(), false),
+                (_, false) => (RowNormConfig::torch_rms_norm(), true),
+                (_, true) => (RowNormConfig::keras_rms_norm(), true),
+            };
+            let config = RowNormConfig {
+                eps: eps_or(&a, config.eps)?,
+                weight: false,
+                bias: false,
+            };
+            if rms {
+                let mut layer = RmsNorm::new(&ctx, &dims, config)?;
+                layer.set_weight(affine.weight)?;
+                layer.forward(&ctx, &x, mode)?
+            } else {
+                let mut layer = LayerNorm::new(&ctx, &dims, config)?;
+                layer.set_weight(affine.weight)?;
+                layer.set_bias(affine.bias)?;
+                layer.forward(&ctx, &x, mode)?
+            }
+        }
+    };
+    out.add(&ctx, "output", &y)?;
+    tensors::write(&a.output, &out.tensors)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,49 @@
+//! `gpunorm`: the command line of ../shared/CLI.md — apply, demo, adapters.
+
+mod adapters;
+mod apply;
+mod demo;
+mod tensors;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Neural-network normalization on the GPU (WGSL + wgpu), with PyTorch and
+/// Keras semantics, on safetensors files.
+#[derive(Parser)]
+#[command(name = "gpunorm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Normalize the tensor `input` of a safetensors file (forward, running
+    /// statistics, and the backward pass when `grad_output` is present).
+    Apply(apply::ApplyArgs),
+    /// Run every op at a default size, check it against the f64 host
+    /// reference and print a table. Exits non-zero if any is out of tolerance.
+    Demo(demo::DemoArgs),
+    /// List the adapters wgpu can see.
+    Adapters,
+}
+
+fn main() -> ExitCode {
+    gpunorm::ensure_runtime_dir();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Apply(args) => apply::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Adapters => adapters::run(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let message = e.to_string().replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
