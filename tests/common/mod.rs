@@ -1,0 +1,62 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use gpunorm::Context;
+
+/// One context per test binary: building pipelines is the slow part on
+/// lavapipe, and the cache is shared.
+pub fn ctx() -> &'static Context {
+    static CTX: OnceLock<Context> = OnceLock::new();
+    CTX.get_or_init(|| Context::new().expect("a wgpu adapter (run scripts/ensure-vulkan)"))
+}
+
+/// Deterministic pseudo-random normal values (xorshift + Box-Muller).
+pub fn normal(n: usize, seed: u64, mean: f32, std: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u, v) = (next(), next());
+            let z = (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos();
+            (mean as f64 + std as f64 * z) as f32
+        })
+        .collect()
+}
+
+/// Largest |a − b| / (atol + rtol·|b|) over all elements; ≤ 1 passes.
+pub fn worst(actual: &[f32], expected: &[f64], atol: f64, rtol: f64) -> f64 {
+    assert_eq!(actual.len(), expected.len(), "length");
+    actual
+        .iter()
+        .zip(expected)
+        .map(|(&a, &e)| {
+            let a = a as f64;
+            if (a.is_nan() && e.is_nan()) || a == e {
+                0.0
+            } else {
+                let ratio = (a - e).abs() / (atol + rtol * e.abs());
+                // A NaN where a number was expected (or the reverse) fails.
+                if ratio.is_nan() {
+                    f64::INFINITY
+                } else {
+                    ratio
+                }
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+pub fn assert_close(what: &str, actual: &[f32], expected: &[f64], atol: f64, rtol: f64) {
+    let w = worst(actual, expected, atol, rtol);
+    assert!(
+        w <= 1.0,
+        "{what}: error is {w}x the tolerance (atol {atol}, rtol {rtol})"
+    );
+}

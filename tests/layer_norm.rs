@@ -1,0 +1,99 @@
+//! LayerNorm and RMSNorm forward against the f64 host reference.
+
+mod common;
+use common::{assert_close, ctx, normal};
+use gpunorm::{reference, LayerNorm, Mode, RmsNorm, RowNormConfig, View};
+
+fn layer_norm_matches_reference(rows: usize, len: usize, offset: f32, atol: f64, rtol: f64) {
+    let ctx = ctx();
+    let x = normal(rows * len, (rows * 31 + len) as u64, offset, 1.0);
+    let w = normal(len, 7, 1.0, 0.5);
+    let b = normal(len, 8, 0.0, 0.5);
+    let mut ln = LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+    ln.set_weight(Some(ctx.upload(&w, &[len]).unwrap()))
+        .unwrap();
+    ln.set_bias(Some(ctx.upload(&b, &[len]).unwrap())).unwrap();
+    let xt = ctx.upload(&x, &[rows, len]).unwrap();
+    let y = ctx
+        .download(&ln.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let expected = reference::forward(
+        &x,
+        &View::layer_norm(&[rows, len], len),
+        false,
+        1e-5,
+        Some(&w),
+        Some(&b),
+    );
+    assert_close(
+        &format!("layer norm {rows}x{len} offset {offset}"),
+        &y,
+        &expected,
+        atol,
+        rtol,
+    );
+}
+
+#[test]
+fn layer_norm_short_rows_match_f64() {
+    layer_norm_matches_reference(3000, 8, 0.0, 1e-5, 1e-5);
+}
+
+#[test]
+fn layer_norm_rows_of_1024_match_f64() {
+    layer_norm_matches_reference(64, 1024, 0.0, 1e-5, 1e-5);
+}
+
+#[test]
+fn layer_norm_large_offset_rows_stay_within_1e_3() {
+    layer_norm_matches_reference(64, 1024, 1e4, 1e-3, 0.0);
+}
+
+#[test]
+fn layer_norm_rows_of_70000_use_the_tiled_path_and_match_f64() {
+    layer_norm_matches_reference(2, 70_000, 0.0, 1e-5, 1e-5);
+}
+
+#[test]
+fn layer_norm_odd_rows_match_f64() {
+    layer_norm_matches_reference(7, 333, 3.0, 1e-5, 1e-5);
+}
+
+#[test]
+fn layer_norm_constant_row_gives_bias_exactly() {
+    let ctx = ctx();
+    let mut ln = LayerNorm::new(ctx, &[16], RowNormConfig::torch_layer_norm()).unwrap();
+    let b: Vec<f32> = (0..16).map(|i| i as f32 * 0.25).collect();
+    ln.set_bias(Some(ctx.upload(&b, &[16]).unwrap())).unwrap();
+    let x = ctx.upload(&[10000.3; 32], &[2, 16]).unwrap();
+    let y = ctx
+        .download(&ln.forward(ctx, &x, Mode::Train).unwrap())
+        .unwrap();
+    for (i, v) in y.iter().enumerate() {
+        assert_eq!(*v, b[i % 16]);
+    }
+}
+
+#[test]
+fn rms_norm_matches_f64() {
+    let ctx = ctx();
+    let (rows, len) = (33, 96);
+    let x = normal(rows * len, 5, 0.5, 2.0);
+    let w = normal(len, 6, 1.0, 0.3);
+    let mut rms = RmsNorm::new(ctx, &[len], RowNormConfig::torch_rms_norm()).unwrap();
+    rms.set_weight(Some(ctx.upload(&w, &[len]).unwrap()))
+        .unwrap();
+    let xt = ctx.upload(&x, &[rows, len]).unwrap();
+    let y = ctx
+        .download(&rms.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let expected = reference::forward(
+        &x,
+        &View::layer_norm(&[rows, len], len),
+        true,
+        f32::EPSILON as f64,
+        Some(&w),
+        None,
+    );
+    assert_close("rms norm", &y, &expected, 1e-5, 1e-5);
+}

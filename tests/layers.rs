@@ -1,0 +1,250 @@
+//! Layer behaviour: running statistics, recording into the caller's
+//! encoder, and the guarantee that a failing call changes nothing.
+
+mod common;
+use common::{assert_close, ctx, normal};
+use gpunorm::{
+    reference, BatchNorm, BatchNormConfig, Error, GpuTensor, InstanceNorm, InstanceNormConfig,
+    LayerNorm, Mode, RowNormConfig, View,
+};
+
+fn running(bn: &BatchNorm) -> (Vec<f32>, Vec<f32>, Option<i64>) {
+    let ctx = ctx();
+    let r = bn.running_stats().unwrap();
+    (
+        ctx.download(&r.mean).unwrap(),
+        ctx.download(&r.var).unwrap(),
+        r.num_batches_tracked(ctx).unwrap(),
+    )
+}
+
+/// Per-channel (mean, biased var) of an NCHW tensor in f64.
+fn channel_stats(x: &[f32], shape: &[usize]) -> Vec<(f64, f64)> {
+    reference::group_stats(x, &View::batch_norm(shape, 1), false)
+}
+
+#[test]
+fn batch_norm_train_updates_running_var_with_unbiased_variance() {
+    let ctx = ctx();
+    let shape = [4, 3, 5, 5];
+    let x = normal(300, 1, 2.0, 3.0);
+    let mut bn = BatchNorm::new(ctx, 3, BatchNormConfig::torch_2d()).unwrap();
+    bn.forward(ctx, &ctx.upload(&x, &shape).unwrap(), Mode::Train)
+        .unwrap();
+    let (mean, var, count) = running(&bn);
+    let n = 100.0;
+    let expected_mean: Vec<f64> = channel_stats(&x, &shape)
+        .iter()
+        .map(|s| 0.1 * s.0)
+        .collect();
+    let expected_var: Vec<f64> = channel_stats(&x, &shape)
+        .iter()
+        .map(|s| 0.9 + 0.1 * s.1 * n / (n - 1.0))
+        .collect();
+    assert_close("running_mean", &mean, &expected_mean, 1e-6, 1e-5);
+    assert_close("running_var", &var, &expected_var, 1e-6, 1e-5);
+    assert_eq!(count, Some(1));
+}
+
+#[test]
+fn batch_norm_momentum_none_is_a_cumulative_average() {
+    let ctx = ctx();
+    let shape = [8, 2, 4];
+    let mut cfg = BatchNormConfig::torch_1d();
+    cfg.momentum = None;
+    let mut bn = BatchNorm::new(ctx, 2, cfg).unwrap();
+    let a = normal(64, 2, 1.0, 1.0);
+    let b = normal(64, 3, -1.0, 2.0);
+    bn.forward(ctx, &ctx.upload(&a, &shape).unwrap(), Mode::Train)
+        .unwrap();
+    bn.forward(ctx, &ctx.upload(&b, &shape).unwrap(), Mode::Train)
+        .unwrap();
+    let (mean, _, count) = running(&bn);
+    let (sa, sb) = (channel_stats(&a, &shape), channel_stats(&b, &shape));
+    let expected: Vec<f64> = (0..2).map(|c| (sa[c].0 + sb[c].0) / 2.0).collect();
+    assert_close("cumulative running_mean", &mean, &expected, 1e-6, 1e-5);
+    assert_eq!(count, Some(2));
+}
+
+#[test]
+fn batch_norm_eval_uses_running_stats_and_changes_nothing() {
+    let ctx = ctx();
+    let mut bn = BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap();
+    let rm = [0.5f32, -1.0];
+    let rv = [2.0f32, 0.25];
+    bn.set_running_stats(
+        ctx,
+        Some((
+            ctx.upload(&rm, &[2]).unwrap(),
+            ctx.upload(&rv, &[2]).unwrap(),
+            Some(7),
+        )),
+    )
+    .unwrap();
+    let x = [1.0f32, 2.0, 3.0, 4.0];
+    let y = ctx
+        .download(
+            &bn.forward(ctx, &ctx.upload(&x, &[2, 2]).unwrap(), Mode::Eval)
+                .unwrap(),
+        )
+        .unwrap();
+    let expected: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v as f64 - rm[i % 2] as f64) / (rv[i % 2] as f64 + 1e-5).sqrt())
+        .collect();
+    assert_close("eval output", &y, &expected, 1e-6, 1e-6);
+    assert_eq!(running(&bn), (rm.to_vec(), rv.to_vec(), Some(7)));
+}
+
+#[test]
+fn train_forward_recorded_into_the_callers_encoder_updates_running_stats_without_readback() {
+    let ctx = ctx();
+    let shape = [4, 2, 3];
+    let x = normal(24, 9, 5.0, 2.0);
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let y = ctx.zeros(&shape, gpunorm::DType::F32).unwrap();
+    let mut bn = BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap();
+    let mut encoder = ctx
+        .device()
+        .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+    let dispatches = bn.record(ctx, &mut encoder, &xt, &y, Mode::Train).unwrap();
+    assert!(
+        dispatches.len() <= 3,
+        "BatchNorm train records at most three dispatches"
+    );
+    // Nothing ran yet: the caller owns submission.
+    assert_eq!(running(&bn).2, Some(0));
+    ctx.queue().submit([encoder.finish()]);
+    let stats = channel_stats(&x, &shape);
+    let expected: Vec<f64> = stats.iter().map(|s| 0.1 * s.0).collect();
+    assert_close("running_mean", &running(&bn).0, &expected, 1e-6, 1e-5);
+    assert_eq!(running(&bn).2, Some(1));
+    let want = reference::forward(&x, &View::batch_norm(&shape, 1), false, 1e-5, None, None);
+    assert_close("output", &ctx.download(&y).unwrap(), &want, 1e-5, 1e-5);
+}
+
+/// Runs a failing forward and checks the running statistics are untouched.
+fn fails_and_changes_nothing(bn: &mut BatchNorm, x: &GpuTensor, mode: Mode) -> Error {
+    let before = running(bn);
+    let err = bn.forward(ctx(), x, mode).unwrap_err();
+    assert_eq!(
+        running(bn),
+        before,
+        "running stats changed after error {err}"
+    );
+    err
+}
+
+#[test]
+fn batch_norm_errors_leave_running_stats_unchanged() {
+    let ctx = ctx();
+    let mut bn = BatchNorm::new(ctx, 4, BatchNormConfig::torch_1d()).unwrap();
+    bn.forward(
+        ctx,
+        &ctx.upload(&normal(16, 4, 0.0, 1.0), &[4, 4]).unwrap(),
+        Mode::Train,
+    )
+    .unwrap();
+    let one_per_channel = ctx.upload(&[1.0; 4], &[1, 4]).unwrap();
+    let e = fails_and_changes_nothing(&mut bn, &one_per_channel, Mode::Train);
+    assert_eq!(
+        e.to_string(),
+        "Expected more than 1 value per channel when training, got input size [1, 4]"
+    );
+    // Eval with running stats is fine with one value per channel.
+    bn.forward(ctx, &one_per_channel, Mode::Eval).unwrap();
+    let wrong_channels = ctx.upload(&[1.0; 6], &[2, 3]).unwrap();
+    assert!(matches!(
+        fails_and_changes_nothing(&mut bn, &wrong_channels, Mode::Train),
+        Error::Shape(_)
+    ));
+    let wrong_rank = ctx.upload(&[1.0; 64], &[2, 4, 2, 2, 2]).unwrap();
+    assert!(matches!(
+        fails_and_changes_nothing(&mut bn, &wrong_rank, Mode::Train),
+        Error::Shape(_)
+    ));
+    let half = ctx
+        .upload_as(&[1.0; 8], &[2, 4], gpunorm::DType::F16)
+        .unwrap();
+    let e = fails_and_changes_nothing(&mut bn, &half, Mode::Train);
+    assert!(
+        matches!(e, Error::Dtype(_) | Error::InvalidArgument(_)) || e.to_string().contains("f16")
+    );
+}
+
+#[test]
+fn output_aliasing_the_input_is_refused_before_recording() {
+    let ctx = ctx();
+    let mut bn = BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap();
+    let x = ctx.upload(&normal(8, 5, 0.0, 1.0), &[4, 2]).unwrap();
+    let mut encoder = ctx
+        .device()
+        .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+    let before = running(&bn);
+    assert!(matches!(
+        bn.record(ctx, &mut encoder, &x, &x, Mode::Train),
+        Err(Error::InvalidArgument(_))
+    ));
+    ctx.queue().submit([encoder.finish()]);
+    assert_eq!(running(&bn), before);
+}
+
+#[test]
+fn invalid_hyper_parameters_are_typed_errors() {
+    let ctx = ctx();
+    let mut cfg = BatchNormConfig::torch();
+    cfg.eps = -1.0;
+    assert!(matches!(
+        BatchNorm::new(ctx, 2, cfg),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut cfg = BatchNormConfig::torch();
+    cfg.momentum = Some(2.0);
+    assert!(matches!(
+        BatchNorm::new(ctx, 2, cfg),
+        Err(Error::InvalidArgument(_))
+    ));
+    let mut cfg = RowNormConfig::torch_layer_norm();
+    cfg.eps = f32::NAN;
+    assert!(matches!(
+        LayerNorm::new(ctx, &[4], cfg),
+        Err(Error::InvalidArgument(_))
+    ));
+}
+
+#[test]
+fn empty_batch_returns_empty_output_and_still_counts_the_batch() {
+    let ctx = ctx();
+    let mut bn = BatchNorm::new(ctx, 4, BatchNormConfig::torch_2d()).unwrap();
+    let x = ctx.upload(&[], &[0, 4, 3, 3]).unwrap();
+    let y = bn.forward(ctx, &x, Mode::Train).unwrap();
+    assert_eq!(y.shape(), &[0, 4, 3, 3]);
+    assert_eq!(running(&bn), (vec![0.0; 4], vec![1.0; 4], Some(1)));
+}
+
+#[test]
+fn tracked_instance_norm_averages_instances_and_leaves_the_counter() {
+    let ctx = ctx();
+    let shape = [3, 2, 10];
+    let x = normal(60, 11, 1.0, 2.0);
+    let mut cfg = InstanceNormConfig::torch();
+    cfg.track_running_stats = true;
+    let mut inorm = InstanceNorm::new(ctx, 2, cfg).unwrap();
+    inorm
+        .forward(ctx, &ctx.upload(&x, &shape).unwrap(), Mode::Train)
+        .unwrap();
+    let stats = reference::group_stats(&x, &View::instance_norm(&shape), false);
+    let expected: Vec<f64> = (0..2)
+        .map(|c| 0.9 + 0.1 * (0..3).map(|n| stats[n * 2 + c].1 * 10.0 / 9.0).sum::<f64>() / 3.0)
+        .collect();
+    let r = inorm.running_stats().unwrap();
+    assert_close(
+        "running_var",
+        &ctx.download(&r.var).unwrap(),
+        &expected,
+        1e-6,
+        1e-5,
+    );
+    assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(0));
+}
