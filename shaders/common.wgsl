@@ -31,6 +31,14 @@ struct Params {
     take: f32,
     // Offset (in vec4) of the partials inside the scratch buffer.
     partials_offset: u32,
+    // Tensors larger than one storage binding are processed in chunks: x and
+    // y are bound to elements [chunk_base, chunk_base + chunk_len), so
+    // load_x/store_y2 take indices relative to chunk_base.
+    chunk_base: u32,
+    chunk_len: u32,
+    chunk_index: u32,
+    // Partials per group over all chunks (tiles · chunks).
+    merge_tiles: u32,
     _pad0: u32,
     _pad1: u32,
 }
@@ -42,6 +50,7 @@ const FLAG_UPDATE_RUNNING: u32 = 8u;
 const FLAG_CUMULATIVE: u32 = 16u;
 const FLAG_UNBIASED: u32 = 32u;
 const FLAG_BUMP_COUNTER: u32 = 64u;
+const FLAG_SHIFT_IN_SCRATCH: u32 = 128u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(3) var<storage, read> weight: array<f32>;
@@ -64,6 +73,33 @@ fn linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 
 fn element_index(p: u32, g: u32, j: u32) -> u32 {
     return ((p * params.a + j / params.b) * params.g + g) * params.b + j % params.b;
+}
+
+// The first j of group (p, g) whose element index is >= `index`. Element
+// indices grow with j within a group, so a group's elements inside one chunk
+// are the contiguous range [first_j(lo), first_j(hi)).
+fn first_j(p: u32, g: u32, index: u32) -> u32 {
+    let start = (p * params.a * params.g + g) * params.b;
+    if (index <= start) {
+        return 0u;
+    }
+    let t = index - start;
+    let row = params.g * params.b;
+    let j = (t / row) * params.b + min(t % row, params.b);
+    return min(j, params.a * params.b);
+}
+
+// The shift of group (p, g): its first element (zero for RMS). Chunked
+// tensors read it from scratch[group].x, where the shifts pass put it, and so
+// do forwards with preset (replica-merged) statistics, whose host wrote it.
+fn group_shift(p: u32, g: u32) -> f32 {
+    if (has_flag(FLAG_RMS)) {
+        return 0.0;
+    }
+    if (has_flag(FLAG_SHIFT_IN_SCRATCH)) {
+        return scratch[p * params.g + g].x;
+    }
+    return load_x(element_index(p, g, 0u));
 }
 
 // Chan et al.'s merge of two (count, mean, M2) summaries. Exact in the sense

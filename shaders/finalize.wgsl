@@ -44,8 +44,8 @@ fn finalize(
     for (var i = 0u; i < n_loop; i++) {
         let group = first_group + i * group_step;
         var acc = vec3<f32>(0.0, 0.0, 0.0);
-        for (var t = lid; t < params.tiles; t += FINALIZE_WG) {
-            acc = chan_merge(acc, scratch[params.partials_offset + group * params.tiles + t].xyz);
+        for (var t = lid; t < params.merge_tiles; t += FINALIZE_WG) {
+            acc = chan_merge(acc, scratch[params.partials_offset + group * params.merge_tiles + t].xyz);
         }
         wg_sum[lid] = acc;
         workgroupBarrier();
@@ -59,10 +59,7 @@ fn finalize(
             let s = wg_sum[0];
             let p = group / params.g;
             let g = group % params.g;
-            var shift = 0.0;
-            if (!has_flag(FLAG_RMS)) {
-                shift = load_x(element_index(p, g, 0u));
-            }
+            let shift = group_shift(p, g);
             let variance = s.z / s.x;
             let rstd = 1.0 / sqrt(variance + params.eps);
             scratch[group] = vec4<f32>(shift, s.y, rstd, variance);

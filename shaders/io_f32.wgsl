@@ -6,6 +6,10 @@ fn load_x(i: u32) -> f32 {
     return x_buf[i];
 }
 
-fn store_y(i: u32, v: f32) {
-    y_buf[i] = v;
+// Writes y[i] and, when `second`, y[i + 1].
+fn store_y2(i: u32, v0: f32, v1: f32, second: bool) {
+    y_buf[i] = v0;
+    if (second) {
+        y_buf[i + 1u] = v1;
+    }
 }

@@ -1,11 +1,16 @@
 // Single-dispatch kernel for groups that are contiguous rows (A = 1): most
 // LayerNorm/RMSNorm rows, GroupNorm and InstanceNorm without running stats.
 //
-// One workgroup owns one row of B elements at x[row·B ..]: it sums
-// (x - shift) with shift = the row's first element (zero for RMS), then the
-// squared deviations about that mean (an exact two-pass variance, robust to
-// any offset), writes the statistics to scratch[row] for the backward pass,
-// and normalizes the row. Reductions go through workgroup memory.
+// One workgroup owns one row of B elements at x[row·B ..]. Invocation `lid`
+// owns the element pairs (j, j + 1) with j = 2·(lid + k·ROWS_WG); the first
+// ROWS_CACHE pairs are held in registers, so rows up to
+// 2·ROWS_CACHE·ROWS_WG elements are read from memory once; longer rows
+// re-read the rest. The workgroup sums (x - shift) with shift = the row's
+// first element (zero for RMS), then the squared deviations about that mean
+// (an exact two-pass variance, robust to any offset), writes the statistics
+// to scratch[row] for the backward pass, and normalizes the row. Reductions
+// go through workgroup memory. Pairs keep packed f16/bf16 words whole (the
+// host sends rows of odd length here only for f32 storage).
 
 var<workgroup> wg_acc: array<f32, ROWS_WG>;
 
@@ -21,6 +26,16 @@ fn workgroup_sum(lid: u32, v: f32) -> f32 {
     let total = wg_acc[0];
     workgroupBarrier();
     return total;
+}
+
+// Elements j and j + 1 of the row (the second is 0 past the row's end),
+// shifted.
+fn load_pair(base: u32, j: u32, n: u32, shift: f32) -> vec2<f32> {
+    var v = vec2<f32>(load_x(base + j) - shift, 0.0);
+    if (j + 1u < n) {
+        v.y = load_x(base + j + 1u) - shift;
+    }
+    return v;
 }
 
 @compute @workgroup_size(ROWS_WG)
@@ -41,26 +56,61 @@ fn rows(
     if (!rms) {
         shift = load_x(base);
     }
+    let step = 2u * ROWS_WG;
+    let cached_end = min(n, step * ROWS_CACHE);
+
+    var cache: array<vec2<f32>, ROWS_CACHE>;
+    var s = 0.0;
+    for (var k = 0u; k < ROWS_CACHE; k++) {
+        let j = 2u * lid + k * step;
+        if (j < n) {
+            let v = load_pair(base, j, n, shift);
+            cache[k] = v;
+            s += v.x + v.y;
+        }
+    }
+    for (var j = cached_end + 2u * lid; j < n; j += step) {
+        let v = load_pair(base, j, n, shift);
+        s += v.x + v.y;
+    }
     var dmean = 0.0;
     if (!rms) {
-        var s = 0.0;
-        for (var j = lid; j < n; j += ROWS_WG) {
-            s += load_x(base + j) - shift;
-        }
         dmean = workgroup_sum(lid, s) / f32(n);
     }
+
     var s2 = 0.0;
-    for (var j = lid; j < n; j += ROWS_WG) {
-        let d = (load_x(base + j) - shift) - dmean;
-        s2 += d * d;
+    for (var k = 0u; k < ROWS_CACHE; k++) {
+        let j = 2u * lid + k * step;
+        if (j < n) {
+            var d = cache[k] - dmean;
+            if (j + 1u >= n) {
+                d.y = 0.0;
+            }
+            s2 += dot(d, d);
+        }
+    }
+    for (var j = cached_end + 2u * lid; j < n; j += step) {
+        var d = load_pair(base, j, n, shift) - dmean;
+        if (j + 1u >= n) {
+            d.y = 0.0;
+        }
+        s2 += dot(d, d);
     }
     let variance = workgroup_sum(lid, s2) / f32(n);
     let rstd = 1.0 / sqrt(variance + params.eps);
-    let st = vec4<f32>(shift, dmean, rstd, variance);
     if (lid == 0u) {
-        scratch[row] = st;
+        scratch[row] = vec4<f32>(shift, dmean, rstd, variance);
     }
-    for (var j = lid; j < n; j += ROWS_WG) {
-        store_y(base + j, normalize_value(load_x(base + j), st, g, j));
+
+    for (var k = 0u; k < ROWS_CACHE; k++) {
+        let j = 2u * lid + k * step;
+        if (j < n) {
+            let y = (cache[k] - dmean) * rstd;
+            store_y2(base + j, affine(y.x, g, j), affine(y.y, g, j + 1u), j + 1u < n);
+        }
+    }
+    for (var j = cached_end + 2u * lid; j < n; j += step) {
+        let y = (load_pair(base, j, n, shift) - dmean) * rstd;
+        store_y2(base + j, affine(y.x, g, j), affine(y.y, g, j + 1u), j + 1u < n);
     }
 }

@@ -12,13 +12,6 @@
 
 var<workgroup> wg_sum: array<vec3<f32>, STATS_WG>;
 
-fn group_shift(p: u32, g: u32) -> f32 {
-    if (has_flag(FLAG_RMS)) {
-        return 0.0;
-    }
-    return load_x(element_index(p, g, 0u));
-}
-
 fn bump_counter_once() {
     let lo = counter[0] + 1u;
     counter[0] = lo;
@@ -42,16 +35,17 @@ fn partials(
     if (w >= params.n_groups * params.tiles) {
         return;
     }
-    if (w == 0u && lid == 0u && has_flag(FLAG_BUMP_COUNTER)) {
+    if (w == 0u && lid == 0u && params.chunk_index == 0u && has_flag(FLAG_BUMP_COUNTER)) {
         bump_counter_once();
     }
     let group = w / params.tiles;
     let tile = w % params.tiles;
     let p = group / params.g;
     let g = group % params.g;
-    let n_group = params.a * params.b;
-    let start = tile * params.tile_len;
-    let end = min(start + params.tile_len, n_group);
+    let lo = first_j(p, g, params.chunk_base);
+    let hi = first_j(p, g, params.chunk_base + params.chunk_len);
+    let start = lo + tile * params.tile_len;
+    let end = min(start + params.tile_len, hi);
     let shift = group_shift(p, g);
 
     var values: array<f32, STATS_PER_THREAD>;
@@ -60,7 +54,7 @@ fn partials(
     for (var k = 0u; k < STATS_PER_THREAD; k++) {
         let j = start + lid + k * STATS_WG;
         if (j < end) {
-            let v = load_x(element_index(p, g, j)) - shift;
+            let v = load_x(element_index(p, g, j) - params.chunk_base) - shift;
             values[k] = v;
             sum += v;
             count++;
@@ -85,6 +79,29 @@ fn partials(
     }
     if (lid == 0u) {
         let s = wg_sum[0];
-        scratch[params.partials_offset + w] = vec4<f32>(s, 0.0);
+        let slot = group * params.merge_tiles + params.chunk_index * params.tiles + tile;
+        scratch[params.partials_offset + slot] = vec4<f32>(s, 0.0);
+    }
+}
+
+// Chunked tensors only: one invocation per group copies the group's first
+// element into scratch[group].x when it lies in the bound chunk.
+@compute @workgroup_size(FINALIZE_WG)
+fn shifts(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = linear_workgroup(wid, nwg) * FINALIZE_WG + lid;
+    if (group >= params.n_groups) {
+        return;
+    }
+    let first = element_index(group / params.g, group % params.g, 0u);
+    if (first >= params.chunk_base && first < params.chunk_base + params.chunk_len) {
+        var shift = 0.0;
+        if (!has_flag(FLAG_RMS)) {
+            shift = load_x(first - params.chunk_base);
+        }
+        scratch[group] = vec4<f32>(shift, 0.0, 0.0, 0.0);
     }
 }

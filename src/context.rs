@@ -7,6 +7,11 @@ use crate::error::{Error, Result};
 use crate::kernels::PipelineCache;
 use crate::tensor::{decode, encode, DType, GpuTensor};
 
+/// Bytes moved per piece by uploads and [`Context::download_to`]: large
+/// enough to amortize a submission, small next to any tensor worth
+/// streaming.
+pub const TRANSFER_CHUNK: usize = 16 << 20;
+
 /// Environment variable that picks an adapter by (part of) its name.
 pub const ADAPTER_ENV: &str = "GPUNORM_ADAPTER";
 
@@ -16,9 +21,12 @@ pub struct ContextOptions {
     /// Use the first adapter whose name contains this (case-insensitive).
     /// When `None`, the `GPUNORM_ADAPTER` environment variable is read.
     pub adapter_name: Option<String>,
-    /// Pretend the adapter binds at most this many bytes per storage buffer
-    /// (for tests of the size checks on small data).
+    /// Pretend the adapter binds at most this many bytes per storage buffer,
+    /// so tests exercise the chunked path for large tensors on small data.
     pub max_storage_binding: Option<u64>,
+    /// Pretend the adapter's buffers hold at most this many bytes (for tests
+    /// of the too-large error on small data).
+    pub max_buffer_size: Option<u64>,
 }
 
 /// What the context knows of its adapter.
@@ -56,6 +64,8 @@ pub struct Context {
     pub(crate) device: wgpu::Device,
     pub(crate) queue: wgpu::Queue,
     pub(crate) pipelines: PipelineCache,
+    /// Pipelines of the backward pass.
+    pub(crate) backward: crate::backward::BackwardCache,
     adapter: Option<AdapterSummary>,
     max_storage_binding: u64,
     max_buffer: u64,
@@ -148,6 +158,9 @@ impl Context {
         if let Some(limit) = options.max_storage_binding {
             ctx.max_storage_binding = ctx.max_storage_binding.min(limit);
         }
+        if let Some(limit) = options.max_buffer_size {
+            ctx.max_buffer = ctx.max_buffer.min(limit);
+        }
         Ok(ctx)
     }
 
@@ -160,6 +173,7 @@ impl Context {
     fn build(device: wgpu::Device, queue: wgpu::Queue, adapter: Option<AdapterSummary>) -> Self {
         let limits = device.limits();
         let pipelines = PipelineCache::new(&device);
+        let backward = crate::backward::BackwardCache::new(&device);
         let dummies = std::array::from_fn(|i| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(&format!("gpunorm placeholder {i}")),
@@ -174,6 +188,7 @@ impl Context {
             device,
             queue,
             pipelines,
+            backward,
             adapter,
             dummies,
         }
@@ -199,7 +214,25 @@ impl Context {
         self.max_storage_binding
     }
 
-    /// Checks that a buffer of `bytes` can be created and bound.
+    /// Required alignment of a storage binding's offset, in bytes.
+    pub fn storage_offset_alignment(&self) -> u64 {
+        self.device.limits().min_storage_buffer_offset_alignment as u64
+    }
+
+    /// Checks that a buffer of `bytes` can be created.
+    pub(crate) fn check_buffer_size(&self, what: &str, bytes: u64) -> Result<()> {
+        if bytes > self.max_buffer {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                bytes,
+                limit: self.max_buffer,
+                limit_name: "max_buffer_size",
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that a buffer of `bytes` can be created and bound whole.
     pub(crate) fn check_size(&self, what: &str, bytes: u64) -> Result<()> {
         if bytes > self.max_buffer {
             return Err(Error::TooLarge {
@@ -223,7 +256,7 @@ impl Context {
     /// Creates a zero-filled device buffer of at least `bytes` (rounded up to
     /// a multiple of 4, at least 4) usable as storage and copy source/target.
     pub(crate) fn create_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
-        self.check_size(label, bytes)?;
+        self.check_buffer_size(label, bytes)?;
         let size = bytes.div_ceil(4).max(1) * 4;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -282,21 +315,52 @@ impl Context {
         Ok(tensor)
     }
 
-    /// Overwrites a tensor's bytes (queued; takes effect before the next submit).
+    /// Overwrites a tensor's bytes. Large tensors are written in pieces of
+    /// [`TRANSFER_CHUNK`] bytes, waiting for each batch of pieces, so the
+    /// staging memory stays bounded (on lavapipe device memory is host
+    /// memory, and a whole-tensor staging copy would double it).
     pub(crate) fn write(&self, tensor: &GpuTensor, bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let end = (offset + TRANSFER_CHUNK).min(bytes.len());
+            let piece = &bytes[offset..end];
+            let mut padded;
+            let data = if piece.len().is_multiple_of(4) {
+                piece
+            } else {
+                padded = piece.to_vec();
+                padded.resize(piece.len().div_ceil(4) * 4, 0);
+                &padded
+            };
+            self.queue
+                .write_buffer(tensor.buffer(), tensor.offset() + offset as u64, data);
+            offset = end;
+            if bytes.len() > TRANSFER_CHUNK {
+                self.queue.submit([]);
+                let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+            }
         }
-        let mut padded;
-        let data = if bytes.len().is_multiple_of(4) {
-            bytes
-        } else {
-            padded = bytes.to_vec();
-            padded.resize(bytes.len().div_ceil(4) * 4, 0);
-            &padded
-        };
-        self.queue
-            .write_buffer(tensor.buffer(), tensor.offset(), data);
+    }
+
+    /// Streams a tensor's raw bytes to `sink` in pieces of at most
+    /// [`TRANSFER_CHUNK`] bytes (waits for the device), so reading back a
+    /// large tensor never holds a second full copy in memory.
+    pub fn download_to(&self, tensor: &GpuTensor, sink: &mut dyn std::io::Write) -> Result<()> {
+        let len = tensor.byte_len();
+        let mut offset = 0u64;
+        while offset < len {
+            let end = (offset + TRANSFER_CHUNK as u64).min(len);
+            let size = (end - offset).div_ceil(4) * 4;
+            let bytes = pollster::block_on(self.read_buffer(
+                tensor.buffer(),
+                tensor.offset() + offset,
+                size,
+            ))?;
+            sink.write_all(&bytes[..(end - offset) as usize])
+                .map_err(|e| Error::File(format!("writing tensor data: {e}")))?;
+            offset = end;
+        }
+        Ok(())
     }
 
     /// Reads a tensor back as f32 values (waits for the device).

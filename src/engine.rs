@@ -9,7 +9,7 @@ use wgpu::util::DeviceExt;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::{self, Kernel};
-use crate::tensor::GpuTensor;
+use crate::tensor::{DType, GpuTensor};
 use crate::view::View;
 
 /// Where a forward pass takes its mean and variance from.
@@ -39,6 +39,8 @@ pub struct RunningUpdate {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ForwardSpec {
     pub view: View,
+    /// Storage dtype of x and y.
+    pub dtype: DType,
     /// RMSNorm: no centering, rstd = 1/sqrt(mean(x²) + eps).
     pub rms: bool,
     pub eps: f32,
@@ -54,10 +56,67 @@ pub struct ForwardSpec {
 pub struct Dispatch {
     pub kernel: Kernel,
     pub workgroups: u32,
+    /// Which chunk of x and y the dispatch binds (0 unless the tensor is
+    /// larger than one storage binding).
+    pub chunk: u32,
 }
 
-/// Tiles of the partials pass for a group of `len` elements.
-fn tiles_for(len: usize) -> u32 {
+/// How a tensor larger than one storage binding is split: consecutive
+/// ranges of `elems` elements (the last one shorter), each bound on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunks {
+    /// Elements per chunk (a multiple of [`CHUNK_ALIGN`]).
+    pub elems: usize,
+    /// Number of chunks (1 when the tensor fits one binding).
+    pub count: usize,
+}
+
+/// Chunk starts are multiples of this many elements: 256 elements are 512 or
+/// 1024 bytes, a multiple of every adapter's storage offset alignment (≤ 256
+/// bytes), and even, so packed f16/bf16 words never straddle two chunks.
+pub const CHUNK_ALIGN: usize = 256;
+
+impl Chunks {
+    /// The split of `numel` elements of `dtype` for bindings of at most
+    /// `max_binding` bytes.
+    pub fn new(numel: usize, dtype: DType, max_binding: u64) -> Chunks {
+        let fit = (max_binding as usize / dtype.size()) / CHUNK_ALIGN * CHUNK_ALIGN;
+        if numel <= fit || fit == 0 {
+            Chunks {
+                elems: numel.max(1),
+                count: 1,
+            }
+        } else {
+            Chunks {
+                elems: fit,
+                count: numel.div_ceil(fit),
+            }
+        }
+    }
+
+    /// One chunk covering everything.
+    pub fn whole(numel: usize) -> Chunks {
+        Chunks {
+            elems: numel.max(1),
+            count: 1,
+        }
+    }
+
+    /// Element range of chunk `c` of a tensor of `numel` elements.
+    pub fn range(&self, c: usize, numel: usize) -> (usize, usize) {
+        let start = c * self.elems;
+        (start, (start + self.elems).min(numel))
+    }
+
+    fn split(&self) -> bool {
+        self.count > 1
+    }
+}
+
+/// Partial tiles per group and chunk: a group's elements inside one chunk
+/// are a contiguous range of its `j` index, at most the chunk's length.
+fn tiles_for(view: &View, chunks: &Chunks) -> u32 {
+    let len = view.group_len().min(chunks.elems);
     len.div_ceil(kernels::STATS_TILE as usize).max(1) as u32
 }
 
@@ -67,56 +126,79 @@ pub fn uses_row_kernel(spec: &ForwardSpec) -> bool {
     spec.source == StatsSource::Batch
         && spec.update.is_none()
         && v.a == 1
+        // Packed halves: a row of odd length would share a word with the next.
+        && (spec.dtype == DType::F32 || v.b.is_multiple_of(2))
         && (v.b <= kernels::ROWS_MAX_LEN as usize
             || v.groups() >= kernels::ROWS_MIN_FOR_LONG as usize)
 }
 
-/// The dispatches of one forward pass, in order.
+/// The dispatches of one forward pass of a tensor that fits one binding.
 pub fn plan_forward(spec: &ForwardSpec) -> Vec<Dispatch> {
+    plan_forward_chunked(spec, &Chunks::whole(spec.view.numel()))
+}
+
+/// The dispatches of one forward pass, in order, with the chunk each binds.
+pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks) -> Vec<Dispatch> {
     let v = &spec.view;
-    let d = |kernel, workgroups: usize| Dispatch {
+    let numel = v.numel();
+    let d = |kernel, workgroups: usize, chunk: usize| Dispatch {
         kernel,
         workgroups: workgroups as u32,
+        chunk: chunk as u32,
     };
-    let normalize_wg = v
-        .numel()
-        .div_ceil((kernels::NORMALIZE_WG * kernels::NORMALIZE_PER_THREAD) as usize);
-    if v.numel() == 0 {
+    if numel == 0 {
         return if spec.bump_counter {
-            vec![d(Kernel::BumpCounter, 1)]
+            vec![d(Kernel::BumpCounter, 1, 0)]
         } else {
             Vec::new()
         };
     }
+    let per_chunk = |kernel, workgroups: &dyn Fn(usize) -> usize| {
+        (0..chunks.count)
+            .map(move |c| d(kernel, workgroups(c), c))
+            .collect::<Vec<_>>()
+    };
+    let normalize_wg = |c: usize| {
+        let (lo, hi) = chunks.range(c, numel);
+        (hi - lo).div_ceil((kernels::NORMALIZE_WG * kernels::NORMALIZE_PER_THREAD) as usize)
+    };
     match spec.source {
-        StatsSource::Running => vec![
-            d(
+        StatsSource::Running => {
+            let mut plan = vec![d(
                 Kernel::EvalStats,
                 v.groups().div_ceil(kernels::FINALIZE_WG as usize),
-            ),
-            d(Kernel::Normalize, normalize_wg),
-        ],
-        StatsSource::Batch if uses_row_kernel(spec) => vec![d(Kernel::Rows, v.groups())],
+                0,
+            )];
+            plan.extend(per_chunk(Kernel::Normalize, &normalize_wg));
+            plan
+        }
+        StatsSource::Batch if uses_row_kernel(spec) && !chunks.split() => {
+            vec![d(Kernel::Rows, v.groups(), 0)]
+        }
         StatsSource::Batch => {
-            let tiles = tiles_for(v.group_len()) as usize;
+            let tiles = tiles_for(v, chunks) as usize;
             let finalize_wg = if spec.update.is_some() {
                 v.g
             } else {
                 v.groups()
             };
-            vec![
-                d(Kernel::Partials, v.groups() * tiles),
-                d(Kernel::Finalize, finalize_wg),
-                d(Kernel::Normalize, normalize_wg),
-            ]
+            let mut plan = Vec::new();
+            if chunks.split() {
+                let groups_wg = v.groups().div_ceil(kernels::FINALIZE_WG as usize);
+                plan.extend(per_chunk(Kernel::Shifts, &|_| groups_wg));
+            }
+            plan.extend(per_chunk(Kernel::Partials, &|_| v.groups() * tiles));
+            plan.push(d(Kernel::Finalize, finalize_wg, 0));
+            plan.extend(per_chunk(Kernel::Normalize, &normalize_wg));
+            plan
         }
     }
 }
 
 /// Bytes of scratch (statistics and partials) a forward of `view` needs.
-pub fn scratch_bytes(view: &View) -> u64 {
+pub fn scratch_bytes(view: &View, chunks: &Chunks) -> u64 {
     let groups = view.groups() as u64;
-    let tiles = tiles_for(view.group_len()) as u64;
+    let tiles = tiles_for(view, chunks) as u64 * chunks.count as u64;
     16 * (groups + groups * tiles).max(1)
 }
 
@@ -151,6 +233,10 @@ struct Params {
     keep: f32,
     take: f32,
     partials_offset: u32,
+    chunk_base: u32,
+    chunk_len: u32,
+    chunk_index: u32,
+    merge_tiles: u32,
     _pad: [u32; 2],
 }
 
@@ -161,6 +247,7 @@ const FLAG_UPDATE_RUNNING: u32 = 8;
 const FLAG_CUMULATIVE: u32 = 16;
 const FLAG_UNBIASED: u32 = 32;
 const FLAG_BUMP_COUNTER: u32 = 64;
+const FLAG_SHIFT_IN_SCRATCH: u32 = 128;
 
 fn to_u32(what: &str, n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::TooLarge {
@@ -171,14 +258,29 @@ fn to_u32(what: &str, n: usize) -> Result<u32> {
     })
 }
 
-/// Checks the sizes the shaders index with u32 and the bindings' limits.
+/// How x and y are split for `ctx`'s binding limit.
+pub(crate) fn chunks_for(ctx: &Context, spec: &ForwardSpec) -> Chunks {
+    Chunks::new(spec.view.numel(), spec.dtype, ctx.max_storage_binding())
+}
+
+/// Checks the sizes the shaders index with u32 and the buffers' limits.
+/// Tensors larger than one binding are split ([`Chunks`]); the scratch must
+/// fit one binding.
 pub(crate) fn check_limits(ctx: &Context, spec: &ForwardSpec, x: &GpuTensor) -> Result<()> {
     let v = &spec.view;
     to_u32("the input's element count", v.numel())?;
-    let tiles = tiles_for(v.group_len()) as usize;
-    to_u32("the partials count", v.groups() * tiles + v.groups())?;
-    ctx.check_size("the input", x.byte_len())?;
-    ctx.check_size("the statistics scratch", scratch_bytes(v))?;
+    ctx.check_buffer_size("the input", x.byte_len())?;
+    let chunks = chunks_for(ctx, spec);
+    let scratch = scratch_bytes(v, &chunks);
+    to_u32("the partials count", (scratch / 16) as usize)?;
+    ctx.check_size("the statistics scratch", scratch)?;
+    if chunks.count > 1 && !x.offset().is_multiple_of(ctx.storage_offset_alignment()) {
+        return Err(Error::InvalidArgument(format!(
+            "a tensor larger than one storage binding must start at a multiple of {} bytes, got offset {}",
+            ctx.storage_offset_alignment(),
+            x.offset()
+        )));
+    }
     Ok(())
 }
 
@@ -190,7 +292,84 @@ pub(crate) fn record_forward(
     spec: &ForwardSpec,
     bufs: &ForwardBuffers<'_>,
 ) -> Vec<Dispatch> {
-    let plan = plan_forward(spec);
+    record_forward_with(ctx, encoder, spec, bufs, None)
+}
+
+/// Statistics of one group merged elsewhere (SyncBatchNorm): the count,
+/// mean and M2 over every replica, and this replica's shift (the group's
+/// first element here), so the mean is stored as shift + (mean − shift)
+/// without losing the digits of a large offset.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PresetStat {
+    pub count: f64,
+    pub mean: f64,
+    pub m2: f64,
+    pub shift: f32,
+}
+
+/// Records a forward whose batch statistics are given (merged from several
+/// replicas) instead of computed: the finalize pass turns them into mean and
+/// rstd and updates the running statistics, then the normalize pass runs.
+pub(crate) fn record_forward_preset(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    spec: &ForwardSpec,
+    bufs: &ForwardBuffers<'_>,
+    preset: &[PresetStat],
+) -> Vec<Dispatch> {
+    record_forward_with(ctx, encoder, spec, bufs, Some(preset))
+}
+
+/// The dispatches of a forward with preset statistics.
+fn plan_preset(spec: &ForwardSpec, chunks: &Chunks) -> Vec<Dispatch> {
+    let v = &spec.view;
+    let numel = v.numel();
+    let mut plan = Vec::new();
+    if spec.bump_counter {
+        plan.push(Dispatch {
+            kernel: Kernel::BumpCounter,
+            workgroups: 1,
+            chunk: 0,
+        });
+    }
+    if numel == 0 {
+        return plan;
+    }
+    let finalize_wg = if spec.update.is_some() {
+        v.g
+    } else {
+        v.groups()
+    };
+    plan.push(Dispatch {
+        kernel: Kernel::Finalize,
+        workgroups: finalize_wg as u32,
+        chunk: 0,
+    });
+    for c in 0..chunks.count {
+        let (lo, hi) = chunks.range(c, numel);
+        let wg =
+            (hi - lo).div_ceil((kernels::NORMALIZE_WG * kernels::NORMALIZE_PER_THREAD) as usize);
+        plan.push(Dispatch {
+            kernel: Kernel::Normalize,
+            workgroups: wg as u32,
+            chunk: c as u32,
+        });
+    }
+    plan
+}
+
+fn record_forward_with(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    spec: &ForwardSpec,
+    bufs: &ForwardBuffers<'_>,
+    preset: Option<&[PresetStat]>,
+) -> Vec<Dispatch> {
+    let chunks = chunks_for(ctx, spec);
+    let plan = match preset {
+        None => plan_forward_chunked(spec, &chunks),
+        Some(_) => plan_preset(spec, &chunks),
+    };
     if plan.is_empty() {
         return plan;
     }
@@ -204,7 +383,9 @@ pub(crate) fn record_forward(
     set(bufs.weight.is_some(), FLAG_WEIGHT);
     set(bufs.bias.is_some(), FLAG_BIAS);
     set(spec.rms, FLAG_RMS);
-    set(spec.bump_counter, FLAG_BUMP_COUNTER);
+    // With preset statistics the counter is bumped by its own dispatch.
+    set(spec.bump_counter && preset.is_none(), FLAG_BUMP_COUNTER);
+    set(chunks.count > 1 || preset.is_some(), FLAG_SHIFT_IN_SCRATCH);
     let (keep, take) = match spec.update {
         Some(u) => {
             set(true, FLAG_UPDATE_RUNNING);
@@ -214,14 +395,38 @@ pub(crate) fn record_forward(
         }
         None => (1.0, 0.0),
     };
-    let params = Params {
+    let numel = v.numel();
+    let (tiles, merge_tiles) = match preset {
+        None => {
+            let tiles = tiles_for(v, &chunks);
+            (tiles, tiles * chunks.count as u32)
+        }
+        Some(stats) => {
+            // scratch[group] = (shift, ..) and one partial per group.
+            let groups = v.groups();
+            let mut data = vec![[0f32; 4]; 2 * groups];
+            for (group, st) in stats.iter().enumerate().take(groups) {
+                data[group] = [st.shift, 0.0, 0.0, 0.0];
+                data[groups + group] = [
+                    st.count as f32,
+                    (st.mean - st.shift as f64) as f32,
+                    st.m2 as f32,
+                    0.0,
+                ];
+            }
+            ctx.queue
+                .write_buffer(bufs.scratch, 0, bytemuck::cast_slice(&data));
+            (1, 1)
+        }
+    };
+    let base = Params {
         p: v.p as u32,
         a: v.a as u32,
         g: v.g as u32,
         b: v.b as u32,
         n_groups: v.groups() as u32,
-        total: v.numel() as u32,
-        tiles: tiles_for(v.group_len()),
+        total: numel as u32,
+        tiles,
         tile_len: kernels::STATS_TILE,
         affine_div: v.affine_div.max(1) as u32,
         flags,
@@ -229,13 +434,55 @@ pub(crate) fn record_forward(
         keep,
         take,
         partials_offset: v.groups() as u32,
+        chunk_base: 0,
+        chunk_len: numel as u32,
+        chunk_index: 0,
+        merge_tiles,
         _pad: [0; 2],
     };
+    // One bind group per chunk: the same buffers, x and y bound to the chunk.
+    let bind_groups: Vec<wgpu::BindGroup> = (0..chunks.count)
+        .map(|c| {
+            let (lo, hi) = chunks.range(c, numel);
+            let params = Params {
+                chunk_base: lo as u32,
+                chunk_len: (hi - lo) as u32,
+                chunk_index: c as u32,
+                ..base
+            };
+            forward_bind_group(ctx, bufs, &params, lo, hi)
+        })
+        .collect();
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("gpunorm forward"),
+        timestamp_writes: None,
+    });
+    for dispatch in &plan {
+        let pipeline = ctx
+            .pipelines
+            .get(&ctx.device, dispatch.kernel, bufs.x.dtype());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_groups[dispatch.chunk as usize], &[]);
+        let (gx, gy) = kernels::grid(dispatch.workgroups);
+        pass.dispatch_workgroups(gx, gy, 1);
+    }
+    plan
+}
+
+/// The bind group of one chunk: parameters, x and y bound to elements
+/// `lo..hi`, the other tensors whole (placeholders where absent).
+fn forward_bind_group(
+    ctx: &Context,
+    bufs: &ForwardBuffers<'_>,
+    params: &Params,
+    lo: usize,
+    hi: usize,
+) -> wgpu::BindGroup {
     let uniform = ctx
         .device
         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("gpunorm params"),
-            contents: bytemuck::bytes_of(&params),
+            contents: bytemuck::bytes_of(params),
             usage: wgpu::BufferUsages::UNIFORM,
         });
     let dummy = |i: usize| ctx.dummies[i].as_entire_binding();
@@ -247,8 +494,8 @@ pub(crate) fn record_forward(
     }
     let resources = [
         uniform.as_entire_binding(),
-        bufs.x.binding(),
-        bufs.y.binding(),
+        bufs.x.binding_elements(lo, hi),
+        bufs.y.binding_elements(lo, hi),
         tensor_or(bufs.weight, dummy(3)),
         tensor_or(bufs.bias, dummy(4)),
         tensor_or(bufs.running_mean, dummy(5)),
@@ -266,23 +513,9 @@ pub(crate) fn record_forward(
             resource,
         })
         .collect();
-    let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some("gpunorm forward"),
         layout: &ctx.pipelines.bind_group_layout,
         entries: &entries,
-    });
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("gpunorm forward"),
-        timestamp_writes: None,
-    });
-    pass.set_bind_group(0, &bind_group, &[]);
-    for dispatch in &plan {
-        let pipeline = ctx
-            .pipelines
-            .get(&ctx.device, dispatch.kernel, bufs.x.dtype());
-        pass.set_pipeline(&pipeline);
-        let (gx, gy) = kernels::grid(dispatch.workgroups);
-        pass.dispatch_workgroups(gx, gy, 1);
-    }
-    plan
+    })
 }

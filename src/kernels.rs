@@ -25,10 +25,15 @@ pub const FINALIZE_WG: u32 = 64;
 /// Invocations per workgroup of the normalize pass.
 pub const NORMALIZE_WG: u32 = 256;
 /// Consecutive elements each normalize invocation writes (more work per
-/// invocation was measurably faster on lavapipe, see NOTES.md).
+/// invocation was measurably faster on lavapipe, see NOTES.md). Even, so
+/// that packed f16/bf16 words are written whole by one invocation.
 pub const NORMALIZE_PER_THREAD: u32 = 4;
+const _: () = assert!(NORMALIZE_PER_THREAD.is_multiple_of(2));
 /// Invocations per workgroup of the row kernel.
 pub const ROWS_WG: u32 = 128;
+/// Element pairs each row-kernel invocation keeps in registers: rows up to
+/// 2·8·128 = 2048 elements are read from memory once.
+pub const ROWS_CACHE: u32 = 8;
 /// Longest row the single-dispatch row kernel takes when there are few rows;
 /// longer rows with fewer than [`ROWS_MIN_FOR_LONG`] rows go through the
 /// partials/finalize/normalize path, which spreads a row over many
@@ -47,6 +52,10 @@ pub enum Kernel {
     Partials,
     /// Increments num_batches_tracked (empty inputs only).
     BumpCounter,
+    /// Copies each group's first element, the shift of its statistics, into
+    /// the scratch (chunked tensors only: the partials of later chunks
+    /// cannot read it from their own binding).
+    Shifts,
     /// Chan merge of partials to statistics, running-stat update.
     Finalize,
     /// Statistics from running mean/var (eval mode).
@@ -59,9 +68,10 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 6] = [
+    pub const ALL: [Kernel; 7] = [
         Kernel::Partials,
         Kernel::BumpCounter,
+        Kernel::Shifts,
         Kernel::Finalize,
         Kernel::EvalStats,
         Kernel::Normalize,
@@ -70,7 +80,9 @@ impl Kernel {
 
     fn file(self) -> &'static str {
         match self {
-            Kernel::Partials | Kernel::BumpCounter => include_str!("../shaders/stats.wgsl"),
+            Kernel::Partials | Kernel::BumpCounter | Kernel::Shifts => {
+                include_str!("../shaders/stats.wgsl")
+            }
             Kernel::Finalize | Kernel::EvalStats => include_str!("../shaders/finalize.wgsl"),
             Kernel::Normalize => include_str!("../shaders/normalize.wgsl"),
             Kernel::Rows => include_str!("../shaders/rows.wgsl"),
@@ -82,6 +94,7 @@ impl Kernel {
         match self {
             Kernel::Partials => "partials",
             Kernel::BumpCounter => "bump_counter",
+            Kernel::Shifts => "shifts",
             Kernel::Finalize => "finalize",
             Kernel::EvalStats => "eval_stats",
             Kernel::Normalize => "normalize",
@@ -93,7 +106,8 @@ impl Kernel {
 fn io_source(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => include_str!("../shaders/io_f32.wgsl"),
-        DType::F16 | DType::BF16 => include_str!("../shaders/io_f32.wgsl"),
+        DType::F16 => include_str!("../shaders/io_f16.wgsl"),
+        DType::BF16 => include_str!("../shaders/io_bf16.wgsl"),
     }
 }
 
@@ -105,7 +119,8 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
          const FINALIZE_WG: u32 = {FINALIZE_WG}u;\n\
          const NORMALIZE_WG: u32 = {NORMALIZE_WG}u;\n\
          const NORMALIZE_PER_THREAD: u32 = {NORMALIZE_PER_THREAD}u;\n\
-         const ROWS_WG: u32 = {ROWS_WG}u;\n"
+         const ROWS_WG: u32 = {ROWS_WG}u;\n\
+         const ROWS_CACHE: u32 = {ROWS_CACHE}u;\n"
     );
     [
         prelude.as_str(),

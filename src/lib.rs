@@ -23,6 +23,7 @@
 //! # Ok::<(), gpunorm::Error>(())
 //! ```
 
+pub mod backward;
 pub mod context;
 pub mod engine;
 pub mod error;
@@ -32,6 +33,7 @@ pub mod reference;
 pub mod tensor;
 pub mod view;
 
+pub use backward::Gradients;
 pub use context::{AdapterSummary, Context, ContextOptions};
 pub use error::{Error, Result};
 pub use norm::batch::{BatchNorm, BatchNormConfig};

@@ -126,6 +126,19 @@ impl GpuTensor {
         })
     }
 
+    /// A binding of elements `lo..hi` (an even `lo` at an aligned offset for
+    /// the chunked path), rounded up to whole 4-byte words, at least one.
+    pub(crate) fn binding_elements(&self, lo: usize, hi: usize) -> wgpu::BindingResource<'_> {
+        let size = self.dtype.size() as u64;
+        let start = self.offset + lo as u64 * size;
+        let bytes = ((hi - lo) as u64 * size).div_ceil(4).max(1) * 4;
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: start,
+            size: wgpu::BufferSize::new(bytes),
+        })
+    }
+
     /// Whether two tensors share a buffer (used to refuse aliasing).
     pub(crate) fn same_buffer(&self, other: &GpuTensor) -> bool {
         Arc::ptr_eq(&self.buffer, &other.buffer)

@@ -16,17 +16,6 @@ fn cases_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cases")
 }
 
-/// Cases whose feature has not landed yet (say why); everything else must pass.
-fn unsupported(case: &Value) -> Option<&'static str> {
-    if case["backward"].as_bool() == Some(true) {
-        return Some("backward pass");
-    }
-    if case["dtype"].as_str() != Some("f32") && case["expect_error"].as_bool() != Some(true) {
-        return Some("f16/bf16 storage");
-    }
-    None
-}
-
 fn read_tensors(path: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<f64>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
@@ -186,23 +175,15 @@ fn every_golden_case_from_torch_and_keras_passes_through_the_cli() {
     let out_dir = std::env::temp_dir().join(format!("gpunorm-conformance-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let mut failures = Vec::new();
-    let mut skipped = Vec::new();
     let mut passed = 0;
     for case in &manifest {
-        if let Some(why) = unsupported(case) {
-            skipped.push(format!("{} ({why})", case["name"].as_str().unwrap()));
-            continue;
-        }
         match run_case(case, &out_dir) {
             Ok(()) => passed += 1,
             Err(e) => failures.push(e),
         }
     }
     let _ = std::fs::remove_dir_all(&out_dir);
-    eprintln!(
-        "{passed} golden cases passed; {} not supported yet: {skipped:?}",
-        skipped.len()
-    );
+    eprintln!("{passed} golden cases passed");
     assert!(
         failures.is_empty(),
         "{} golden case(s) failed:\n{}",

@@ -126,11 +126,11 @@ impl BatchNormConfig {
 /// ```
 #[derive(Debug)]
 pub struct BatchNorm {
-    num_features: usize,
-    config: BatchNormConfig,
-    affine: Affine,
-    running: Option<RunningStats>,
-    saved: Option<Saved>,
+    pub(crate) num_features: usize,
+    pub(crate) config: BatchNormConfig,
+    pub(crate) affine: Affine,
+    pub(crate) running: Option<RunningStats>,
+    pub(crate) saved: Option<Saved>,
 }
 
 impl BatchNorm {
@@ -223,7 +223,18 @@ impl BatchNorm {
     }
 
     /// Validates `x` for `mode` and returns the engine's plan of the pass.
-    fn spec(&self, x: &GpuTensor, mode: Mode) -> Result<ForwardSpec> {
+    pub(crate) fn spec(&self, x: &GpuTensor, mode: Mode) -> Result<ForwardSpec> {
+        self.spec_with(x, mode, true)
+    }
+
+    /// [`BatchNorm::spec`], with torch's one-value-per-channel check on this
+    /// input optional (SyncBatchNorm checks the global count instead).
+    pub(crate) fn spec_with(
+        &self,
+        x: &GpuTensor,
+        mode: Mode,
+        check_batch_size: bool,
+    ) -> Result<ForwardSpec> {
         check_input_dtype(x)?;
         let shape = x.shape();
         let rank = shape.len();
@@ -265,7 +276,7 @@ impl BatchNorm {
         let train = mode == Mode::Train && !frozen;
         let batch_stats = train || self.running.is_none();
         let torch = self.config.convention == Convention::Torch;
-        if torch && batch_stats && view.group_len() == 1 {
+        if check_batch_size && torch && batch_stats && view.group_len() == 1 {
             return Err(Error::Shape(format!(
                 "Expected more than 1 value per channel when training, got input size {shape:?}"
             )));
@@ -297,6 +308,7 @@ impl BatchNorm {
             _ => None,
         };
         Ok(ForwardSpec {
+            dtype: x.dtype(),
             view,
             rms: false,
             eps: self.config.eps,
@@ -345,5 +357,29 @@ impl BatchNorm {
             record_validated(ctx, encoder, spec, x, y, &self.affine, running)?;
         self.saved = Some(saved);
         Ok(dispatches)
+    }
+}
+
+impl BatchNorm {
+    /// The backward pass of the last forward (SPEC.md §4): `grad_input` and
+    /// the gradient of each affine parameter present, computed on the device
+    /// from the statistics that forward saved, then submitted. Only the last
+    /// forward is differentiable (it replaces the saved state, like torch's
+    /// graph). Errors when no forward ran or `dy` differs from that forward's
+    /// input in shape or dtype.
+    pub fn backward(&self, ctx: &Context, dy: &GpuTensor) -> Result<crate::backward::Gradients> {
+        crate::backward::run_backward(ctx, self.saved.as_ref(), &self.affine, dy)
+    }
+
+    /// Records the backward pass into the caller's encoder (nothing is
+    /// submitted) and returns the freshly allocated gradients with the
+    /// dispatches recorded.
+    pub fn record_backward(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        dy: &GpuTensor,
+    ) -> Result<(crate::backward::Gradients, Vec<crate::backward::Dispatch>)> {
+        crate::backward::record_backward(ctx, encoder, self.saved.as_ref(), &self.affine, dy)
     }
 }

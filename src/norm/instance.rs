@@ -149,6 +149,7 @@ impl InstanceNorm {
             _ => None,
         };
         Ok(ForwardSpec {
+            dtype: x.dtype(),
             view,
             rms: false,
             eps: self.config.eps,
@@ -195,5 +196,29 @@ impl InstanceNorm {
             record_validated(ctx, encoder, spec, x, y, &self.affine, running)?;
         self.saved = Some(saved);
         Ok(dispatches)
+    }
+}
+
+impl InstanceNorm {
+    /// The backward pass of the last forward (SPEC.md §4): `grad_input` and
+    /// the gradient of each affine parameter present, computed on the device
+    /// from the statistics that forward saved, then submitted. Only the last
+    /// forward is differentiable (it replaces the saved state, like torch's
+    /// graph). Errors when no forward ran or `dy` differs from that forward's
+    /// input in shape or dtype.
+    pub fn backward(&self, ctx: &Context, dy: &GpuTensor) -> Result<crate::backward::Gradients> {
+        crate::backward::run_backward(ctx, self.saved.as_ref(), &self.affine, dy)
+    }
+
+    /// Records the backward pass into the caller's encoder (nothing is
+    /// submitted) and returns the freshly allocated gradients with the
+    /// dispatches recorded.
+    pub fn record_backward(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        dy: &GpuTensor,
+    ) -> Result<(crate::backward::Gradients, Vec<crate::backward::Dispatch>)> {
+        crate::backward::record_backward(ctx, encoder, self.saved.as_ref(), &self.affine, dy)
     }
 }

@@ -114,6 +114,7 @@ impl RowNorm {
         check_normalized_shape(x.shape(), &self.normalized_shape)?;
         self.affine.check(self.len())?;
         Ok(ForwardSpec {
+            dtype: x.dtype(),
             view: View::layer_norm(x.shape(), self.len()),
             rms: self.rms,
             eps: self.config.eps,
@@ -238,5 +239,53 @@ impl LayerNorm {
     /// Replaces β (`None` removes it, torch's `bias=False`).
     pub fn set_bias(&mut self, bias: Option<GpuTensor>) -> Result<()> {
         self.0.set("bias", bias)
+    }
+}
+
+impl LayerNorm {
+    /// The backward pass of the last forward (SPEC.md §4): `grad_input` and
+    /// the gradient of each affine parameter present, computed on the device
+    /// from the statistics that forward saved, then submitted. Only the last
+    /// forward is differentiable (it replaces the saved state, like torch's
+    /// graph). Errors when no forward ran or `dy` differs from that forward's
+    /// input in shape or dtype.
+    pub fn backward(&self, ctx: &Context, dy: &GpuTensor) -> Result<crate::backward::Gradients> {
+        crate::backward::run_backward(ctx, self.0.saved.as_ref(), &self.0.affine, dy)
+    }
+
+    /// Records the backward pass into the caller's encoder (nothing is
+    /// submitted) and returns the freshly allocated gradients with the
+    /// dispatches recorded.
+    pub fn record_backward(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        dy: &GpuTensor,
+    ) -> Result<(crate::backward::Gradients, Vec<crate::backward::Dispatch>)> {
+        crate::backward::record_backward(ctx, encoder, self.0.saved.as_ref(), &self.0.affine, dy)
+    }
+}
+
+impl RmsNorm {
+    /// The backward pass of the last forward (SPEC.md §4): `grad_input` and
+    /// the gradient of each affine parameter present, computed on the device
+    /// from the statistics that forward saved, then submitted. Only the last
+    /// forward is differentiable (it replaces the saved state, like torch's
+    /// graph). Errors when no forward ran or `dy` differs from that forward's
+    /// input in shape or dtype.
+    pub fn backward(&self, ctx: &Context, dy: &GpuTensor) -> Result<crate::backward::Gradients> {
+        crate::backward::run_backward(ctx, self.0.saved.as_ref(), &self.0.affine, dy)
+    }
+
+    /// Records the backward pass into the caller's encoder (nothing is
+    /// submitted) and returns the freshly allocated gradients with the
+    /// dispatches recorded.
+    pub fn record_backward(
+        &self,
+        ctx: &Context,
+        encoder: &mut wgpu::CommandEncoder,
+        dy: &GpuTensor,
+    ) -> Result<(crate::backward::Gradients, Vec<crate::backward::Dispatch>)> {
+        crate::backward::record_backward(ctx, encoder, self.0.saved.as_ref(), &self.0.affine, dy)
     }
 }

@@ -58,12 +58,12 @@ pub(crate) fn check_momentum(momentum: f32) -> Result<()> {
 }
 
 /// Checks that an input tensor has a dtype the engine can read.
+///
+/// Every [`DType`] is accepted today (f32, f16, bf16 storage with f32
+/// arithmetic); the check stays the one place to refuse a future storage type.
 pub(crate) fn check_input_dtype(x: &GpuTensor) -> Result<()> {
     match x.dtype() {
-        DType::F32 => Ok(()),
-        other => Err(Error::Dtype(format!(
-            "expected an f32 input, got {other} (f16 and bf16 storage are not supported yet)"
-        ))),
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
     }
 }
 
@@ -213,11 +213,12 @@ impl Affine {
 }
 
 /// Statistics a forward pass saved for the backward pass.
-#[allow(dead_code)] // read by the backward pass
 #[derive(Debug, Clone)]
 pub(crate) struct Saved {
     pub spec: ForwardSpec,
     pub scratch: Arc<wgpu::Buffer>,
+    /// The forward's input (a cheap clone sharing its buffer).
+    pub x: GpuTensor,
 }
 
 /// Refuses an output that aliases a tensor the pass reads.
@@ -256,8 +257,11 @@ pub(crate) fn record_validated(
     running: Option<&RunningStats>,
 ) -> Result<(Saved, Vec<Dispatch>)> {
     engine::check_limits(ctx, &spec, x)?;
-    let scratch =
-        Arc::new(ctx.create_buffer("gpunorm statistics", engine::scratch_bytes(&spec.view))?);
+    let chunks = engine::chunks_for(ctx, &spec);
+    let scratch = Arc::new(ctx.create_buffer(
+        "gpunorm statistics",
+        engine::scratch_bytes(&spec.view, &chunks),
+    )?);
     let bufs = ForwardBuffers {
         x,
         y,
@@ -269,7 +273,12 @@ pub(crate) fn record_validated(
         scratch: &scratch,
     };
     let dispatches = engine::record_forward(ctx, encoder, &spec, &bufs);
-    Ok((Saved { spec, scratch }, dispatches))
+    let saved = Saved {
+        spec,
+        scratch,
+        x: x.clone(),
+    };
+    Ok((saved, dispatches))
 }
 
 /// Runs `record` in its own encoder inside error scopes, submits it, and

@@ -8,9 +8,9 @@ use std::process::ExitCode;
 
 use clap::ValueEnum;
 use gpunorm::{
-    Affine, BatchNorm, BatchNormConfig, Context, ContextOptions, Error, GroupNorm, GroupNormConfig,
-    InstanceNorm, InstanceNormConfig, LayerNorm, Mode, Result, RmsNorm, RowNormConfig,
-    RunningStats,
+    Affine, BatchNorm, BatchNormConfig, Context, ContextOptions, Error, Gradients, GroupNorm,
+    GroupNormConfig, InstanceNorm, InstanceNormConfig, LayerNorm, Mode, Result, RmsNorm,
+    RowNormConfig, RunningStats,
 };
 use safetensors::Dtype;
 
@@ -184,6 +184,8 @@ struct State<'a> {
     files: &'a BTreeMap<String, HostTensor>,
     keras: bool,
     ctx: &'a Context,
+    /// Parameters may be stored as F32 or as this dtype.
+    input_dtype: gpunorm::DType,
 }
 
 impl<'a> State<'a> {
@@ -192,7 +194,9 @@ impl<'a> State<'a> {
     }
 
     fn upload(&self, name: &str) -> Result<Option<gpunorm::GpuTensor>> {
-        self.get(name).map(|t| t.upload(self.ctx, name)).transpose()
+        self.get(name)
+            .map(|t| t.upload_param(self.ctx, name, self.input_dtype))
+            .transpose()
     }
 
     fn scale_name(&self, op: Op) -> &'static str {
@@ -257,7 +261,11 @@ impl<'a> State<'a> {
                         "{mean_name} and {var_name} were given without num_batches_tracked (an I64 of shape [])"
                     )));
                 }
-                Ok(Some((m.upload(self.ctx, mean_name)?, v.upload(self.ctx, var_name)?, counter)))
+                Ok(Some((
+                    m.upload_param(self.ctx, mean_name, self.input_dtype)?,
+                    v.upload_param(self.ctx, var_name, self.input_dtype)?,
+                    counter,
+                )))
             }
         }
     }
@@ -346,15 +354,47 @@ fn momentum_or(a: &ApplyArgs, default: f32) -> Result<Option<f32>> {
     }
 }
 
-/// Tensors written besides `output`.
+/// What `apply` writes: small tensors read back already, and the large ones
+/// (`output`, `grad_input`) left on the device to be streamed to the file.
 struct Outputs {
     tensors: BTreeMap<String, HostTensor>,
+    streamed: BTreeMap<String, gpunorm::GpuTensor>,
 }
 
 impl Outputs {
-    fn add(&mut self, ctx: &Context, name: &str, t: &gpunorm::GpuTensor) -> Result<()> {
-        self.tensors
-            .insert(name.to_string(), tensors::download(ctx, t)?);
+    fn stream(&mut self, name: &str, t: &gpunorm::GpuTensor) {
+        self.streamed.insert(name.to_string(), t.clone());
+    }
+
+    /// Writes every output to `path` (atomically).
+    fn write(&self, ctx: &Context, path: &std::path::Path) -> Result<()> {
+        let mut all: BTreeMap<String, tensors::Source<'_>> = self
+            .tensors
+            .iter()
+            .map(|(name, t)| (name.clone(), tensors::Source::Host(t)))
+            .collect();
+        for (name, t) in &self.streamed {
+            all.insert(name.clone(), tensors::Source::Device(t));
+        }
+        tensors::write(ctx, path, &all)
+    }
+
+    /// `grad_input` (the input's dtype) and `grad_<name>` of each affine
+    /// tensor present, in that tensor's dtype (CLI.md).
+    fn add_gradients(&mut self, ctx: &Context, st: &State, op: Op, g: &Gradients) -> Result<()> {
+        self.stream("grad_input", &g.grad_input);
+        let params = [
+            (st.scale_name(op), g.grad_weight.as_ref()),
+            (st.shift_name(), g.grad_bias.as_ref()),
+        ];
+        for (name, grad) in params {
+            if let (Some(t), Some(orig)) = (grad, st.get(name)) {
+                self.tensors.insert(
+                    format!("grad_{name}"),
+                    tensors::download_as(ctx, t, orig.dtype)?,
+                );
+            }
+        }
         Ok(())
     }
 
@@ -366,8 +406,12 @@ impl Outputs {
     ) -> Result<()> {
         let Some(r) = running else { return Ok(()) };
         let (mean_name, var_name) = st.running_names();
-        self.add(ctx, mean_name, &r.mean)?;
-        self.add(ctx, var_name, &r.var)?;
+        // Written back in the dtype they came in.
+        for (name, t) in [(mean_name, &r.mean), (var_name, &r.var)] {
+            let dtype = st.get(name).map(|h| h.dtype).unwrap_or(Dtype::F32);
+            self.tensors
+                .insert(name.to_string(), tensors::download_as(ctx, t, dtype)?);
+        }
         if let (Some(n), Some(orig)) = (r.num_batches_tracked(ctx)?, st.get("num_batches_tracked"))
         {
             self.tensors.insert(
@@ -375,12 +419,30 @@ impl Outputs {
                 HostTensor {
                     dtype: Dtype::I64,
                     shape: orig.shape.clone(),
-                    data: n.to_le_bytes().to_vec(),
+                    data: n.to_le_bytes().to_vec().into(),
                 },
             );
         }
         Ok(())
     }
+}
+
+/// `grad_output` must have the shape and dtype of `input` (SPEC.md §5).
+fn check_grad_output(input: &HostTensor, dy: &HostTensor) -> Result<()> {
+    let dtype = dy.float_dtype("grad_output")?;
+    let input_dtype = input.float_dtype("input")?;
+    if dy.shape != input.shape {
+        return Err(Error::Shape(format!(
+            "expected grad_output of the input's shape {:?}, got {:?}",
+            input.shape, dy.shape
+        )));
+    }
+    if dtype != input_dtype {
+        return Err(Error::Dtype(format!(
+            "expected grad_output of the input's dtype {input_dtype}, got {dtype}"
+        )));
+    }
+    Ok(())
 }
 
 pub fn run(a: ApplyArgs) -> Result<ExitCode> {
@@ -403,10 +465,8 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
         ))
     })?;
     input.float_dtype("input")?;
-    if files.contains_key("grad_output") {
-        return Err(invalid(
-            "the backward pass (grad_output) is not supported yet".into(),
-        ));
+    if let Some(dy) = files.get("grad_output") {
+        check_grad_output(input, dy)?;
     }
     let ctx = Context::with_options(ContextOptions {
         adapter_name: a.adapter.clone(),
@@ -416,6 +476,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
         files: &files,
         keras,
         ctx: &ctx,
+        input_dtype: input.float_dtype("input")?,
     };
     let shape = input.shape.clone();
     let x = input.upload(&ctx, "input")?;
@@ -425,8 +486,14 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
     };
     let mut out = Outputs {
         tensors: BTreeMap::new(),
+        streamed: BTreeMap::new(),
     };
     let affine = st.affine(a.op)?;
+    let dy = files
+        .get("grad_output")
+        .map(|t| t.upload(&ctx, "grad_output"))
+        .transpose()?;
+    let grads: Option<Gradients>;
     let y = match a.op {
         Op::BatchNorm => {
             let (mut config, channel_axis) = if keras {
@@ -460,6 +527,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
             bn.set_bias(affine.bias)?;
             bn.set_running_stats(&ctx, st.running()?)?;
             let y = bn.forward(&ctx, &x, mode)?;
+            grads = dy.as_ref().map(|dy| bn.backward(&ctx, dy)).transpose()?;
             out.add_running(&ctx, &st, bn.running_stats())?;
             y
         }
@@ -476,6 +544,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
             inorm.set_affine(affine)?;
             inorm.set_running_stats(&ctx, st.running()?)?;
             let y = inorm.forward(&ctx, &x, mode)?;
+            grads = dy.as_ref().map(|dy| inorm.backward(&ctx, dy)).transpose()?;
             out.add_running(&ctx, &st, inorm.running_stats())?;
             y
         }
@@ -525,7 +594,9 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
             }
             let mut gn = GroupNorm::new(&ctx, groups, channels, config)?;
             gn.set_affine(affine)?;
-            gn.forward(&ctx, &x)?
+            let y = gn.forward(&ctx, &x)?;
+            grads = dy.as_ref().map(|dy| gn.backward(&ctx, dy)).transpose()?;
+            y
         }
         Op::LayerNorm | Op::RmsNorm => {
             let dims = normalized_shape(&a, &st, a.op, &shape)?;
@@ -543,16 +614,23 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
             if rms {
                 let mut layer = RmsNorm::new(&ctx, &dims, config)?;
                 layer.set_weight(affine.weight)?;
-                layer.forward(&ctx, &x, mode)?
+                let y = layer.forward(&ctx, &x, mode)?;
+                grads = dy.as_ref().map(|dy| layer.backward(&ctx, dy)).transpose()?;
+                y
             } else {
                 let mut layer = LayerNorm::new(&ctx, &dims, config)?;
                 layer.set_weight(affine.weight)?;
                 layer.set_bias(affine.bias)?;
-                layer.forward(&ctx, &x, mode)?
+                let y = layer.forward(&ctx, &x, mode)?;
+                grads = dy.as_ref().map(|dy| layer.backward(&ctx, dy)).transpose()?;
+                y
             }
         }
     };
-    out.add(&ctx, "output", &y)?;
-    tensors::write(&a.output, &out.tensors)?;
+    out.stream("output", &y);
+    if let Some(g) = &grads {
+        out.add_gradients(&ctx, &st, a.op, g)?;
+    }
+    out.write(&ctx, &a.output)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,204 @@
+// Backward kernels (SPEC.md §4). Declarations and helpers are in
+// backward_common.wgsl; src/backward.rs plans which of these run.
+//
+// No float atomics: every sum is a two-stage reduction. A first stage writes
+// per-workgroup partials (vec4 (Σg, Σg·x̂, Σdy, Σdy·x̂)) to `work`, and
+// `bwd_finalize` merges them, one workgroup per output. Each invocation of a
+// reduction writes a slot no other invocation writes, and every slot a later
+// dispatch reads is written by an earlier one.
+
+var<workgroup> wg_vec: array<vec4<f32>, BWD_WG>;
+
+// Sum of v over the first `size` invocations (size a power of two ≤ BWD_WG).
+// Called in uniform control flow by every invocation of the workgroup.
+fn workgroup_sum4(lid: u32, v: vec4<f32>, size: u32) -> vec4<f32> {
+    wg_vec[lid] = v;
+    workgroupBarrier();
+    for (var stride = size / 2u; stride > 0u; stride /= 2u) {
+        if (lid < stride) {
+            wg_vec[lid] = wg_vec[lid] + wg_vec[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let total = wg_vec[0];
+    workgroupBarrier();
+    return total;
+}
+
+// Flat index of element j of reduction group (p, g).
+fn reduction_index(p: u32, g: u32, j: u32) -> u32 {
+    return ((p * bp.ra + j / bp.rb) * bp.rg + g) * bp.rb + j % bp.rb;
+}
+
+// One workgroup per contiguous group of the stats view (SA = 1): sums the
+// group's terms, writes grad_input of the group, and with
+// BF_WRITE_PARTIALS stores the sums as the group's single partial (for the
+// per-channel affine gradients of bwd_finalize).
+@compute @workgroup_size(BWD_WG)
+fn bwd_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = bwd_linear_workgroup(wid, nwg);
+    if (group >= bp.sp * bp.sg) {
+        return;
+    }
+    let n = bp.sb;
+    let base = group * n;
+    var acc = vec4<f32>(0.0);
+    for (var j = lid; j < n; j += BWD_WG) {
+        acc += element_terms(base + j);
+    }
+    let s = workgroup_sum4(lid, acc, BWD_WG);
+    if (lid == 0u && bwd_flag(BF_WRITE_PARTIALS)) {
+        work[bp.partials_offset + group] = s;
+    }
+    for (var j = lid; j < n; j += BWD_WG) {
+        dx_buf[base + j] = grad_input_value(base + j, s);
+    }
+}
+
+// One workgroup per tile of up to BWD_WG·BWD_PER_THREAD consecutive
+// elements of one reduction group: writes the tile's partial sums.
+@compute @workgroup_size(BWD_WG)
+fn bwd_partials(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = bwd_linear_workgroup(wid, nwg);
+    if (w >= bp.n_groups * bp.tiles) {
+        return;
+    }
+    let group = w / bp.tiles;
+    let tile = w % bp.tiles;
+    let p = group / bp.rg;
+    let g = group % bp.rg;
+    let start = tile * bp.tile_len;
+    let end = min(start + bp.tile_len, bp.ra * bp.rb);
+    var acc = vec4<f32>(0.0);
+    for (var k = 0u; k < BWD_PER_THREAD; k++) {
+        let j = start + lid + k * BWD_WG;
+        if (j < end) {
+            acc += element_terms(reduction_index(p, g, j));
+        }
+    }
+    let s = workgroup_sum4(lid, acc, BWD_WG);
+    if (lid == 0u) {
+        work[bp.partials_offset + group * bp.group_stride + tile * bp.tile_stride] = s;
+    }
+}
+
+// Merges partials. Without BF_LOOP_P one workgroup per reduction group;
+// with it one workgroup per index w < RG looping over p < RP (the affine
+// gradients of index w sum every p). BF_WRITE_GSUM stores each group's sums
+// at work[group]; BF_GRAD_WEIGHT/BF_GRAD_BIAS write Σdy·x̂ and Σdy of w.
+@compute @workgroup_size(BWD_FINALIZE_WG)
+fn bwd_finalize(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = bwd_linear_workgroup(wid, nwg);
+    let loop_p = bwd_flag(BF_LOOP_P);
+    var n_loop = 1u;
+    if (loop_p) {
+        if (w >= bp.rg) {
+            return;
+        }
+        n_loop = bp.rp;
+    } else if (w >= bp.n_groups) {
+        return;
+    }
+    var total = vec4<f32>(0.0);
+    for (var i = 0u; i < n_loop; i++) {
+        var group = w;
+        if (loop_p) {
+            group = i * bp.rg + w;
+        }
+        var acc = vec4<f32>(0.0);
+        for (var t = lid; t < bp.tiles; t += BWD_FINALIZE_WG) {
+            acc += work[bp.partials_offset + group * bp.group_stride + t * bp.tile_stride];
+        }
+        let s = workgroup_sum4(lid, acc, BWD_FINALIZE_WG);
+        if (lid == 0u && bwd_flag(BF_WRITE_GSUM)) {
+            work[group] = s;
+        }
+        total += s;
+    }
+    if (lid == 0u) {
+        if (bwd_flag(BF_GRAD_WEIGHT)) {
+            grad_weight[w] = total.w;
+        }
+        if (bwd_flag(BF_GRAD_BIAS)) {
+            grad_bias[w] = total.z;
+        }
+    }
+}
+
+// Elementwise grad_input: BWD_DX_PER_THREAD consecutive elements per
+// invocation, from the group sums at work[stats group] (not read in eval
+// mode, BF_RUNNING, where dx = g·rstd).
+@compute @workgroup_size(BWD_WG)
+fn bwd_dx(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let first = (bwd_linear_workgroup(wid, nwg) * BWD_WG + lid) * BWD_DX_PER_THREAD;
+    let running = bwd_flag(BF_RUNNING);
+    for (var k = 0u; k < BWD_DX_PER_THREAD; k++) {
+        let i = first + k;
+        if (i >= bp.total) {
+            return;
+        }
+        var s = vec4<f32>(0.0);
+        if (!running) {
+            s = work[stats_group(i)];
+        }
+        dx_buf[i] = grad_input_value(i, s);
+    }
+}
+
+// Column sums for an affine index per column (affine_div = 1): the tensor
+// is R rows of L = SG·SB columns. One invocation owns one column of a block
+// of rows_per_block rows (consecutive invocations read consecutive
+// addresses). With one row block (tiles = 1) it writes the gradients
+// directly; otherwise the partial of (column l, block) goes to
+// work[partials_offset + l·group_stride + block·tile_stride].
+@compute @workgroup_size(BWD_WG)
+fn bwd_cols(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = bwd_linear_workgroup(wid, nwg);
+    let col_blocks = (bp.cols + BWD_WG - 1u) / BWD_WG;
+    let block = w / col_blocks;
+    let l = (w % col_blocks) * BWD_WG + lid;
+    let r0 = block * bp.rows_per_block;
+    if (block >= bp.tiles || l >= bp.cols) {
+        return;
+    }
+    let r1 = min(r0 + bp.rows_per_block, bp.rows);
+    var acc = vec2<f32>(0.0);
+    for (var r = r0; r < r1; r++) {
+        let i = r * bp.cols + l;
+        let st = stats[stats_group(i)];
+        let xhat = ((x_buf[i] - st.x) - st.y) * st.z;
+        let d = dy_buf[i];
+        acc += vec2<f32>(d, d * xhat);
+    }
+    if (bp.tiles == 1u) {
+        if (bwd_flag(BF_GRAD_WEIGHT)) {
+            grad_weight[l] = acc.y;
+        }
+        if (bwd_flag(BF_GRAD_BIAS)) {
+            grad_bias[l] = acc.x;
+        }
+    } else {
+        work[bp.partials_offset + l * bp.group_stride + block * bp.tile_stride] =
+            vec4<f32>(0.0, 0.0, acc.x, acc.y);
+    }
+}

@@ -1,0 +1,111 @@
+// Shared declarations of the backward kernels (SPEC.md §4): the parameters of
+// one dispatch, the bindings, and the per-element helpers.
+//
+// Two views of the same contiguous tensor are in play:
+// - the *stats view* [SP, SA, SG, SB] of the forward pass: the statistics of
+//   element i are stats[(i / (SA·SG·SB))·SG + (i / SB) % SG], saved by the
+//   forward as vec4(shift, dmean, rstd, var); x̂ = ((x − shift) − dmean)·rstd
+//   (shift = dmean = 0 for RMS, running mean and 0 in eval mode);
+// - the *reduction view* [RP, RA, RG, RB] a partials/finalize dispatch sums
+//   over: the stats view itself for the per-group sums, or [1, R, K, D] for
+//   the affine gradients (K affine indices of D contiguous elements).
+// The affine index of element i is (i % (SG·SB)) / affine_div.
+//
+// Per element the kernels form g = dy·γ and sum the vec4
+// (g, g·x̂, dy, dy·x̂): the first two give grad_input, the last two grad_bias
+// and grad_weight.
+//
+// Storage is f32 only (this prelude is the backward's own io).
+
+struct BwdParams {
+    sp: u32,
+    sa: u32,
+    sg: u32,
+    sb: u32,
+    rp: u32,
+    ra: u32,
+    rg: u32,
+    rb: u32,
+    // Reduction groups (RP·RG) and elements of the tensor.
+    n_groups: u32,
+    total: u32,
+    // Partials: tiles per reduction group and elements per tile; the partial
+    // of (group, tile) is work[partials_offset + group·group_stride + tile·tile_stride].
+    tiles: u32,
+    tile_len: u32,
+    group_stride: u32,
+    tile_stride: u32,
+    partials_offset: u32,
+    affine_div: u32,
+    flags: u32,
+    // Column kernel: rows R, columns L = SG·SB, rows per block.
+    rows: u32,
+    cols: u32,
+    rows_per_block: u32,
+}
+
+const BF_WEIGHT: u32 = 1u;
+const BF_RMS: u32 = 2u;
+const BF_RUNNING: u32 = 4u;
+const BF_WRITE_GSUM: u32 = 8u;
+const BF_LOOP_P: u32 = 16u;
+const BF_GRAD_WEIGHT: u32 = 32u;
+const BF_GRAD_BIAS: u32 = 64u;
+const BF_WRITE_PARTIALS: u32 = 128u;
+
+@group(0) @binding(0) var<uniform> bp: BwdParams;
+@group(0) @binding(1) var<storage, read> x_buf: array<f32>;
+@group(0) @binding(2) var<storage, read> dy_buf: array<f32>;
+@group(0) @binding(3) var<storage, read> weight: array<f32>;
+// The forward's statistics, vec4(shift, dmean, rstd, var) per stats group.
+@group(0) @binding(4) var<storage, read> stats: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> dx_buf: array<f32>;
+@group(0) @binding(6) var<storage, read_write> grad_weight: array<f32>;
+@group(0) @binding(7) var<storage, read_write> grad_bias: array<f32>;
+// Per stats group sums (first SP·SG vec4), then the partials.
+@group(0) @binding(8) var<storage, read_write> work: array<vec4<f32>>;
+
+fn bwd_flag(f: u32) -> bool {
+    return (bp.flags & f) != 0u;
+}
+
+fn bwd_linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+// Stats group of flat element i.
+fn stats_group(i: u32) -> u32 {
+    return (i / (bp.sa * bp.sg * bp.sb)) * bp.sg + (i / bp.sb) % bp.sg;
+}
+
+// (g, g·x̂, dy, dy·x̂) of flat element i.
+fn element_terms(i: u32) -> vec4<f32> {
+    let st = stats[stats_group(i)];
+    let xhat = ((x_buf[i] - st.x) - st.y) * st.z;
+    let d = dy_buf[i];
+    var g = d;
+    if (bwd_flag(BF_WEIGHT)) {
+        g = d * weight[(i % (bp.sg * bp.sb)) / bp.affine_div];
+    }
+    return vec4<f32>(g, g * xhat, d, d * xhat);
+}
+
+// grad_input of flat element i from its group's sums s = (Σg, Σg·x̂, ., .).
+fn grad_input_value(i: u32, s: vec4<f32>) -> f32 {
+    let st = stats[stats_group(i)];
+    var g = dy_buf[i];
+    if (bwd_flag(BF_WEIGHT)) {
+        g = g * weight[(i % (bp.sg * bp.sb)) / bp.affine_div];
+    }
+    if (bwd_flag(BF_RUNNING)) {
+        return g * st.z;
+    }
+    let xhat = ((x_buf[i] - st.x) - st.y) * st.z;
+    // rstd/n·(n·g − Σg − x̂·Σg·x̂), written with means to keep values small.
+    let inv_n = 1.0 / f32(bp.sa * bp.sb);
+    var mean_g = s.x * inv_n;
+    if (bwd_flag(BF_RMS)) {
+        mean_g = 0.0;
+    }
+    return st.z * ((g - mean_g) - xhat * (s.y * inv_n));
+}

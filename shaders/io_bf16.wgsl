@@ -1,0 +1,34 @@
+// Storage of x and y as bfloat16 (the top half of an f32), two per u32 word
+// (element 2k in the low half). Loads shift into place; stores round by hand.
+// Invariant: one invocation writes both halves of a word (callers store
+// pairs starting at even indices), so no two invocations race on a word.
+@group(0) @binding(1) var<storage, read> x_buf: array<u32>;
+@group(0) @binding(2) var<storage, read_write> y_buf: array<u32>;
+
+fn load_x(i: u32) -> f32 {
+    let w = x_buf[i >> 1u];
+    if ((i & 1u) == 0u) {
+        return bitcast<f32>(w << 16u);
+    }
+    return bitcast<f32>(w & 0xffff0000u);
+}
+
+// f32 -> bf16 bits: round to nearest even (overflow carries into ±inf),
+// NaN stays NaN (quieted).
+fn bf16_bits(v: f32) -> u32 {
+    let b = bitcast<u32>(v);
+    if ((b & 0x7fffffffu) > 0x7f800000u) {
+        return ((b >> 16u) | 0x0040u) & 0xffffu;
+    }
+    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
+}
+
+// Writes y[i] and y[i + 1] (i even) as one word; without `second` the high
+// half is padding and written as zero.
+fn store_y2(i: u32, v0: f32, v1: f32, second: bool) {
+    var hi = 0u;
+    if (second) {
+        hi = bf16_bits(v1);
+    }
+    y_buf[i >> 1u] = bf16_bits(v0) | (hi << 16u);
+}

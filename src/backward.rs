@@ -1,0 +1,727 @@
+//! The backward pass of every normalization (SPEC.md §4): plans and records
+//! it on the device from the statistics the forward saved, with no read-back.
+//!
+//! Per element, with `g = dy·γ` and `x̂` from the saved statistics, the
+//! kernels need two sums per statistics group (`Σg`, `Σg·x̂`) for
+//! `grad_input`, and two sums per affine index (`Σdy`, `Σdy·x̂`) for
+//! `grad_bias` and `grad_weight`. WGSL has no float atomics, so every sum is
+//! two-stage: per-workgroup partials, then a finalize pass ([`plan_backward`]
+//! says which kernels run; it is a pure function tests and benches can call).
+//!
+//! - Contiguous groups (LayerNorm, RMSNorm, InstanceNorm, GroupNorm
+//!   channels-first): one `Rows` dispatch reduces a group in one workgroup
+//!   and writes its `grad_input`.
+//! - Other groups (BatchNorm, channels-last GroupNorm): `Partials` over
+//!   tiles, `Finalize` to per-group sums, elementwise `GradInput`.
+//! - Eval mode with running statistics: `grad_input = g·rstd` elementwise.
+//! - Affine gradients: when the affine index is the statistics channel
+//!   (BatchNorm, InstanceNorm) they come out of the group sums, summed over
+//!   samples by `Finalize`; an affine index per column (LayerNorm, RMSNorm,
+//!   channels-last GroupNorm) uses the coalesced `Cols` kernel (plus a
+//!   `Finalize` when there is more than one block of rows); anything else
+//!   (channels-first GroupNorm with several channels per group) reduces an
+//!   `[1, R, K, D]` view with `Partials` + `Finalize`.
+//!
+//! Scratch is bounded: at most one vec4 per group plus one per tile of 4096
+//! elements, or per column and block of at least [`COLS_MIN_ROWS`] rows.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::context::Context;
+use crate::engine::StatsSource;
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::norm::{submit_scoped, Affine, Saved};
+use crate::tensor::{DType, GpuTensor};
+use crate::view::View;
+
+/// Invocations per workgroup of the rows, partials, grad-input and column
+/// kernels: the forward's choice (256 fills a wave on every vendor and keeps
+/// the vec4 reduction array at 4 KiB).
+pub const BWD_WG: u32 = 256;
+/// Elements each partials invocation sums: one tile is 4096 elements, as in
+/// the forward, so the finalize pass merges few partials.
+pub const BWD_PER_THREAD: u32 = 16;
+/// Elements of one tile of the partials pass.
+pub const BWD_TILE: u32 = BWD_WG * BWD_PER_THREAD;
+/// Invocations per workgroup of the finalize pass (few partials per output).
+pub const BWD_FINALIZE_WG: u32 = 64;
+/// Consecutive elements each grad-input invocation writes (as the forward's
+/// normalize pass).
+pub const BWD_DX_PER_THREAD: u32 = 4;
+/// Fewest rows a block of the column kernel sums (unless the tensor has fewer
+/// rows): keeps the column partials (one vec4 per column and block) at most
+/// 1/8 of the input's bytes.
+pub const COLS_MIN_ROWS: usize = 32;
+/// Most row blocks of the column kernel: enough workgroups to fill a GPU for
+/// rows of a few hundred columns, few partials per column to merge.
+pub const COLS_MAX_BLOCKS: usize = 256;
+
+/// One backward entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackwardKernel {
+    /// A whole contiguous group per workgroup: sums and grad_input.
+    Rows,
+    /// Per-tile partial sums of a reduction view.
+    Partials,
+    /// Merges partials into group sums and/or affine gradients.
+    Finalize,
+    /// Elementwise grad_input from group sums (or running statistics).
+    GradInput,
+    /// Column sums for an affine index per column.
+    Cols,
+}
+
+impl BackwardKernel {
+    /// Every kernel, for validation tests.
+    pub const ALL: [BackwardKernel; 5] = [
+        BackwardKernel::Rows,
+        BackwardKernel::Partials,
+        BackwardKernel::Finalize,
+        BackwardKernel::GradInput,
+        BackwardKernel::Cols,
+    ];
+
+    /// WGSL entry point name.
+    pub fn entry_point(self) -> &'static str {
+        match self {
+            BackwardKernel::Rows => "bwd_rows",
+            BackwardKernel::Partials => "bwd_partials",
+            BackwardKernel::Finalize => "bwd_finalize",
+            BackwardKernel::GradInput => "bwd_dx",
+            BackwardKernel::Cols => "bwd_cols",
+        }
+    }
+}
+
+/// The complete WGSL source of the backward kernels (f32 storage).
+pub fn source() -> String {
+    let prelude = format!(
+        "const BWD_WG: u32 = {BWD_WG}u;\n\
+         const BWD_PER_THREAD: u32 = {BWD_PER_THREAD}u;\n\
+         const BWD_FINALIZE_WG: u32 = {BWD_FINALIZE_WG}u;\n\
+         const BWD_DX_PER_THREAD: u32 = {BWD_DX_PER_THREAD}u;\n"
+    );
+    [
+        prelude.as_str(),
+        include_str!("../shaders/backward_common.wgsl"),
+        include_str!("../shaders/backward.wgsl"),
+    ]
+    .join("\n")
+}
+
+/// What the backward of one forward computes, besides the buffers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BackwardSpec {
+    /// The forward's statistics view.
+    pub view: View,
+    /// RMSNorm (no Σg term).
+    pub rms: bool,
+    /// Batch statistics or running statistics (eval mode).
+    pub source: StatsSource,
+    /// γ is present (g = dy·γ).
+    pub weight: bool,
+    /// grad_weight is wanted.
+    pub grad_weight: bool,
+    /// grad_bias is wanted.
+    pub grad_bias: bool,
+}
+
+/// One recorded dispatch of the backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatch {
+    /// The entry point.
+    pub kernel: BackwardKernel,
+    /// Workgroups dispatched (laid out by [`kernels::grid`]).
+    pub workgroups: u32,
+}
+
+const BF_WEIGHT: u32 = 1;
+const BF_RMS: u32 = 2;
+const BF_RUNNING: u32 = 4;
+const BF_WRITE_GSUM: u32 = 8;
+const BF_LOOP_P: u32 = 16;
+const BF_GRAD_WEIGHT: u32 = 32;
+const BF_GRAD_BIAS: u32 = 64;
+const BF_WRITE_PARTIALS: u32 = 128;
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+struct BwdParams {
+    sp: u32,
+    sa: u32,
+    sg: u32,
+    sb: u32,
+    rp: u32,
+    ra: u32,
+    rg: u32,
+    rb: u32,
+    n_groups: u32,
+    total: u32,
+    tiles: u32,
+    tile_len: u32,
+    group_stride: u32,
+    tile_stride: u32,
+    partials_offset: u32,
+    affine_div: u32,
+    flags: u32,
+    rows: u32,
+    cols: u32,
+    rows_per_block: u32,
+}
+
+/// A planned dispatch with its parameters.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    kernel: BackwardKernel,
+    workgroups: usize,
+    params: BwdParams,
+}
+
+/// The whole plan: its steps and the vec4s of scratch they use.
+struct Plan {
+    steps: Vec<Step>,
+    work_vec4: usize,
+}
+
+fn tiles_for(len: usize) -> usize {
+    len.div_ceil(BWD_TILE as usize).max(1)
+}
+
+/// Whether the affine index of every element is its statistics channel g
+/// (BatchNorm, InstanceNorm, GroupNorm with one channel per group).
+fn affine_is_channel(v: &View) -> bool {
+    v.affine_div.max(1) == v.b.max(1) && v.affine_len == v.g
+}
+
+/// Whether one workgroup reduces a whole group (contiguous groups; the
+/// forward's row-kernel rule).
+fn uses_rows(v: &View) -> bool {
+    v.a == 1
+        && (v.b <= kernels::ROWS_MAX_LEN as usize
+            || v.groups() >= kernels::ROWS_MIN_FOR_LONG as usize)
+}
+
+/// Row blocks of the column kernel for `rows` rows.
+fn col_blocks(rows: usize) -> usize {
+    (rows / COLS_MIN_ROWS).clamp(1, COLS_MAX_BLOCKS)
+}
+
+fn plan(spec: &BackwardSpec) -> Plan {
+    let v = &spec.view;
+    let mut steps = Vec::new();
+    let mut work_vec4 = 0usize;
+    if v.numel() == 0 {
+        return Plan {
+            steps,
+            work_vec4: 1,
+        };
+    }
+    let groups = v.groups();
+    let mut base_flags = 0;
+    if spec.weight {
+        base_flags |= BF_WEIGHT;
+    }
+    if spec.rms {
+        base_flags |= BF_RMS;
+    }
+    let mut grad_flags = 0;
+    if spec.grad_weight {
+        grad_flags |= BF_GRAD_WEIGHT;
+    }
+    if spec.grad_bias {
+        grad_flags |= BF_GRAD_BIAS;
+    }
+    let params_wanted = grad_flags != 0;
+    let per_channel = affine_is_channel(v);
+    let base = BwdParams {
+        sp: v.p as u32,
+        sa: v.a as u32,
+        sg: v.g as u32,
+        sb: v.b as u32,
+        rp: v.p as u32,
+        ra: v.a as u32,
+        rg: v.g as u32,
+        rb: v.b as u32,
+        n_groups: groups as u32,
+        total: v.numel() as u32,
+        tiles: 1,
+        tile_len: BWD_TILE,
+        group_stride: 1,
+        tile_stride: 1,
+        partials_offset: groups as u32,
+        affine_div: v.affine_div.max(1) as u32,
+        flags: base_flags,
+        rows: (v.p * v.a) as u32,
+        cols: (v.g * v.b) as u32,
+        rows_per_block: 1,
+    };
+    let dx_workgroups = v.numel().div_ceil((BWD_WG * BWD_DX_PER_THREAD) as usize);
+    let mut push = |kernel, workgroups: usize, params: BwdParams| {
+        steps.push(Step {
+            kernel,
+            workgroups,
+            params,
+        })
+    };
+    // Per-group sums, grad_input, and the affine gradients when the affine
+    // index is the channel.
+    let channel_grads = if per_channel { grad_flags } else { 0 };
+    match spec.source {
+        StatsSource::Batch if uses_rows(v) => {
+            let mut p = base;
+            if channel_grads != 0 {
+                p.flags |= BF_WRITE_PARTIALS;
+            }
+            push(BackwardKernel::Rows, groups, p);
+            work_vec4 = work_vec4.max(2 * groups);
+            if channel_grads != 0 {
+                let mut f = base;
+                f.flags |= BF_LOOP_P | channel_grads;
+                push(BackwardKernel::Finalize, v.g, f);
+            }
+        }
+        source => {
+            let batch = source == StatsSource::Batch;
+            if batch || channel_grads != 0 {
+                let tiles = tiles_for(v.group_len());
+                let mut p = base;
+                p.tiles = tiles as u32;
+                p.group_stride = tiles as u32;
+                push(BackwardKernel::Partials, groups * tiles, p);
+                work_vec4 = work_vec4.max(groups + groups * tiles);
+                let mut f = p;
+                if batch {
+                    f.flags |= BF_WRITE_GSUM;
+                }
+                let finalize_wg = if channel_grads != 0 {
+                    f.flags |= BF_LOOP_P | channel_grads;
+                    v.g
+                } else {
+                    groups
+                };
+                push(BackwardKernel::Finalize, finalize_wg, f);
+            }
+            let mut d = base;
+            if !batch {
+                d.flags |= BF_RUNNING;
+            }
+            push(BackwardKernel::GradInput, dx_workgroups, d);
+        }
+    }
+    if params_wanted && !per_channel {
+        let rows = v.p * v.a;
+        let cols = v.g * v.b;
+        if v.affine_div.max(1) == 1 {
+            // One affine index per column: coalesced column sums.
+            let blocks = col_blocks(rows);
+            let mut c = base;
+            c.flags |= grad_flags;
+            c.tiles = blocks as u32;
+            c.rows_per_block = rows.div_ceil(blocks) as u32;
+            c.group_stride = 1;
+            c.tile_stride = cols as u32;
+            push(
+                BackwardKernel::Cols,
+                blocks * cols.div_ceil(BWD_WG as usize),
+                c,
+            );
+            if blocks > 1 {
+                work_vec4 = work_vec4.max(groups + blocks * cols);
+                let mut f = c;
+                f.flags = base_flags | grad_flags | BF_LOOP_P;
+                f.rp = 1;
+                f.ra = 1;
+                f.rg = cols as u32;
+                f.rb = 1;
+                f.n_groups = cols as u32;
+                push(BackwardKernel::Finalize, cols, f);
+            }
+        } else {
+            // Affine index k covers D contiguous elements of each row: reduce
+            // the [1, R, K, D] view in tiles.
+            let k = v.affine_len;
+            let d = v.affine_div;
+            let tiles = tiles_for(rows * d);
+            let mut p = base;
+            p.rp = 1;
+            p.ra = rows as u32;
+            p.rg = k as u32;
+            p.rb = d as u32;
+            p.n_groups = k as u32;
+            p.tiles = tiles as u32;
+            p.group_stride = tiles as u32;
+            push(BackwardKernel::Partials, k * tiles, p);
+            work_vec4 = work_vec4.max(groups + k * tiles);
+            let mut f = p;
+            f.flags |= BF_LOOP_P | grad_flags;
+            push(BackwardKernel::Finalize, k, f);
+        }
+    }
+    Plan {
+        steps,
+        work_vec4: work_vec4.max(1),
+    }
+}
+
+/// The dispatches of one backward pass, in order.
+pub fn plan_backward(spec: &BackwardSpec) -> Vec<Dispatch> {
+    plan(spec)
+        .steps
+        .iter()
+        .map(|s| Dispatch {
+            kernel: s.kernel,
+            workgroups: s.workgroups as u32,
+        })
+        .collect()
+}
+
+/// Gradients of one backward pass (torch's autograd results).
+#[derive(Debug, Clone)]
+pub struct Gradients {
+    /// ∂L/∂x, the input's shape and dtype.
+    pub grad_input: GpuTensor,
+    /// ∂L/∂γ, when the layer has γ.
+    pub grad_weight: Option<GpuTensor>,
+    /// ∂L/∂β, when the layer has β.
+    pub grad_bias: Option<GpuTensor>,
+}
+
+/// Pipelines and layout of the backward kernels, built once per context.
+pub(crate) struct BackwardCache {
+    layout: wgpu::PipelineLayout,
+    bind_group_layout: wgpu::BindGroupLayout,
+    /// Placeholders for absent weight / gradients (distinct buffers, so no
+    /// two writable bindings of one dispatch alias).
+    dummies: [wgpu::Buffer; 3],
+    pipelines: Mutex<HashMap<BackwardKernel, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl std::fmt::Debug for BackwardCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackwardCache")
+    }
+}
+
+impl BackwardCache {
+    pub(crate) fn new(device: &wgpu::Device) -> Self {
+        let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let read = wgpu::BufferBindingType::Storage { read_only: true };
+        let write = wgpu::BufferBindingType::Storage { read_only: false };
+        let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("gpunorm backward"),
+            entries: &[
+                entry(0, wgpu::BufferBindingType::Uniform),
+                entry(1, read),
+                entry(2, read),
+                entry(3, read),
+                entry(4, read),
+                entry(5, write),
+                entry(6, write),
+                entry(7, write),
+                entry(8, write),
+            ],
+        });
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("gpunorm backward"),
+            bind_group_layouts: &[Some(&bind_group_layout)],
+            immediate_size: 0,
+        });
+        let dummies = std::array::from_fn(|i| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(&format!("gpunorm backward placeholder {i}")),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        });
+        BackwardCache {
+            layout,
+            bind_group_layout,
+            dummies,
+            pipelines: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, device: &wgpu::Device, kernel: BackwardKernel) -> Arc<wgpu::ComputePipeline> {
+        let mut map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(kernel)
+            .or_insert_with(|| {
+                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(kernel.entry_point()),
+                    source: wgpu::ShaderSource::Wgsl(source().into()),
+                });
+                Arc::new(
+                    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                        label: Some(kernel.entry_point()),
+                        layout: Some(&self.layout),
+                        module: &module,
+                        entry_point: Some(kernel.entry_point()),
+                        compilation_options: Default::default(),
+                        cache: None,
+                    }),
+                )
+            })
+            .clone()
+    }
+}
+
+fn to_u32(what: &str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::TooLarge {
+        what: what.to_string(),
+        bytes: n as u64,
+        limit: u32::MAX as u64,
+        limit_name: "u32 element indexing",
+    })
+}
+
+/// Checks `dy` against the saved forward and returns the spec of its
+/// backward. Errors (never panics) when no forward ran or `dy` differs from
+/// the forward's input in shape or dtype.
+pub(crate) fn spec_for(
+    saved: Option<&Saved>,
+    affine: &Affine,
+    dy: &GpuTensor,
+) -> Result<(BackwardSpec, GpuTensor)> {
+    let saved = saved.ok_or_else(|| {
+        Error::State("backward was called before any forward: run forward (or record) first".into())
+    })?;
+    let x = &saved.x;
+    if dy.shape() != x.shape() {
+        return Err(Error::Shape(format!(
+            "expected grad_output of shape {:?} (the forward's input), got {:?}",
+            x.shape(),
+            dy.shape()
+        )));
+    }
+    if dy.dtype() != x.dtype() {
+        return Err(Error::Dtype(format!(
+            "expected grad_output of dtype {} (the forward's input), got {}",
+            x.dtype(),
+            dy.dtype()
+        )));
+    }
+    if x.dtype() != DType::F32 {
+        return Err(Error::Dtype(format!(
+            "the backward pass supports f32 storage only, got {}",
+            x.dtype()
+        )));
+    }
+    let v = saved.spec.view;
+    for (name, t) in [("weight", &affine.weight), ("bias", &affine.bias)] {
+        if let Some(t) = t {
+            if t.dtype() != DType::F32 || t.numel() != v.affine_len {
+                return Err(Error::Shape(format!(
+                    "expected {name} of {} f32 elements for the backward pass, got shape {:?} ({})",
+                    v.affine_len,
+                    t.shape(),
+                    t.dtype()
+                )));
+            }
+        }
+    }
+    Ok((
+        BackwardSpec {
+            view: v,
+            rms: saved.spec.rms,
+            source: saved.spec.source,
+            weight: affine.weight.is_some(),
+            grad_weight: affine.weight.is_some(),
+            grad_bias: affine.bias.is_some(),
+        },
+        x.clone(),
+    ))
+}
+
+/// Records the backward of the saved forward into `encoder`, allocating the
+/// gradients. Nothing is submitted.
+pub(crate) fn record_backward(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    saved: Option<&Saved>,
+    affine: &Affine,
+    dy: &GpuTensor,
+) -> Result<(Gradients, Vec<Dispatch>)> {
+    let (spec, x) = spec_for(saved, affine, dy)?;
+    let saved = saved.ok_or_else(|| Error::State("no saved forward".into()))?;
+    let v = &spec.view;
+    to_u32("the input's element count", v.numel())?;
+    ctx.check_size("grad_output", dy.byte_len())?;
+    let plan = plan(&spec);
+    let work_bytes = 16 * plan.work_vec4 as u64;
+    to_u32("the backward scratch", plan.work_vec4)?;
+    let work = ctx.create_buffer("gpunorm backward scratch", work_bytes)?;
+    // Gradients of parameters have the parameter's shape (and dtype, f32).
+    let param = |t: &Option<GpuTensor>| -> Result<Option<GpuTensor>> {
+        t.as_ref()
+            .map(|t| ctx.zeros(t.shape(), DType::F32))
+            .transpose()
+    };
+    let grads = Gradients {
+        grad_input: ctx.zeros(x.shape(), x.dtype())?,
+        grad_weight: param(&affine.weight)?,
+        grad_bias: param(&affine.bias)?,
+    };
+    let dispatches = plan_backward(&spec);
+    if plan.steps.is_empty() {
+        return Ok((grads, dispatches));
+    }
+    let cache = &ctx.backward;
+    fn resource<'a>(
+        t: Option<&'a GpuTensor>,
+        fallback: &'a wgpu::Buffer,
+    ) -> wgpu::BindingResource<'a> {
+        t.map(|t| t.binding())
+            .unwrap_or_else(|| fallback.as_entire_binding())
+    }
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("gpunorm backward"),
+        timestamp_writes: None,
+    });
+    for step in &plan.steps {
+        let uniform = ctx
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("gpunorm backward params"),
+                contents: bytemuck::bytes_of(&step.params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let resources = [
+            uniform.as_entire_binding(),
+            x.binding(),
+            dy.binding(),
+            resource(affine.weight.as_ref(), &cache.dummies[0]),
+            saved.scratch.as_entire_binding(),
+            grads.grad_input.binding(),
+            resource(grads.grad_weight.as_ref(), &cache.dummies[1]),
+            resource(grads.grad_bias.as_ref(), &cache.dummies[2]),
+            work.as_entire_binding(),
+        ];
+        let entries: Vec<wgpu::BindGroupEntry> = resources
+            .into_iter()
+            .enumerate()
+            .map(|(i, resource)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource,
+            })
+            .collect();
+        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("gpunorm backward"),
+            layout: &cache.bind_group_layout,
+            entries: &entries,
+        });
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.set_pipeline(&cache.get(&ctx.device, step.kernel));
+        let (gx, gy) = kernels::grid(to_u32("the backward grid", step.workgroups)?);
+        pass.dispatch_workgroups(gx, gy, 1);
+    }
+    Ok((grads, dispatches))
+}
+
+/// Records and submits the backward of the saved forward; wgpu errors come
+/// back as [`Error::Wgpu`].
+pub(crate) fn run_backward(
+    ctx: &Context,
+    saved: Option<&Saved>,
+    affine: &Affine,
+    dy: &GpuTensor,
+) -> Result<Gradients> {
+    spec_for(saved, affine, dy)?;
+    submit_scoped(ctx, |encoder| {
+        record_backward(ctx, encoder, saved, affine, dy).map(|(g, _)| g)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(view: View, source: StatsSource, affine: bool) -> BackwardSpec {
+        BackwardSpec {
+            view,
+            rms: false,
+            source,
+            weight: affine,
+            grad_weight: affine,
+            grad_bias: affine,
+        }
+    }
+
+    fn kernels_of(s: &BackwardSpec) -> Vec<BackwardKernel> {
+        plan_backward(s).iter().map(|d| d.kernel).collect()
+    }
+
+    #[test]
+    fn layer_norm_backward_is_one_row_dispatch_plus_column_sums() {
+        use BackwardKernel::*;
+        let v = View::layer_norm(&[4096, 1024], 1024);
+        assert_eq!(
+            kernels_of(&spec(v, StatsSource::Batch, true)),
+            [Rows, Cols, Finalize]
+        );
+        assert_eq!(kernels_of(&spec(v, StatsSource::Batch, false)), [Rows]);
+        let few = View::layer_norm(&[8, 1024], 1024);
+        assert_eq!(
+            kernels_of(&spec(few, StatsSource::Batch, true)),
+            [Rows, Cols]
+        );
+    }
+
+    #[test]
+    fn batch_norm_backward_gets_affine_gradients_from_the_group_sums() {
+        use BackwardKernel::*;
+        let v = View::batch_norm(&[32, 64, 56, 56], 1);
+        assert_eq!(
+            kernels_of(&spec(v, StatsSource::Batch, true)),
+            [Partials, Finalize, GradInput]
+        );
+        assert_eq!(
+            kernels_of(&spec(v, StatsSource::Running, true)),
+            [Partials, Finalize, GradInput]
+        );
+        assert_eq!(
+            kernels_of(&spec(v, StatsSource::Running, false)),
+            [GradInput]
+        );
+    }
+
+    #[test]
+    fn group_norm_with_several_channels_per_group_reduces_an_affine_view() {
+        use BackwardKernel::*;
+        let v = View::group_norm(&[8, 256, 32, 32], 32);
+        assert_eq!(
+            kernels_of(&spec(v, StatsSource::Batch, true)),
+            [Rows, Partials, Finalize]
+        );
+        let inorm = View::instance_norm(&[8, 64, 128, 128]);
+        assert_eq!(
+            kernels_of(&spec(inorm, StatsSource::Batch, true)),
+            [Rows, Finalize]
+        );
+    }
+
+    #[test]
+    fn column_scratch_stays_a_fraction_of_the_input() {
+        for (rows, cols) in [(1usize, 1usize << 24), (33, 100_000), (1 << 20, 64)] {
+            let v = View::layer_norm(&[rows, cols], cols);
+            let p = plan(&spec(v, StatsSource::Batch, true));
+            assert!(
+                p.work_vec4 * 16 <= 2 * rows * 16 + (rows * cols * 4).div_ceil(2),
+                "{rows}x{cols}: {} vec4",
+                p.work_vec4
+            );
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! f16 and bf16 storage: loads, the hand-written round-to-nearest-even
+//! stores (overflow, NaN, subnormals), packed words at odd lengths.
+
+mod common;
+use common::{ctx, normal};
+use gpunorm::{
+    reference, BatchNorm, BatchNormConfig, DType, GpuTensor, LayerNorm, Mode, RowNormConfig, View,
+};
+
+/// Stored values of `dtype` as f32 (what the GPU actually reads).
+fn stored(values: &[f32], dtype: DType) -> Vec<f32> {
+    gpunorm::tensor::decode(&gpunorm::tensor::encode(values, dtype), dtype)
+}
+
+/// ulp of |v| in `dtype`, floored at 2^-14 (SPEC §6).
+fn ulp(v: f64, dtype: DType) -> f64 {
+    let mantissa = if dtype == DType::BF16 { 7 } else { 10 };
+    2f64.powi(v.abs().max(2f64.powi(-14)).log2().floor() as i32 - mantissa)
+}
+
+fn assert_within_ulps(what: &str, got: &[f32], want: &[f64], dtype: DType, ulps: f64) {
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w.is_nan() {
+            assert!(g.is_nan(), "{what}[{i}]: {g}, expected NaN");
+        } else if w.is_infinite() {
+            assert_eq!(g as f64, w, "{what}[{i}]");
+        } else {
+            let d = (g as f64 - w).abs();
+            assert!(
+                d <= ulps * ulp(w, dtype),
+                "{what}[{i}]: {g} vs {w} ({} ulp)",
+                d / ulp(w, dtype)
+            );
+        }
+    }
+}
+
+fn layer_norm(
+    dtype: DType,
+    rows: usize,
+    len: usize,
+    x: &[f32],
+    weight: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f64>) {
+    let ctx = ctx();
+    let x = stored(x, dtype);
+    let mut ln = LayerNorm::new(
+        ctx,
+        &[len],
+        RowNormConfig::torch_layer_norm().elementwise_affine(false),
+    )
+    .unwrap();
+    if let Some(w) = weight {
+        ln.set_weight(Some(ctx.upload(w, &[len]).unwrap())).unwrap();
+    }
+    let xt = ctx.upload_as(&x, &[rows, len], dtype).unwrap();
+    let y: GpuTensor = ln.forward(ctx, &xt, Mode::Train).unwrap();
+    assert_eq!(y.dtype(), dtype);
+    let want = reference::forward(
+        &x,
+        &View::layer_norm(&[rows, len], len),
+        false,
+        1e-5,
+        weight,
+        None,
+    );
+    (ctx.download(&y).unwrap(), want)
+}
+
+#[test]
+fn f16_and_bf16_layer_norm_round_once_within_2_ulp() {
+    for dtype in [DType::F16, DType::BF16] {
+        let (got, want) = layer_norm(dtype, 16, 256, &normal(16 * 256, 3, 300.0, 1.0), None);
+        assert_within_ulps(&format!("{dtype} offset 300"), &got, &want, dtype, 2.0);
+    }
+}
+
+#[test]
+fn odd_row_lengths_keep_packed_words_whole() {
+    for dtype in [DType::F16, DType::BF16] {
+        // Odd rows go through the tiled path; the odd total pads the last word.
+        let (got, want) = layer_norm(dtype, 7, 33, &normal(7 * 33, 4, 0.0, 2.0), None);
+        assert_within_ulps(&format!("{dtype} 7x33"), &got, &want, dtype, 2.0);
+    }
+}
+
+#[test]
+fn f16_stores_overflow_to_infinity_and_keep_nan() {
+    let len = 8;
+    let mut x: Vec<f32> = (0..len).map(|i| i as f32).collect();
+    x.extend([f32::NAN, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+    // γ = 1e5 pushes |y| beyond 65504 for most elements; one γ keeps y near
+    // the f16 maximum.
+    let mut w = vec![1e5f32; len];
+    w[4] = 65504.0 / 0.2182;
+    let (got, want) = layer_norm(DType::F16, 2, len, &x, Some(&w));
+    let want16: Vec<f64> = want
+        .iter()
+        .map(|&v| half::f16::from_f64(v).to_f64())
+        .collect();
+    assert!(
+        got[..len].iter().any(|v| v.is_infinite()),
+        "expected overflow to inf: {got:?}"
+    );
+    assert_within_ulps("f16 overflow", &got[..len], &want16[..len], DType::F16, 1.0);
+    assert!(
+        got[len..].iter().all(|v| v.is_nan()),
+        "a NaN poisons its row: {:?}",
+        &got[len..]
+    );
+}
+
+#[test]
+fn f16_subnormal_outputs_round_correctly() {
+    let len = 64;
+    let x = normal(len * 4, 9, 0.0, 1.0);
+    let w = vec![1e-6f32; len]; // |y| ~ 1e-6: f16 subnormals (below 6.1e-5)
+    let (got, want) = layer_norm(DType::F16, 4, len, &x, Some(&w));
+    let exact: Vec<f64> = want
+        .iter()
+        .map(|&v| half::f16::from_f64(v).to_f64())
+        .collect();
+    for (i, (&g, &e)) in got.iter().zip(&exact).enumerate() {
+        let step = 2f64.powi(-24);
+        assert!((g as f64 - e).abs() <= step, "[{i}] {g} vs {e}");
+    }
+}
+
+#[test]
+fn bf16_batch_norm_channels_last_matches_f64() {
+    let ctx = ctx();
+    let shape = [4, 5, 5, 6];
+    let x = stored(&normal(600, 12, 1e3, 3.0), DType::BF16);
+    let mut bn = BatchNorm::new(ctx, 6, BatchNormConfig::keras()).unwrap();
+    let xt = ctx.upload_as(&x, &shape, DType::BF16).unwrap();
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let want = reference::forward(&x, &View::batch_norm(&shape, 3), false, 1e-3, None, None);
+    assert_within_ulps("bf16 keras bn", &y, &want, DType::BF16, 2.0);
+}

@@ -1,0 +1,225 @@
+//! Adversarial numerics, limits, sharing across threads, malformed files.
+
+mod common;
+use common::{assert_close, ctx, normal};
+use gpunorm::{
+    reference, BatchNorm, BatchNormConfig, Context, LayerNorm, Mode, RowNormConfig, View,
+};
+
+fn layer_norm_f32(x: &[f32], rows: usize, len: usize) -> Vec<f32> {
+    let ctx = ctx();
+    let mut ln = LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+    let xt = ctx.upload(x, &[rows, len]).unwrap();
+    ctx.download(&ln.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn large_offsets_cost_no_accuracy_against_the_stored_inputs() {
+    for offset in [1e4f32, 1e5, 1e6] {
+        let (rows, len) = (8, 1024);
+        let x = normal(rows * len, offset as u64, offset, 1.0);
+        let want = reference::forward(
+            &x,
+            &View::layer_norm(&[rows, len], len),
+            false,
+            1e-5,
+            None,
+            None,
+        );
+        // Shifting by the row's first element keeps x - shift exact, so the
+        // error stays near f32 rounding of y itself, far below SPEC's 1e-3.
+        assert_close(
+            &format!("offset {offset}"),
+            &layer_norm_f32(&x, rows, len),
+            &want,
+            1e-4,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn values_whose_squares_overflow_f32_still_normalize() {
+    let (rows, len) = (4, 512);
+    let x: Vec<f32> = normal(rows * len, 77, 0.0, 1.0)
+        .iter()
+        .map(|z| 3e19 + 1e17 * z)
+        .collect();
+    let want = reference::forward(
+        &x,
+        &View::layer_norm(&[rows, len], len),
+        false,
+        1e-5,
+        None,
+        None,
+    );
+    assert_close(
+        "3e19 ± 1e17",
+        &layer_norm_f32(&x, rows, len),
+        &want,
+        1e-4,
+        1e-4,
+    );
+}
+
+#[test]
+fn tiny_variance_with_tiny_eps_stays_finite_and_accurate() {
+    let ctx = ctx();
+    let (rows, len) = (4, 256);
+    let x: Vec<f32> = normal(rows * len, 5, 1.0, 1e-3);
+    let mut cfg = RowNormConfig::torch_layer_norm();
+    cfg.eps = 1e-12;
+    let mut ln = LayerNorm::new(ctx, &[len], cfg).unwrap();
+    let y = ctx
+        .download(
+            &ln.forward(ctx, &ctx.upload(&x, &[rows, len]).unwrap(), Mode::Train)
+                .unwrap(),
+        )
+        .unwrap();
+    let want = reference::forward(
+        &x,
+        &View::layer_norm(&[rows, len], len),
+        false,
+        1e-12,
+        None,
+        None,
+    );
+    assert_close("tiny variance", &y, &want, 1e-4, 1e-4);
+}
+
+#[test]
+fn nan_and_inf_propagate_to_their_row_like_torch() {
+    let len = 16;
+    let mut x = normal(3 * len, 8, 0.0, 1.0);
+    x[3] = f32::NAN;
+    x[len + 5] = f32::INFINITY;
+    let y = layer_norm_f32(&x, 3, len);
+    assert!(
+        y[..2 * len].iter().all(|v| v.is_nan()),
+        "rows with NaN or inf become NaN"
+    );
+    assert!(
+        y[2 * len..].iter().all(|v| v.is_finite()),
+        "other rows are untouched"
+    );
+}
+
+#[test]
+fn context_and_layers_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Context>();
+    assert_send_sync::<BatchNorm>();
+    assert_send_sync::<LayerNorm>();
+    let ctx = ctx();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                s.spawn(move || {
+                    let (rows, len) = (16 + t, 64);
+                    let x = normal(rows * len, 100 + t as u64, t as f32, 1.0);
+                    for _ in 0..5 {
+                        let mut ln =
+                            LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+                        let y = ctx
+                            .download(
+                                &ln.forward(
+                                    ctx,
+                                    &ctx.upload(&x, &[rows, len]).unwrap(),
+                                    Mode::Train,
+                                )
+                                .unwrap(),
+                            )
+                            .unwrap();
+                        let want = reference::forward(
+                            &x,
+                            &View::layer_norm(&[rows, len], len),
+                            false,
+                            1e-5,
+                            None,
+                            None,
+                        );
+                        assert_close("threaded", &y, &want, 1e-5, 1e-5);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
+}
+
+#[test]
+fn many_alternating_forwards_reuse_nothing_they_should_not() {
+    let ctx = ctx();
+    let mut bn = BatchNorm::new(ctx, 4, BatchNormConfig::torch_1d()).unwrap();
+    let x = ctx.upload(&normal(32, 3, 0.0, 1.0), &[8, 4]).unwrap();
+    for i in 0..200 {
+        let mode = if i % 2 == 0 { Mode::Train } else { Mode::Eval };
+        bn.forward(ctx, &x, mode).unwrap();
+    }
+    let r = bn.running_stats().unwrap();
+    assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(100));
+}
+
+fn apply(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_gpunorm"))
+        .arg("apply")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn malformed_safetensors_files_are_rejected_with_one_error_line() {
+    let dir = std::env::temp_dir().join(format!("gpunorm-malformed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out.safetensors");
+    // A header that declares 2^60 bytes, random bytes, a truncated file.
+    let mut lying = (1u64 << 60).to_le_bytes().to_vec();
+    lying.extend_from_slice(b"{}");
+    let mut truncated = 64u64.to_le_bytes().to_vec();
+    truncated
+        .extend_from_slice(br#"{"input":{"dtype":"F32","shape":[1024],"data_offsets":[0,4096]}}"#);
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("lying", lying),
+        (
+            "random",
+            (0..997u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
+        ("truncated", truncated),
+        ("empty", Vec::new()),
+    ];
+    for (name, bytes) in cases {
+        let path = dir.join(format!("{name}.safetensors"));
+        std::fs::write(&path, bytes).unwrap();
+        let o = apply(&[
+            "--op",
+            "layer-norm",
+            "--in",
+            path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{name}: accepted");
+        assert!(
+            stderr.starts_with("error:") && !stderr.contains("panicked"),
+            "{name}: {stderr}"
+        );
+        assert!(!out.exists(), "{name}: wrote an output");
+    }
+    let o = apply(&[
+        "--op",
+        "layer-norm",
+        "--in",
+        dir.join("missing").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with("error:"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
