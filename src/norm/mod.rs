@@ -5,6 +5,7 @@ pub mod batch;
 pub mod group;
 pub mod instance;
 pub mod layer;
+pub mod sync;
 
 use std::sync::Arc;
 
