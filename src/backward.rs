@@ -211,6 +211,12 @@ fn col_blocks(rows: usize) -> usize {
 }
 
 fn plan(spec: &BackwardSpec) -> Plan {
+    plan_with(spec, false)
+}
+
+/// The plan; `tiled` keeps groups off the row kernel so that grad_input is
+/// its own dispatch (needed when the group sums come from elsewhere).
+fn plan_with(spec: &BackwardSpec, tiled: bool) -> Plan {
     let v = &spec.view;
     let mut steps = Vec::new();
     let mut work_vec4 = 0usize;
@@ -271,7 +277,7 @@ fn plan(spec: &BackwardSpec) -> Plan {
     // index is the channel.
     let channel_grads = if per_channel { grad_flags } else { 0 };
     match spec.source {
-        StatsSource::Batch if uses_rows(v) => {
+        StatsSource::Batch if uses_rows(v) && !tiled => {
             let mut p = base;
             if channel_grads != 0 {
                 p.flags |= BF_WRITE_PARTIALS;
@@ -554,12 +560,37 @@ pub(crate) fn record_backward(
     affine: &Affine,
     dy: &GpuTensor,
 ) -> Result<(Gradients, Vec<Dispatch>)> {
+    record_backward_with(ctx, encoder, saved, affine, dy, None)
+}
+
+/// The grad_input-only plan of a backward whose per-group sums are given.
+fn plan_preset_sums(spec: &BackwardSpec, groups: usize) -> Plan {
+    let mut full = plan_with(spec, true);
+    full.steps.retain(|s| s.kernel == BackwardKernel::GradInput);
+    full.work_vec4 = full.work_vec4.max(groups);
+    full
+}
+
+/// Records the backward of the saved forward. With `preset_sums`, the
+/// per-group sums `(Σg, Σg·x̂)` (scaled to this replica's count) are given —
+/// SyncBatchNorm's all-reduced sums — and only grad_input is computed.
+pub(crate) fn record_backward_with(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    saved: Option<&Saved>,
+    affine: &Affine,
+    dy: &GpuTensor,
+    preset_sums: Option<&[[f32; 4]]>,
+) -> Result<(Gradients, Vec<Dispatch>)> {
     let (spec, x) = spec_for(saved, affine, dy)?;
     let saved = saved.ok_or_else(|| Error::State("no saved forward".into()))?;
     let v = &spec.view;
     to_u32("the input's element count", v.numel())?;
     ctx.check_size("grad_output", dy.byte_len())?;
-    let plan = plan(&spec);
+    let plan = match preset_sums {
+        None => plan(&spec),
+        Some(_) => plan_preset_sums(&spec, v.groups()),
+    };
     let work_bytes = 16 * plan.work_vec4 as u64;
     to_u32("the backward scratch", plan.work_vec4)?;
     let work = ctx.create_buffer("gpunorm backward scratch", work_bytes)?;
@@ -574,9 +605,19 @@ pub(crate) fn record_backward(
         grad_weight: param(&affine.weight)?,
         grad_bias: param(&affine.bias)?,
     };
-    let dispatches = plan_backward(&spec);
+    let dispatches: Vec<Dispatch> = plan
+        .steps
+        .iter()
+        .map(|s| Dispatch {
+            kernel: s.kernel,
+            workgroups: s.workgroups as u32,
+        })
+        .collect();
     if plan.steps.is_empty() {
         return Ok((grads, dispatches));
+    }
+    if let Some(sums) = preset_sums {
+        ctx.queue.write_buffer(&work, 0, bytemuck::cast_slice(sums));
     }
     let cache = &ctx.backward;
     fn resource<'a>(

@@ -31,6 +31,7 @@ pub mod kernels;
 pub mod norm;
 pub mod reference;
 pub mod tensor;
+pub mod timing;
 pub mod view;
 
 pub use backward::Gradients;
@@ -40,7 +41,7 @@ pub use norm::batch::{BatchNorm, BatchNormConfig};
 pub use norm::group::{GroupNorm, GroupNormConfig};
 pub use norm::instance::{InstanceNorm, InstanceNormConfig};
 pub use norm::layer::{LayerNorm, RmsNorm, RowNormConfig};
-pub use norm::sync::{GlobalStats, ReplicaStats};
+pub use norm::sync::{GlobalStats, ReplicaGradSums, ReplicaStats};
 pub use norm::{Affine, Convention, Mode, RunningStats};
 pub use tensor::{DType, GpuTensor};
 pub use view::View;

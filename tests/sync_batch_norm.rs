@@ -3,7 +3,7 @@
 
 mod common;
 use common::{assert_close, ctx, normal};
-use gpunorm::{BatchNorm, BatchNormConfig, Context, Mode, ReplicaStats};
+use gpunorm::{BatchNorm, BatchNormConfig, Context, Mode, ReplicaGradSums, ReplicaStats};
 
 /// Splits an `[N, C, L]` batch along N.
 fn shard(x: &[f32], shape: [usize; 3], from: usize, to: usize) -> Vec<f32> {
@@ -86,6 +86,91 @@ fn two_replicas_equal_one_batch_norm_over_the_whole_batch() {
         }
         assert_eq!(r.num_batches_tracked(c).unwrap(), Some(1));
     }
+}
+
+#[test]
+fn two_replicas_backward_equals_one_batch_norm_backward() {
+    let whole_ctx = ctx();
+    let other_ctx = Context::new().unwrap();
+    let shape = [6, 4, 5];
+    let x = normal(120, 41, -20.0, 3.0);
+    let dy = normal(120, 42, 0.0, 1.0);
+    let w = [1.5f32, -0.5, 2.0, 1.0];
+    let make = |ctx: &Context| {
+        let mut bn = BatchNorm::new(ctx, 4, BatchNormConfig::torch_1d()).unwrap();
+        bn.set_weight(Some(ctx.upload(&w, &[4]).unwrap())).unwrap();
+        bn
+    };
+    let mut whole = make(whole_ctx);
+    whole
+        .forward(
+            whole_ctx,
+            &whole_ctx.upload(&x, &shape).unwrap(),
+            Mode::Train,
+        )
+        .unwrap();
+    let g_whole = whole
+        .backward(whole_ctx, &whole_ctx.upload(&dy, &shape).unwrap())
+        .unwrap();
+    let dx_whole: Vec<f64> = whole_ctx
+        .download(&g_whole.grad_input)
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let dw_whole: Vec<f64> = whole_ctx
+        .download(g_whole.grad_weight.as_ref().unwrap())
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+
+    let contexts = [whole_ctx, &other_ctx];
+    let splits = [(0, 1), (1, 6)]; // a shard of one sample: one value per (n, c)
+    let mut replicas: Vec<BatchNorm> = contexts.iter().map(|c| make(c)).collect();
+    let mut xs = Vec::new();
+    let mut dys = Vec::new();
+    for (c, (from, to)) in contexts.iter().zip(splits) {
+        xs.push(
+            c.upload(&shard(&x, shape, from, to), &[to - from, 4, 5])
+                .unwrap(),
+        );
+        dys.push(
+            c.upload(&shard(&dy, shape, from, to), &[to - from, 4, 5])
+                .unwrap(),
+        );
+    }
+    let locals: Vec<ReplicaStats> = (0..2)
+        .map(|i| replicas[i].replica_stats(contexts[i], &xs[i]).unwrap())
+        .collect();
+    let global = ReplicaStats::merge(&locals).unwrap();
+    for i in 0..2 {
+        replicas[i]
+            .forward_synced(contexts[i], &xs[i], &locals[i], &global, Mode::Train)
+            .unwrap();
+    }
+    let sums: Vec<ReplicaGradSums> = (0..2)
+        .map(|i| replicas[i].replica_grad_sums(contexts[i], &dys[i]).unwrap())
+        .collect();
+    let total = ReplicaGradSums::all_reduce(&sums).unwrap();
+    let mut dx = Vec::new();
+    let mut dw = vec![0.0f64; 4];
+    for i in 0..2 {
+        let g = replicas[i]
+            .backward_synced(contexts[i], &dys[i], &sums[i], &total)
+            .unwrap();
+        dx.extend(contexts[i].download(&g.grad_input).unwrap());
+        for (acc, v) in dw.iter_mut().zip(
+            contexts[i]
+                .download(g.grad_weight.as_ref().unwrap())
+                .unwrap(),
+        ) {
+            *acc += v as f64;
+        }
+    }
+    assert_close("synced grad_input", &dx, &dx_whole, 1e-5, 1e-4);
+    let dw: Vec<f32> = dw.iter().map(|&v| v as f32).collect();
+    assert_close("summed grad_weight", &dw, &dw_whole, 1e-4, 1e-4);
 }
 
 #[test]

@@ -79,6 +79,21 @@ impl GroupNorm {
         })
     }
 
+    /// Groups.
+    pub fn num_groups(&self) -> usize {
+        self.num_groups
+    }
+
+    /// Channels.
+    pub fn num_channels(&self) -> usize {
+        self.num_channels
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GroupNormConfig {
+        &self.config
+    }
+
     /// γ and β.
     pub fn affine(&self) -> &Affine {
         &self.affine

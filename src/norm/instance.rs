@@ -70,6 +70,11 @@ impl InstanceNorm {
         })
     }
 
+    /// Channels.
+    pub fn num_features(&self) -> usize {
+        self.num_features
+    }
+
     /// The configuration.
     pub fn config(&self) -> &InstanceNormConfig {
         &self.config

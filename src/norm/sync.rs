@@ -12,7 +12,7 @@ use crate::context::Context;
 use crate::engine::{self, ForwardBuffers, PresetStat, StatsSource};
 use crate::error::{Error, Result};
 use crate::norm::batch::BatchNorm;
-use crate::norm::{check_output, submit_scoped, Mode, Saved};
+use crate::norm::{check_output, submit_scoped, Affine, Mode, Saved};
 use crate::tensor::GpuTensor;
 
 /// Per-channel statistics of one replica's shard, in f64.
@@ -208,5 +208,152 @@ impl BatchNorm {
             x: x.clone(),
         });
         Ok(y)
+    }
+}
+
+/// One replica's per-channel backward sums `Σdy` and `Σdy·x̂` (x̂ with the
+/// global statistics of [`BatchNorm::forward_synced`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaGradSums {
+    /// Elements per channel in this shard.
+    pub count: f64,
+    /// Per-channel Σdy (this replica's dβ).
+    pub sum_dy: Vec<f64>,
+    /// Per-channel Σdy·x̂ (this replica's dγ).
+    pub sum_dy_xhat: Vec<f64>,
+}
+
+impl ReplicaGradSums {
+    /// The sums over every replica (what torch's SyncBatchNorm all-reduces).
+    pub fn all_reduce(parts: &[ReplicaGradSums]) -> Result<ReplicaGradSums> {
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("no replica sums to reduce".into()))?;
+        let channels = first.sum_dy.len();
+        if parts
+            .iter()
+            .any(|p| p.sum_dy.len() != channels || p.sum_dy_xhat.len() != channels)
+        {
+            return Err(Error::Shape(
+                "replicas disagree on the number of channels".into(),
+            ));
+        }
+        let mut total = ReplicaGradSums {
+            count: 0.0,
+            sum_dy: vec![0.0; channels],
+            sum_dy_xhat: vec![0.0; channels],
+        };
+        for part in parts {
+            total.count += part.count;
+            for c in 0..channels {
+                total.sum_dy[c] += part.sum_dy[c];
+                total.sum_dy_xhat[c] += part.sum_dy_xhat[c];
+            }
+        }
+        Ok(total)
+    }
+}
+
+impl BatchNorm {
+    /// This replica's backward sums for `dy` (a few numbers per channel read
+    /// back), after [`BatchNorm::forward_synced`].
+    pub fn replica_grad_sums(&self, ctx: &Context, dy: &GpuTensor) -> Result<ReplicaGradSums> {
+        let channels = self.num_features;
+        let saved = self.saved.as_ref().ok_or_else(|| {
+            Error::State("backward was called before any forward: run forward_synced first".into())
+        })?;
+        let count = saved.spec.view.group_len() as f64;
+        // dγ = Σdy·x̂ and dβ = Σdy do not depend on γ's values: probe with a
+        // γ and a β so both are computed whatever the layer's affine.
+        let probe = Affine {
+            weight: Some(match &self.affine.weight {
+                Some(w) => w.clone(),
+                None => ctx.upload(&vec![1.0; channels], &[channels])?,
+            }),
+            bias: Some(ctx.zeros(&[channels], crate::DType::F32)?),
+        };
+        let grads = crate::backward::run_backward(ctx, Some(saved), &probe, dy)?;
+        let read = |t: &Option<GpuTensor>| -> Result<Vec<f64>> {
+            match t {
+                Some(t) => Ok(ctx.download(t)?.iter().map(|&v| v as f64).collect()),
+                None => Ok(vec![0.0; channels]),
+            }
+        };
+        Ok(ReplicaGradSums {
+            count,
+            sum_dy: read(&grads.grad_bias)?,
+            sum_dy_xhat: read(&grads.grad_weight)?,
+        })
+    }
+
+    /// The backward of [`BatchNorm::forward_synced`] with the all-reduced
+    /// sums: grad_input uses the global `(Σg, Σg·x̂)` and count; dγ and dβ are
+    /// this replica's own (torch's SyncBatchNorm leaves their reduction to the
+    /// data-parallel wrapper).
+    pub fn backward_synced(
+        &self,
+        ctx: &Context,
+        dy: &GpuTensor,
+        local: &ReplicaGradSums,
+        global: &ReplicaGradSums,
+    ) -> Result<crate::backward::Gradients> {
+        let channels = self.num_features;
+        let saved = self.saved.as_ref().ok_or_else(|| {
+            Error::State("backward was called before any forward: run forward_synced first".into())
+        })?;
+        if saved.spec.source != StatsSource::Batch {
+            return self.backward(ctx, dy);
+        }
+        for sums in [local, global] {
+            if sums.sum_dy.len() != channels || sums.sum_dy_xhat.len() != channels {
+                return Err(Error::Shape(format!(
+                    "expected backward sums of {channels} channels, got {}",
+                    sums.sum_dy.len()
+                )));
+            }
+        }
+        let gamma: Vec<f64> = match &self.affine.weight {
+            Some(w) => ctx.download(w)?.iter().map(|&v| v as f64).collect(),
+            None => vec![1.0; channels],
+        };
+        // The shader divides the group sums by the local count: scale the
+        // global sums so that it gets Σ_global / N_global.
+        let scale = if global.count > 0.0 {
+            local.count / global.count
+        } else {
+            0.0
+        };
+        let sums: Vec<[f32; 4]> = (0..channels)
+            .map(|c| {
+                [
+                    (gamma[c] * global.sum_dy[c] * scale) as f32,
+                    (gamma[c] * global.sum_dy_xhat[c] * scale) as f32,
+                    0.0,
+                    0.0,
+                ]
+            })
+            .collect();
+        let mut grads = submit_scoped(ctx, |encoder| {
+            crate::backward::record_backward_with(
+                ctx,
+                encoder,
+                Some(saved),
+                &self.affine,
+                dy,
+                Some(&sums),
+            )
+            .map(|(g, _)| g)
+        })?;
+        let local_param = |values: &[f64]| -> Result<GpuTensor> {
+            let v: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+            ctx.upload(&v, &[channels])
+        };
+        if grads.grad_weight.is_some() {
+            grads.grad_weight = Some(local_param(&local.sum_dy_xhat)?);
+        }
+        if grads.grad_bias.is_some() {
+            grads.grad_bias = Some(local_param(&local.sum_dy)?);
+        }
+        Ok(grads)
     }
 }

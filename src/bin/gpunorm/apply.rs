@@ -86,13 +86,13 @@ fn invalid(msg: String) -> Error {
     Error::InvalidArgument(msg)
 }
 
-fn parse_f32(flag: &str, s: &str) -> Result<f32> {
+pub(crate) fn parse_f32(flag: &str, s: &str) -> Result<f32> {
     s.trim()
         .parse::<f32>()
         .map_err(|_| invalid(format!("{flag} expects a number, got {s:?}")))
 }
 
-fn parse_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Vec<T>> {
+pub(crate) fn parse_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Vec<T>> {
     s.split(',')
         .map(|p| {
             p.trim().parse::<T>().map_err(|_| {
@@ -105,7 +105,7 @@ fn parse_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Vec<T>> {
 }
 
 /// Refuses flags that do not apply to the op and convention (CLI.md).
-fn check_flags(a: &ApplyArgs) -> Result<()> {
+pub(crate) fn check_flags(a: &ApplyArgs) -> Result<()> {
     let keras = a.convention == ConventionArg::Keras;
     let reject = |flag: &str, why: &str| -> Result<()> {
         Err(invalid(format!("{flag} does not apply {why}")))
@@ -272,7 +272,7 @@ impl<'a> State<'a> {
 }
 
 /// Normalizes a possibly negative axis of a rank-`rank` tensor.
-fn resolve_axis(axis: i64, rank: usize) -> Result<usize> {
+pub(crate) fn resolve_axis(axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     if axis < -r || axis >= r {
         return Err(invalid(format!(

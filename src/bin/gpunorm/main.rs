@@ -2,7 +2,9 @@
 
 mod adapters;
 mod apply;
+mod bench;
 mod demo;
+mod sweep;
 mod tensors;
 
 use std::process::ExitCode;
@@ -28,6 +30,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// List the adapters wgpu can see.
     Adapters,
+    /// Time an op on the device (timestamp queries, else wall clock) with the
+    /// adapter's copy bandwidth measured in the same run; `--sweep` for GB/s
+    /// against length.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +43,7 @@ fn main() -> ExitCode {
         Command::Apply(args) => apply::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Adapters => adapters::run(),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(code) => code,
