@@ -41,6 +41,13 @@ struct Params {
     merge_tiles: u32,
     _pad0: u32,
     _pad1: u32,
+    // Exact division by B, G, A·G·B and affine_div as multiply-high and
+    // shifts (see fast_div): integer division is a scalar loop on CPUs
+    // that run WGSL (lavapipe), and slow on many GPUs too.
+    div_b: vec4<u32>,
+    div_g: vec4<u32>,
+    div_agb: vec4<u32>,
+    div_affine: vec4<u32>,
 }
 
 const FLAG_WEIGHT: u32 = 1u;
@@ -53,14 +60,44 @@ const FLAG_BUMP_COUNTER: u32 = 64u;
 const FLAG_SHIFT_IN_SCRATCH: u32 = 128u;
 
 @group(0) @binding(0) var<uniform> params: Params;
-@group(0) @binding(3) var<storage, read> weight: array<f32>;
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
+// γ and β, bound as vec4 (bindings are padded to 16 bytes) so that four
+// consecutive parameters load as one vector.
+@group(0) @binding(3) var<storage, read> weight: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> bias: array<vec4<f32>>;
+
+fn weight_at(c: u32) -> f32 {
+    return weight[c >> 2u][c & 3u];
+}
+
+fn bias_at(c: u32) -> f32 {
+    return bias[c >> 2u][c & 3u];
+}
 @group(0) @binding(5) var<storage, read_write> running_mean: array<f32>;
 @group(0) @binding(6) var<storage, read_write> running_var: array<f32>;
 // num_batches_tracked as an i64 split in (low, high) u32 words.
 @group(0) @binding(7) var<storage, read_write> counter: array<u32>;
 // Per-group statistics first, then the partials of the stats pass.
 @group(0) @binding(8) var<storage, read_write> scratch: array<vec4<f32>>;
+
+// High 32 bits of the 64-bit product a·b.
+fn mul_hi(a: u32, b: u32) -> u32 {
+    let a0 = a & 0xffffu;
+    let a1 = a >> 16u;
+    let b0 = b & 0xffffu;
+    let b1 = b >> 16u;
+    let lo = a0 * b0;
+    let mid1 = a1 * b0;
+    let mid2 = a0 * b1;
+    let carry = ((lo >> 16u) + (mid1 & 0xffffu) + (mid2 & 0xffffu)) >> 16u;
+    return a1 * b1 + (mid1 >> 16u) + (mid2 >> 16u) + carry;
+}
+
+// n / d for a divisor prepared on the host as (d, m, s1, s2) (Granlund and
+// Montgomery's round-up method; exact for every u32 n and d >= 1).
+fn fast_div(n: u32, f: vec4<u32>) -> u32 {
+    let t = mul_hi(n, f.y);
+    return (t + ((n - t) >> f.z)) >> f.w;
+}
 
 fn has_flag(f: u32) -> bool {
     return (params.flags & f) != 0u;
@@ -72,7 +109,8 @@ fn linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 }
 
 fn element_index(p: u32, g: u32, j: u32) -> u32 {
-    return ((p * params.a + j / params.b) * params.g + g) * params.b + j % params.b;
+    let a = fast_div(j, params.div_b);
+    return ((p * params.a + a) * params.g + g) * params.b + (j - a * params.b);
 }
 
 // The first j of group (p, g) whose element index is >= `index`. Element
@@ -117,13 +155,13 @@ fn chan_merge(x: vec3<f32>, y: vec3<f32>) -> vec3<f32> {
 }
 
 fn affine(v: f32, g: u32, b: u32) -> f32 {
-    let c = (g * params.b + b) / params.affine_div;
+    let c = fast_div(g * params.b + b, params.div_affine);
     var r = v;
     if (has_flag(FLAG_WEIGHT)) {
-        r = r * weight[c];
+        r = r * weight_at(c);
     }
     if (has_flag(FLAG_BIAS)) {
-        r = r + bias[c];
+        r = r + bias_at(c);
     }
     return r;
 }
@@ -132,3 +170,46 @@ fn affine(v: f32, g: u32, b: u32) -> f32 {
 fn normalize_value(v: f32, st: vec4<f32>, g: u32, b: u32) -> f32 {
     return affine(((v - st.x) - st.y) * st.z, g, b);
 }
+
+// γ·v + β for four consecutive elements starting at (g, b0).
+fn affine4(v: vec4<f32>, g: u32, b0: u32) -> vec4<f32> {
+    let k = g * params.b + b0;
+    let d = params.affine_div;
+    if (d == 1u && (k & 3u) == 0u) {
+        // Four consecutive, aligned parameters: one vector each.
+        var r = v;
+        if (has_flag(FLAG_WEIGHT)) {
+            r = r * weight[k >> 2u];
+        }
+        if (has_flag(FLAG_BIAS)) {
+            r = r + bias[k >> 2u];
+        }
+        return r;
+    }
+    var c: vec4<u32>;
+    if (d == 1u) {
+        c = vec4<u32>(k, k + 1u, k + 2u, k + 3u);
+    } else {
+        let c0 = fast_div(k, params.div_affine);
+        if (k + 3u < (c0 + 1u) * d) {
+            c = vec4<u32>(c0);
+        } else {
+            c = vec4<u32>(
+                c0,
+                fast_div(k + 1u, params.div_affine),
+                fast_div(k + 2u, params.div_affine),
+                fast_div(k + 3u, params.div_affine),
+            );
+        }
+    }
+    var r = v;
+    if (has_flag(FLAG_WEIGHT)) {
+        r = r * vec4<f32>(weight_at(c.x), weight_at(c.y), weight_at(c.z), weight_at(c.w));
+    }
+    if (has_flag(FLAG_BIAS)) {
+        r = r + vec4<f32>(bias_at(c.x), bias_at(c.y), bias_at(c.z), bias_at(c.w));
+    }
+    return r;
+}
+
+// y at local index i of the bound chunk.

@@ -2,11 +2,29 @@
 // (element 2k in the low half). Loads shift into place; stores round by hand.
 // Invariant: one invocation writes both halves of a word (callers store
 // pairs starting at even indices), so no two invocations race on a word.
-@group(0) @binding(1) var<storage, read> x_buf: array<u32>;
-@group(0) @binding(2) var<storage, read_write> y_buf: array<u32>;
+// Bound as vec2<u32> (four halves; bindings are padded to 16 bytes).
+@group(0) @binding(1) var<storage, read> x_buf: array<vec2<u32>>;
+@group(0) @binding(2) var<storage, read_write> y_buf: array<vec2<u32>>;
+
+fn x_word(k: u32) -> u32 {
+    return x_buf[k >> 1u][k & 1u];
+}
+
+fn bf16_pair(w: u32) -> vec2<f32> {
+    return vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u));
+}
+
+fn load_x4(i4: u32) -> vec4<f32> {
+    let w = x_buf[i4];
+    return vec4<f32>(bf16_pair(w.x), bf16_pair(w.y));
+}
+
+fn store_y4(i4: u32, v: vec4<f32>) {
+    y_buf[i4] = vec2<u32>(bf16_bits(v.x) | (bf16_bits(v.y) << 16u), bf16_bits(v.z) | (bf16_bits(v.w) << 16u));
+}
 
 fn load_x(i: u32) -> f32 {
-    let w = x_buf[i >> 1u];
+    let w = x_word(i >> 1u);
     if ((i & 1u) == 0u) {
         return bitcast<f32>(w << 16u);
     }
@@ -30,5 +48,5 @@ fn store_y2(i: u32, v0: f32, v1: f32, second: bool) {
     if (second) {
         hi = bf16_bits(v1);
     }
-    y_buf[i >> 1u] = bf16_bits(v0) | (hi << 16u);
+    y_buf[i >> 2u][(i >> 1u) & 1u] = bf16_bits(v0) | (hi << 16u);
 }

@@ -4,11 +4,25 @@
 // undefined outside the f16 range and its rounding is not guaranteed.
 // Invariant: one invocation writes both halves of a word (callers store
 // pairs starting at even indices), so no two invocations race on a word.
-@group(0) @binding(1) var<storage, read> x_buf: array<u32>;
-@group(0) @binding(2) var<storage, read_write> y_buf: array<u32>;
+// Bound as vec2<u32> (four halves; bindings are padded to 16 bytes).
+@group(0) @binding(1) var<storage, read> x_buf: array<vec2<u32>>;
+@group(0) @binding(2) var<storage, read_write> y_buf: array<vec2<u32>>;
+
+fn x_word(k: u32) -> u32 {
+    return x_buf[k >> 1u][k & 1u];
+}
 
 fn load_x(i: u32) -> f32 {
-    return unpack2x16float(x_buf[i >> 1u])[i & 1u];
+    return unpack2x16float(x_word(i >> 1u))[i & 1u];
+}
+
+fn load_x4(i4: u32) -> vec4<f32> {
+    let w = x_buf[i4];
+    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
+
+fn store_y4(i4: u32, v: vec4<f32>) {
+    y_buf[i4] = vec2<u32>(f16_bits(v.x) | (f16_bits(v.y) << 16u), f16_bits(v.z) | (f16_bits(v.w) << 16u));
 }
 
 // f32 -> f16 bits: round to nearest even, overflow to ±inf, NaN stays NaN.
@@ -40,5 +54,5 @@ fn store_y2(i: u32, v0: f32, v1: f32, second: bool) {
     if (second) {
         hi = f16_bits(v1);
     }
-    y_buf[i >> 1u] = f16_bits(v0) | (hi << 16u);
+    y_buf[i >> 2u][(i >> 1u) & 1u] = f16_bits(v0) | (hi << 16u);
 }

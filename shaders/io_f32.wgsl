@@ -1,15 +1,27 @@
-// Storage of x and y as plain f32 arrays.
-@group(0) @binding(1) var<storage, read> x_buf: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y_buf: array<f32>;
+// Storage of x and y as f32, bound as vec4<f32> (bindings are padded to 16
+// bytes): scalar access picks a component, and aligned groups of four move
+// as one vector.
+@group(0) @binding(1) var<storage, read> x_buf: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> y_buf: array<vec4<f32>>;
 
 fn load_x(i: u32) -> f32 {
-    return x_buf[i];
+    return x_buf[i >> 2u][i & 3u];
 }
 
-// Writes y[i] and, when `second`, y[i + 1].
+// Elements 4·i4 .. 4·i4 + 3.
+fn load_x4(i4: u32) -> vec4<f32> {
+    return x_buf[i4];
+}
+
+// Writes y[i] and, when `second`, y[i + 1] (i even).
 fn store_y2(i: u32, v0: f32, v1: f32, second: bool) {
-    y_buf[i] = v0;
+    y_buf[i >> 2u][i & 3u] = v0;
     if (second) {
-        y_buf[i + 1u] = v1;
+        y_buf[i >> 2u][(i & 3u) + 1u] = v1;
     }
+}
+
+// Writes elements 4·i4 .. 4·i4 + 3.
+fn store_y4(i4: u32, v: vec4<f32>) {
+    y_buf[i4] = v;
 }

@@ -27,6 +27,9 @@ pub struct ContextOptions {
     /// Pretend the adapter's buffers hold at most this many bytes (for tests
     /// of the too-large error on small data).
     pub max_buffer_size: Option<u64>,
+    /// Use the workgroup-memory kernels even where the adapter has
+    /// subgroups (so tests cover both paths on one adapter).
+    pub disable_subgroups: bool,
 }
 
 /// What the context knows of its adapter.
@@ -69,6 +72,10 @@ pub struct Context {
     adapter: Option<AdapterSummary>,
     max_storage_binding: u64,
     max_buffer: u64,
+    /// Subgroup operations are enabled on the device and wanted.
+    subgroups: bool,
+    /// Largest subgroup size the adapter may use (dispatch sizing only).
+    subgroup_max: u32,
     /// Placeholder buffers bound where an op has no tensor (no weight, no
     /// running stats): one per binding slot, so no two writable bindings of
     /// one dispatch alias.
@@ -155,6 +162,10 @@ impl Context {
             eprintln!("gpunorm: uncaptured wgpu error: {e}");
         }));
         let mut ctx = Self::build(device, queue, Some(AdapterSummary::from_info(&info)));
+        ctx.subgroup_max = info.subgroup_max_size.max(1);
+        if options.disable_subgroups {
+            ctx.subgroups = false;
+        }
         if let Some(limit) = options.max_storage_binding {
             ctx.max_storage_binding = ctx.max_storage_binding.min(limit);
         }
@@ -182,9 +193,13 @@ impl Context {
                 mapped_at_creation: false,
             })
         });
+        let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
         Context {
             max_storage_binding: limits.max_storage_buffer_binding_size,
             max_buffer: limits.max_buffer_size,
+            subgroups,
+            // Unknown for a borrowed device: the largest size wgpu allows.
+            subgroup_max: 128,
             device,
             queue,
             pipelines,
@@ -207,6 +222,14 @@ impl Context {
     /// The adapter, when the context picked it (not for [`Context::from_wgpu`]).
     pub fn adapter(&self) -> Option<&AdapterSummary> {
         self.adapter.as_ref()
+    }
+
+    /// What kernel choice may rely on.
+    pub fn caps(&self) -> crate::engine::Caps {
+        crate::engine::Caps {
+            subgroups: self.subgroups,
+            subgroup_max: self.subgroup_max,
+        }
     }
 
     /// Largest storage binding, in bytes.
@@ -257,7 +280,8 @@ impl Context {
     /// a multiple of 4, at least 4) usable as storage and copy source/target.
     pub(crate) fn create_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
         self.check_buffer_size(label, bytes)?;
-        let size = bytes.div_ceil(4).max(1) * 4;
+        let size =
+            bytes.div_ceil(crate::tensor::BINDING_ALIGN).max(1) * crate::tensor::BINDING_ALIGN;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),

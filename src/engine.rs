@@ -120,6 +120,30 @@ fn tiles_for(view: &View, chunks: &Chunks) -> u32 {
     len.div_ceil(kernels::STATS_TILE as usize).max(1) as u32
 }
 
+/// What the adapter offers that kernel choice depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Subgroup operations are available (and wanted).
+    pub subgroups: bool,
+    /// The largest subgroup size the adapter may use.
+    pub subgroup_max: u32,
+}
+
+impl Caps {
+    /// Nothing beyond core WebGPU.
+    pub fn baseline() -> Caps {
+        Caps {
+            subgroups: false,
+            subgroup_max: 128,
+        }
+    }
+}
+
+/// Whether the subgroup row kernel takes a forward the row kernel takes.
+fn uses_subgroup_rows(spec: &ForwardSpec, caps: &Caps) -> bool {
+    caps.subgroups && spec.view.b.is_multiple_of(4)
+}
+
 /// Whether the single-dispatch row kernel handles this forward.
 pub fn uses_row_kernel(spec: &ForwardSpec) -> bool {
     let v = &spec.view;
@@ -134,11 +158,11 @@ pub fn uses_row_kernel(spec: &ForwardSpec) -> bool {
 
 /// The dispatches of one forward pass of a tensor that fits one binding.
 pub fn plan_forward(spec: &ForwardSpec) -> Vec<Dispatch> {
-    plan_forward_chunked(spec, &Chunks::whole(spec.view.numel()))
+    plan_forward_chunked(spec, &Chunks::whole(spec.view.numel()), &Caps::baseline())
 }
 
 /// The dispatches of one forward pass, in order, with the chunk each binds.
-pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks) -> Vec<Dispatch> {
+pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) -> Vec<Dispatch> {
     let v = &spec.view;
     let numel = v.numel();
     let d = |kernel, workgroups: usize, chunk: usize| Dispatch {
@@ -173,7 +197,14 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks) -> Vec<Dispatch
             plan
         }
         StatsSource::Batch if uses_row_kernel(spec) && !chunks.split() => {
-            vec![d(Kernel::Rows, v.groups(), 0)]
+            if uses_subgroup_rows(spec, caps) {
+                // Enough workgroups for the largest subgroup size; with
+                // smaller subgroups the surplus workgroups find no row.
+                let rows_per_wg = (kernels::ROWS_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
+                vec![d(Kernel::RowsSubgroup, v.groups().div_ceil(rows_per_wg), 0)]
+            } else {
+                vec![d(Kernel::Rows, v.groups(), 0)]
+            }
         }
         StatsSource::Batch => {
             let tiles = tiles_for(v, chunks) as usize;
@@ -238,6 +269,21 @@ struct Params {
     chunk_index: u32,
     merge_tiles: u32,
     _pad: [u32; 2],
+    div_b: [u32; 4],
+    div_g: [u32; 4],
+    div_agb: [u32; 4],
+    div_affine: [u32; 4],
+}
+
+/// Divisor `d` as (d, m, s1, s2) for the shaders' `fast_div`: with
+/// l = ceil(log2 d), m = floor(2^32·(2^l − d) / d) + 1, s1 = min(l, 1),
+/// s2 = max(l − 1, 0), n / d = (t + ((n − t) >> s1)) >> s2 where
+/// t = mulhi(n, m) (Granlund and Montgomery 1994, figure 4.1).
+pub fn fast_divisor(d: u32) -> [u32; 4] {
+    let d = d.max(1);
+    let l = 32 - (d - 1).leading_zeros();
+    let m = (((1u64 << 32) * ((1u64 << l) - d as u64)) / d as u64 + 1) as u32;
+    [d, m, l.min(1), l.saturating_sub(1)]
 }
 
 const FLAG_WEIGHT: u32 = 1;
@@ -367,7 +413,7 @@ fn record_forward_with(
 ) -> Vec<Dispatch> {
     let chunks = chunks_for(ctx, spec);
     let plan = match preset {
-        None => plan_forward_chunked(spec, &chunks),
+        None => plan_forward_chunked(spec, &chunks, &ctx.caps()),
         Some(_) => plan_preset(spec, &chunks),
     };
     if plan.is_empty() {
@@ -439,6 +485,10 @@ fn record_forward_with(
         chunk_index: 0,
         merge_tiles,
         _pad: [0; 2],
+        div_b: fast_divisor(v.b as u32),
+        div_g: fast_divisor(v.g as u32),
+        div_agb: fast_divisor((v.a * v.g * v.b) as u32),
+        div_affine: fast_divisor(v.affine_div.max(1) as u32),
     };
     // One bind group per chunk: the same buffers, x and y bound to the chunk.
     let bind_groups: Vec<wgpu::BindGroup> = (0..chunks.count)
@@ -518,4 +568,56 @@ fn forward_bind_group(
         layout: &ctx.pipelines.bind_group_layout,
         entries: &entries,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast_divisor;
+
+    /// The shaders' fast_div, in Rust.
+    fn fast_div(n: u32, f: [u32; 4]) -> u32 {
+        let t = ((n as u64 * f[1] as u64) >> 32) as u32;
+        (t + ((n - t) >> f[2])) >> f[3]
+    }
+
+    #[test]
+    fn fast_division_is_exact() {
+        let divisors = [
+            1,
+            2,
+            3,
+            4,
+            5,
+            7,
+            8,
+            64,
+            100,
+            3136,
+            65535,
+            65536,
+            1 << 31,
+            u32::MAX,
+        ];
+        let numerators = [
+            0,
+            1,
+            2,
+            3,
+            99,
+            100,
+            12_845_056,
+            1 << 31,
+            u32::MAX - 1,
+            u32::MAX,
+        ];
+        for &d in &divisors {
+            let f = fast_divisor(d);
+            for &n in &numerators {
+                assert_eq!(fast_div(n, f), n / d, "{n} / {d}");
+            }
+            for n in (0..u32::MAX).step_by(9_973_751) {
+                assert_eq!(fast_div(n, f), n / d, "{n} / {d}");
+            }
+        }
+    }
 }

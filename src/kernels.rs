@@ -24,16 +24,24 @@ pub const STATS_TILE: u32 = STATS_WG * STATS_PER_THREAD;
 pub const FINALIZE_WG: u32 = 64;
 /// Invocations per workgroup of the normalize pass.
 pub const NORMALIZE_WG: u32 = 256;
-/// Consecutive elements each normalize invocation writes (more work per
-/// invocation was measurably faster on lavapipe, see NOTES.md). Even, so
-/// that packed f16/bf16 words are written whole by one invocation.
-pub const NORMALIZE_PER_THREAD: u32 = 4;
-const _: () = assert!(NORMALIZE_PER_THREAD.is_multiple_of(2));
+/// Aligned groups of four elements each normalize invocation writes, a
+/// workgroup apart (more work per invocation was measurably faster on
+/// lavapipe, see NOTES.md).
+pub const NORMALIZE_VEC4: u32 = 8;
+/// Elements each normalize invocation writes.
+pub const NORMALIZE_PER_THREAD: u32 = 4 * NORMALIZE_VEC4;
 /// Invocations per workgroup of the row kernel.
 pub const ROWS_WG: u32 = 128;
 /// Element pairs each row-kernel invocation keeps in registers: rows up to
 /// 2·8·128 = 2048 elements are read from memory once.
 pub const ROWS_CACHE: u32 = 8;
+/// Invocations per workgroup of the subgroup row kernel (a multiple of every
+/// subgroup size: 8 on lavapipe gives 8 rows per workgroup, 32 gives 2).
+pub const ROWS_SG_WG: u32 = 64;
+/// vec4 groups each lane of the subgroup row kernel keeps in registers:
+/// rows up to 4·8·size elements (256 on lavapipe, 1024 with 32 lanes) are
+/// read from memory once.
+pub const ROWS_SG_CACHE: u32 = 8;
 /// Longest row the single-dispatch row kernel takes when there are few rows;
 /// longer rows with fewer than [`ROWS_MIN_FOR_LONG`] rows go through the
 /// partials/finalize/normalize path, which spreads a row over many
@@ -64,11 +72,14 @@ pub enum Kernel {
     Normalize,
     /// Whole-row kernel for contiguous groups.
     Rows,
+    /// Row kernel with one subgroup per row (adapters with subgroups).
+    RowsSubgroup,
 }
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
+        Kernel::RowsSubgroup,
         Kernel::Partials,
         Kernel::BumpCounter,
         Kernel::Shifts,
@@ -86,6 +97,7 @@ impl Kernel {
             Kernel::Finalize | Kernel::EvalStats => include_str!("../shaders/finalize.wgsl"),
             Kernel::Normalize => include_str!("../shaders/normalize.wgsl"),
             Kernel::Rows => include_str!("../shaders/rows.wgsl"),
+            Kernel::RowsSubgroup => include_str!("../shaders/rows_subgroup.wgsl"),
         }
     }
 
@@ -99,6 +111,7 @@ impl Kernel {
             Kernel::EvalStats => "eval_stats",
             Kernel::Normalize => "normalize",
             Kernel::Rows => "rows",
+            Kernel::RowsSubgroup => "rows_subgroup",
         }
     }
 }
@@ -118,9 +131,11 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
          const STATS_PER_THREAD: u32 = {STATS_PER_THREAD}u;\n\
          const FINALIZE_WG: u32 = {FINALIZE_WG}u;\n\
          const NORMALIZE_WG: u32 = {NORMALIZE_WG}u;\n\
-         const NORMALIZE_PER_THREAD: u32 = {NORMALIZE_PER_THREAD}u;\n\
+         const NORMALIZE_VEC4: u32 = {NORMALIZE_VEC4}u;\n\
          const ROWS_WG: u32 = {ROWS_WG}u;\n\
-         const ROWS_CACHE: u32 = {ROWS_CACHE}u;\n"
+         const ROWS_CACHE: u32 = {ROWS_CACHE}u;\n\
+         const ROWS_SG_WG: u32 = {ROWS_SG_WG}u;\n\
+         const ROWS_SG_CACHE: u32 = {ROWS_SG_CACHE}u;\n"
     );
     [
         prelude.as_str(),

@@ -4,6 +4,11 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
+/// Bindings of x and y cover whole 16-byte vectors (the kernels load and
+/// store `vec4<f32>`, or four packed halves): buffers are padded to a
+/// multiple of this, and a wrapped buffer needs that much room past its data.
+pub const BINDING_ALIGN: u64 = 16;
+
 /// Storage type of a tensor's elements. Arithmetic is always f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -71,11 +76,16 @@ impl GpuTensor {
             shape: shape.to_vec(),
             dtype,
         };
-        let end = offset + tensor.byte_len();
+        let end = offset + tensor.binding_size();
         if end > tensor.buffer.size() {
             return Err(Error::Shape(format!(
-                "a tensor of shape {shape:?} ({dtype}) at offset {offset} needs {end} bytes, but the buffer has {}",
+                "a tensor of shape {shape:?} ({dtype}) at offset {offset} needs {end} bytes (its data rounded up to 16 bytes), but the buffer has {}",
                 tensor.buffer.size()
+            )));
+        }
+        if !offset.is_multiple_of(4) {
+            return Err(Error::InvalidArgument(format!(
+                "a tensor's offset must be a multiple of 4 bytes, got {offset}"
             )));
         }
         Ok(tensor)
@@ -114,7 +124,7 @@ impl GpuTensor {
     /// The bytes a binding of this tensor covers: its data rounded up to a
     /// multiple of 4 (storage bindings must be), at least 4.
     pub(crate) fn binding_size(&self) -> u64 {
-        self.byte_len().div_ceil(4).max(1) * 4
+        self.byte_len().div_ceil(BINDING_ALIGN).max(1) * BINDING_ALIGN
     }
 
     /// A binding of this tensor's bytes.
@@ -127,11 +137,11 @@ impl GpuTensor {
     }
 
     /// A binding of elements `lo..hi` (an even `lo` at an aligned offset for
-    /// the chunked path), rounded up to whole 4-byte words, at least one.
+    /// the chunked path), rounded up to whole 16-byte vectors, at least one.
     pub(crate) fn binding_elements(&self, lo: usize, hi: usize) -> wgpu::BindingResource<'_> {
         let size = self.dtype.size() as u64;
         let start = self.offset + lo as u64 * size;
-        let bytes = ((hi - lo) as u64 * size).div_ceil(4).max(1) * 4;
+        let bytes = ((hi - lo) as u64 * size).div_ceil(BINDING_ALIGN).max(1) * BINDING_ALIGN;
         wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: &self.buffer,
             offset: start,

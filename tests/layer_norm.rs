@@ -97,3 +97,31 @@ fn rms_norm_matches_f64() {
     );
     assert_close("rms norm", &y, &expected, 1e-5, 1e-5);
 }
+
+#[test]
+fn workgroup_memory_row_kernel_matches_f64_where_subgroups_are_disabled() {
+    // Lavapipe has subgroups, so the default context runs the subgroup row
+    // kernel; this one runs the workgroup-memory fallback on the same data.
+    let ctx = gpunorm::Context::with_options(gpunorm::ContextOptions {
+        disable_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    for (rows, len, offset) in [(64, 1024, 1e4f32), (300, 8, 0.0), (5, 4096, 3.0)] {
+        let x = normal(rows * len, len as u64, offset, 1.0);
+        let mut ln = LayerNorm::new(&ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+        let xt = ctx.upload(&x, &[rows, len]).unwrap();
+        let y = ctx
+            .download(&ln.forward(&ctx, &xt, Mode::Train).unwrap())
+            .unwrap();
+        let expected = reference::forward(
+            &x,
+            &View::layer_norm(&[rows, len], len),
+            false,
+            1e-5,
+            None,
+            None,
+        );
+        assert_close("workgroup row kernel", &y, &expected, 1e-4, 1e-5);
+    }
+}

@@ -154,7 +154,7 @@ fn two_replicas_backward_equals_one_batch_norm_backward() {
         .collect();
     let total = ReplicaGradSums::all_reduce(&sums).unwrap();
     let mut dx = Vec::new();
-    let mut dw = vec![0.0f64; 4];
+    let mut dw = [0.0f64; 4];
     for i in 0..2 {
         let g = replicas[i]
             .backward_synced(contexts[i], &dys[i], &sums[i], &total)

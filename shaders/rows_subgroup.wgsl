@@ -1,0 +1,108 @@
+// Row kernel on subgroups, for adapters with Features::SUBGROUP: one
+// subgroup per contiguous row (A = 1, B a multiple of 4), several rows per
+// workgroup, reductions with subgroupAdd and no workgroup barrier. The
+// subgroup size is read at run time (8 on lavapipe, 32 on NVIDIA, 32 or 64
+// on AMD): nothing assumes one.
+//
+// A subgroup takes a slot in its workgroup from an atomic counter (subgroups
+// need not be laid out by local index), then walks rows slot, slot + total
+// subgroups, ... Lane `lane` owns the vec4 groups lane, lane + size, ... of
+// its row. Rows of up to ROWS_SG_CACHE vec4 per lane stay in registers: an
+// exact two-pass variance and one read of x. Longer rows take shifted sums
+// (Σ(x − shift), Σ(x − shift)², shift = the row's first element, so a large
+// common offset cancels exactly) in one read and normalize in a second.
+
+var<workgroup> next_slot: atomic<u32>;
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+@compute @workgroup_size(ROWS_SG_WG)
+fn rows_subgroup(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_size) sg: u32,
+) {
+    // Lane 0 takes the slot; the sum hands it to every lane (the other
+    // lanes add zero).
+    var slot = 0u;
+    if (lane == 0u) {
+        slot = atomicAdd(&next_slot, 1u);
+    }
+    slot = subgroupAdd(slot);
+    // A subgroup larger than the workgroup is partial: its lanes are the
+    // workgroup's invocations.
+    let width = min(sg, ROWS_SG_WG);
+    let per_wg = ROWS_SG_WG / width;
+    let stride = nwg.x * nwg.y * per_wg;
+    let n4 = params.b / 4u;
+    let n = f32(params.b);
+    let rms = has_flag(FLAG_RMS);
+    for (var row = linear_workgroup(wid, nwg) * per_wg + slot; row < params.n_groups; row += stride) {
+        let base4 = row * n4;
+        let g = row - fast_div(row, params.div_g) * params.g;
+        var shift = 0.0;
+        if (!rms) {
+            shift = load_x(base4 * 4u);
+        }
+        if (n4 <= ROWS_SG_CACHE * width) {
+            var cache: array<vec4<f32>, ROWS_SG_CACHE>;
+            var s = vec4<f32>(0.0);
+            for (var k = 0u; k < ROWS_SG_CACHE; k++) {
+                let j4 = lane + k * width;
+                if (j4 < n4) {
+                    let v = load_x4(base4 + j4) - shift;
+                    cache[k] = v;
+                    s += v;
+                }
+            }
+            var dmean = 0.0;
+            if (!rms) {
+                dmean = subgroupAdd(hsum(s)) / n;
+            }
+            var s2 = 0.0;
+            for (var k = 0u; k < ROWS_SG_CACHE; k++) {
+                if (lane + k * width < n4) {
+                    let d = cache[k] - dmean;
+                    s2 += dot(d, d);
+                }
+            }
+            let variance = subgroupAdd(s2) / n;
+            let rstd = 1.0 / sqrt(variance + params.eps);
+            if (lane == 0u) {
+                scratch[row] = vec4<f32>(shift, dmean, rstd, variance);
+            }
+            for (var k = 0u; k < ROWS_SG_CACHE; k++) {
+                let j4 = lane + k * width;
+                if (j4 < n4) {
+                    store_y4(base4 + j4, affine4((cache[k] - dmean) * rstd, g, 4u * j4));
+                }
+            }
+        } else {
+            var s1 = vec4<f32>(0.0);
+            var s2 = vec4<f32>(0.0);
+            for (var j4 = lane; j4 < n4; j4 += width) {
+                let v = load_x4(base4 + j4) - shift;
+                s1 += v;
+                s2 += v * v;
+            }
+            let t1 = subgroupAdd(hsum(s1));
+            let t2 = subgroupAdd(hsum(s2));
+            var dmean = 0.0;
+            if (!rms) {
+                dmean = t1 / n;
+            }
+            let variance = max((t2 - t1 * dmean) / n, 0.0);
+            let rstd = 1.0 / sqrt(variance + params.eps);
+            if (lane == 0u) {
+                scratch[row] = vec4<f32>(shift, dmean, rstd, variance);
+            }
+            for (var j4 = lane; j4 < n4; j4 += width) {
+                let y = ((load_x4(base4 + j4) - shift) - dmean) * rstd;
+                store_y4(base4 + j4, affine4(y, g, 4u * j4));
+            }
+        }
+    }
+}
