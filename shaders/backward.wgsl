@@ -33,7 +33,11 @@ fn reduction_index(p: u32, g: u32, j: u32) -> u32 {
 // One workgroup per contiguous group of the stats view (SA = 1): sums the
 // group's terms, writes grad_input of the group, and with
 // BF_WRITE_PARTIALS stores the sums as the group's single partial (for the
-// per-channel affine gradients of bwd_finalize).
+// per-channel affine gradients of bwd_finalize). Each invocation handles
+// BWD_PACK consecutive elements at a time; with packed storage (BWD_PACK =
+// 2) src/backward.rs uses this kernel only for groups of even length, so a
+// group starts at an even index and no word is shared with another
+// workgroup.
 @compute @workgroup_size(BWD_WG)
 fn bwd_rows(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -47,15 +51,23 @@ fn bwd_rows(
     let n = bp.sb;
     let base = group * n;
     var acc = vec4<f32>(0.0);
-    for (var j = lid; j < n; j += BWD_WG) {
+    for (var j = lid * BWD_PACK; j < n; j += BWD_WG * BWD_PACK) {
         acc += element_terms(base + j);
+        if (BWD_PACK == 2u && j + 1u < n) {
+            acc += element_terms(base + j + 1u);
+        }
     }
     let s = workgroup_sum4(lid, acc, BWD_WG);
     if (lid == 0u && bwd_flag(BF_WRITE_PARTIALS)) {
         work[bp.partials_offset + group] = s;
     }
-    for (var j = lid; j < n; j += BWD_WG) {
-        dx_buf[base + j] = grad_input_value(base + j, s);
+    for (var j = lid * BWD_PACK; j < n; j += BWD_WG * BWD_PACK) {
+        let second = BWD_PACK == 2u && j + 1u < n;
+        var v1 = 0.0;
+        if (second) {
+            v1 = grad_input_value(base + j + 1u, s);
+        }
+        store_dx(base + j, grad_input_value(base + j, s), v1, second);
     }
 }
 
@@ -138,8 +150,11 @@ fn bwd_finalize(
 }
 
 // Elementwise grad_input: BWD_DX_PER_THREAD consecutive elements per
-// invocation, from the group sums at work[stats group] (not read in eval
-// mode, BF_RUNNING, where dx = g·rstd).
+// invocation (an aligned run: it starts at a multiple of
+// BWD_DX_PER_THREAD, so with packed storage every word belongs to one
+// invocation), BWD_PACK per store, from the group sums at
+// work[stats group] (not read in eval mode, BF_RUNNING, where
+// dx = g·rstd).
 @compute @workgroup_size(BWD_WG)
 fn bwd_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -148,7 +163,7 @@ fn bwd_dx(
 ) {
     let first = (bwd_linear_workgroup(wid, nwg) * BWD_WG + lid) * BWD_DX_PER_THREAD;
     let running = bwd_flag(BF_RUNNING);
-    for (var k = 0u; k < BWD_DX_PER_THREAD; k++) {
+    for (var k = 0u; k < BWD_DX_PER_THREAD; k += BWD_PACK) {
         let i = first + k;
         if (i >= bp.total) {
             return;
@@ -157,7 +172,18 @@ fn bwd_dx(
         if (!running) {
             s = work[stats_group(i)];
         }
-        dx_buf[i] = grad_input_value(i, s);
+        let v0 = grad_input_value(i, s);
+        // The pair's second element may be in the next stats group.
+        let second = BWD_PACK == 2u && i + 1u < bp.total;
+        var v1 = 0.0;
+        if (second) {
+            var s1 = vec4<f32>(0.0);
+            if (!running) {
+                s1 = work[stats_group(i + 1u)];
+            }
+            v1 = grad_input_value(i + 1u, s1);
+        }
+        store_dx(i, v0, v1, second);
     }
 }
 
@@ -186,8 +212,8 @@ fn bwd_cols(
     for (var r = r0; r < r1; r++) {
         let i = r * bp.cols + l;
         let st = stats[stats_group(i)];
-        let xhat = ((x_buf[i] - st.x) - st.y) * st.z;
-        let d = dy_buf[i];
+        let xhat = ((load_x(i) - st.x) - st.y) * st.z;
+        let d = load_dy(i);
         acc += vec2<f32>(d, d * xhat);
     }
     if (bp.tiles == 1u) {

@@ -15,7 +15,11 @@
 // (g, g·x̂, dy, dy·x̂): the first two give grad_input, the last two grad_bias
 // and grad_weight.
 //
-// Storage is f32 only (this prelude is the backward's own io).
+// Storage: x, grad_output and grad_input share one dtype; the
+// backward_io_<dtype>.wgsl prepended by src/backward.rs declares their
+// bindings (1, 2, 5), load_x/load_dy, store_dx and BWD_PACK. Arithmetic and
+// every sum are f32; grad_input is rounded once, at the store. Parameter
+// gradients are f32 whatever the storage.
 
 struct BwdParams {
     sp: u32,
@@ -54,12 +58,10 @@ const BF_GRAD_BIAS: u32 = 64u;
 const BF_WRITE_PARTIALS: u32 = 128u;
 
 @group(0) @binding(0) var<uniform> bp: BwdParams;
-@group(0) @binding(1) var<storage, read> x_buf: array<f32>;
-@group(0) @binding(2) var<storage, read> dy_buf: array<f32>;
+// Bindings 1 (x), 2 (grad_output) and 5 (grad_input) are in backward_io_*.wgsl.
 @group(0) @binding(3) var<storage, read> weight: array<f32>;
 // The forward's statistics, vec4(shift, dmean, rstd, var) per stats group.
 @group(0) @binding(4) var<storage, read> stats: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> dx_buf: array<f32>;
 @group(0) @binding(6) var<storage, read_write> grad_weight: array<f32>;
 @group(0) @binding(7) var<storage, read_write> grad_bias: array<f32>;
 // Per stats group sums (first SP·SG vec4), then the partials.
@@ -81,8 +83,8 @@ fn stats_group(i: u32) -> u32 {
 // (g, g·x̂, dy, dy·x̂) of flat element i.
 fn element_terms(i: u32) -> vec4<f32> {
     let st = stats[stats_group(i)];
-    let xhat = ((x_buf[i] - st.x) - st.y) * st.z;
-    let d = dy_buf[i];
+    let xhat = ((load_x(i) - st.x) - st.y) * st.z;
+    let d = load_dy(i);
     var g = d;
     if (bwd_flag(BF_WEIGHT)) {
         g = d * weight[(i % (bp.sg * bp.sb)) / bp.affine_div];
@@ -93,14 +95,14 @@ fn element_terms(i: u32) -> vec4<f32> {
 // grad_input of flat element i from its group's sums s = (Σg, Σg·x̂, ., .).
 fn grad_input_value(i: u32, s: vec4<f32>) -> f32 {
     let st = stats[stats_group(i)];
-    var g = dy_buf[i];
+    var g = load_dy(i);
     if (bwd_flag(BF_WEIGHT)) {
         g = g * weight[(i % (bp.sg * bp.sb)) / bp.affine_div];
     }
     if (bwd_flag(BF_RUNNING)) {
         return g * st.z;
     }
-    let xhat = ((x_buf[i] - st.x) - st.y) * st.z;
+    let xhat = ((load_x(i) - st.x) - st.y) * st.z;
     // rstd/n·(n·g − Σg − x̂·Σg·x̂), written with means to keep values small.
     let inv_n = 1.0 / f32(bp.sa * bp.sb);
     var mean_g = s.x * inv_n;

@@ -10,9 +10,7 @@ fn x_word(k: u32) -> u32 {
     return x_buf[k >> 1u][k & 1u];
 }
 
-fn bf16_pair(w: u32) -> vec2<f32> {
-    return vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u));
-}
+// bf16_pair and bf16_bits are in half_convert.wgsl (shared with the backward).
 
 fn load_x4(i4: u32) -> vec4<f32> {
     let w = x_buf[i4];
@@ -29,16 +27,6 @@ fn load_x(i: u32) -> f32 {
         return bitcast<f32>(w << 16u);
     }
     return bitcast<f32>(w & 0xffff0000u);
-}
-
-// f32 -> bf16 bits: round to nearest even (overflow carries into ±inf),
-// NaN stays NaN (quieted).
-fn bf16_bits(v: f32) -> u32 {
-    let b = bitcast<u32>(v);
-    if ((b & 0x7fffffffu) > 0x7f800000u) {
-        return ((b >> 16u) | 0x0040u) & 0xffffu;
-    }
-    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
 }
 
 // Writes y[i] and y[i + 1] (i even) as one word; without `second` the high

@@ -25,27 +25,7 @@ fn store_y4(i4: u32, v: vec4<f32>) {
     y_buf[i4] = vec2<u32>(f16_bits(v.x) | (f16_bits(v.y) << 16u), f16_bits(v.z) | (f16_bits(v.w) << 16u));
 }
 
-// f32 -> f16 bits: round to nearest even, overflow to ±inf, NaN stays NaN.
-fn f16_bits(v: f32) -> u32 {
-    let b = bitcast<u32>(v);
-    let sign = (b >> 16u) & 0x8000u;
-    let a = b & 0x7fffffffu;
-    if (a > 0x7f800000u) {
-        return sign | 0x7e00u;
-    }
-    // 65520 (0x477ff000) is halfway between 65504 and 65536: ties to even is inf.
-    if (a >= 0x477ff000u) {
-        return sign | 0x7c00u;
-    }
-    if (a < 0x38800000u) {
-        // Below 2^-14: an f16 subnormal, i.e. round(|v| / 2^-24) (round is
-        // ties-to-even in WGSL; scaling by 2^24 is exact).
-        return sign | u32(round(bitcast<f32>(a) * 16777216.0));
-    }
-    // Normal: rebias the exponent (127 -> 15) and drop 13 mantissa bits.
-    let m = a - 0x38000000u;
-    return sign | ((m + 0xfffu + ((m >> 13u) & 1u)) >> 13u);
-}
+// f16_bits is in half_convert.wgsl (shared with the backward).
 
 // Writes y[i] and y[i + 1] (i even) as one word; without `second` the high
 // half is padding and written as zero.

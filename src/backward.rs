@@ -10,7 +10,9 @@
 //!
 //! - Contiguous groups (LayerNorm, RMSNorm, InstanceNorm, GroupNorm
 //!   channels-first): one `Rows` dispatch reduces a group in one workgroup
-//!   and writes its `grad_input`.
+//!   and writes its `grad_input` (with f16/bf16 storage only for groups of
+//!   even length: a packed word must never span two workgroups; odd groups
+//!   take the tiled path below).
 //! - Other groups (BatchNorm, channels-last GroupNorm): `Partials` over
 //!   tiles, `Finalize` to per-group sums, elementwise `GradInput`.
 //! - Eval mode with running statistics: `grad_input = g·rstd` elementwise.
@@ -21,6 +23,11 @@
 //!   `Finalize` when there is more than one block of rows); anything else
 //!   (channels-first GroupNorm with several channels per group) reduces an
 //!   `[1, R, K, D]` view with `Partials` + `Finalize`.
+//!
+//! Storage: `x`, `grad_output` and `grad_input` share the input's dtype
+//! (f32, f16 or bf16, halves loaded as packed `u32`, no shader feature);
+//! every sum is f32 and `grad_input` is rounded once at the store, one
+//! invocation writing both halves of a word. Parameter gradients are f32.
 //!
 //! Scratch is bounded: at most one vec4 per group plus one per tile of 4096
 //! elements, or per column and block of at least [`COLS_MIN_ROWS`] rows.
@@ -97,8 +104,20 @@ impl BackwardKernel {
     }
 }
 
-/// The complete WGSL source of the backward kernels (f32 storage).
-pub fn source() -> String {
+// A grad-input invocation's run of elements is whole words of packed halves.
+const _: () = assert!(BWD_DX_PER_THREAD.is_multiple_of(2));
+
+fn io_source(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => include_str!("../shaders/backward_io_f32.wgsl"),
+        DType::F16 => include_str!("../shaders/backward_io_f16.wgsl"),
+        DType::BF16 => include_str!("../shaders/backward_io_bf16.wgsl"),
+    }
+}
+
+/// The complete WGSL source of the backward kernels for storage `dtype` (of
+/// `x`, `grad_output` and `grad_input`).
+pub fn source(dtype: DType) -> String {
     let prelude = format!(
         "const BWD_WG: u32 = {BWD_WG}u;\n\
          const BWD_PER_THREAD: u32 = {BWD_PER_THREAD}u;\n\
@@ -107,6 +126,8 @@ pub fn source() -> String {
     );
     [
         prelude.as_str(),
+        kernels::HALF_CONVERT,
+        io_source(dtype),
         include_str!("../shaders/backward_common.wgsl"),
         include_str!("../shaders/backward.wgsl"),
     ]
@@ -118,6 +139,8 @@ pub fn source() -> String {
 pub struct BackwardSpec {
     /// The forward's statistics view.
     pub view: View,
+    /// Storage of `x`, `grad_output` and `grad_input`.
+    pub dtype: DType,
     /// RMSNorm (no Σg term).
     pub rms: bool,
     /// Batch statistics or running statistics (eval mode).
@@ -198,9 +221,11 @@ fn affine_is_channel(v: &View) -> bool {
 }
 
 /// Whether one workgroup reduces a whole group (contiguous groups; the
-/// forward's row-kernel rule).
-fn uses_rows(v: &View) -> bool {
+/// forward's row-kernel rule). Packed halves also need groups of even
+/// length, so that no word of grad_input is shared by two workgroups.
+fn uses_rows(v: &View, dtype: DType) -> bool {
     v.a == 1
+        && (dtype == DType::F32 || v.b.is_multiple_of(2))
         && (v.b <= kernels::ROWS_MAX_LEN as usize
             || v.groups() >= kernels::ROWS_MIN_FOR_LONG as usize)
 }
@@ -277,7 +302,7 @@ fn plan_with(spec: &BackwardSpec, tiled: bool) -> Plan {
     // index is the channel.
     let channel_grads = if per_channel { grad_flags } else { 0 };
     match spec.source {
-        StatsSource::Batch if uses_rows(v) && !tiled => {
+        StatsSource::Batch if uses_rows(v, spec.dtype) && !tiled => {
             let mut p = base;
             if channel_grads != 0 {
                 p.flags |= BF_WRITE_PARTIALS;
@@ -403,7 +428,7 @@ pub(crate) struct BackwardCache {
     /// Placeholders for absent weight / gradients (distinct buffers, so no
     /// two writable bindings of one dispatch alias).
     dummies: [wgpu::Buffer; 3],
-    pipelines: Mutex<HashMap<BackwardKernel, Arc<wgpu::ComputePipeline>>>,
+    pipelines: Mutex<HashMap<(BackwardKernel, DType), Arc<wgpu::ComputePipeline>>>,
 }
 
 impl std::fmt::Debug for BackwardCache {
@@ -461,13 +486,18 @@ impl BackwardCache {
         }
     }
 
-    fn get(&self, device: &wgpu::Device, kernel: BackwardKernel) -> Arc<wgpu::ComputePipeline> {
+    fn get(
+        &self,
+        device: &wgpu::Device,
+        kernel: BackwardKernel,
+        dtype: DType,
+    ) -> Arc<wgpu::ComputePipeline> {
         let mut map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(kernel)
+        map.entry((kernel, dtype))
             .or_insert_with(|| {
                 let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(kernel.entry_point()),
-                    source: wgpu::ShaderSource::Wgsl(source().into()),
+                    source: wgpu::ShaderSource::Wgsl(source(dtype).into()),
                 });
                 Arc::new(
                     device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -519,12 +549,6 @@ pub(crate) fn spec_for(
             dy.dtype()
         )));
     }
-    if x.dtype() != DType::F32 {
-        return Err(Error::Dtype(format!(
-            "the backward pass supports f32 storage only, got {}",
-            x.dtype()
-        )));
-    }
     let v = saved.spec.view;
     for (name, t) in [("weight", &affine.weight), ("bias", &affine.bias)] {
         if let Some(t) = t {
@@ -541,6 +565,7 @@ pub(crate) fn spec_for(
     Ok((
         BackwardSpec {
             view: v,
+            dtype: x.dtype(),
             rms: saved.spec.rms,
             source: saved.spec.source,
             weight: affine.weight.is_some(),
@@ -664,7 +689,7 @@ pub(crate) fn record_backward_with(
             entries: &entries,
         });
         pass.set_bind_group(0, &bind_group, &[]);
-        pass.set_pipeline(&cache.get(&ctx.device, step.kernel));
+        pass.set_pipeline(&cache.get(&ctx.device, step.kernel, spec.dtype));
         let (gx, gy) = kernels::grid(to_u32("the backward grid", step.workgroups)?);
         pass.dispatch_workgroups(gx, gy, 1);
     }
@@ -692,6 +717,7 @@ mod tests {
     fn spec(view: View, source: StatsSource, affine: bool) -> BackwardSpec {
         BackwardSpec {
             view,
+            dtype: DType::F32,
             rms: false,
             source,
             weight: affine,
@@ -751,6 +777,23 @@ mod tests {
             kernels_of(&spec(inorm, StatsSource::Batch, true)),
             [Rows, Finalize]
         );
+    }
+
+    #[test]
+    fn packed_halves_take_the_row_kernel_only_for_even_groups() {
+        use BackwardKernel::*;
+        for dtype in [DType::F16, DType::BF16] {
+            let even = View::layer_norm(&[7, 64], 64);
+            let odd = View::layer_norm(&[7, 33], 33);
+            let mut s = spec(even, StatsSource::Batch, true);
+            s.dtype = dtype;
+            assert_eq!(kernels_of(&s), [Rows, Cols]);
+            s.view = odd;
+            assert_eq!(kernels_of(&s), [Partials, Finalize, GradInput, Cols]);
+            // f32 words are single elements: odd rows keep the row kernel.
+            s.dtype = DType::F32;
+            assert_eq!(kernels_of(&s), [Rows, Cols]);
+        }
     }
 
     #[test]

@@ -116,6 +116,11 @@ impl Kernel {
     }
 }
 
+/// The f32 <-> f16/bf16 conversions, shared by the forward's io files and
+/// the backward ([`crate::backward::source`]): one copy of the hand-written
+/// rounding, prepended to every kernel.
+pub(crate) const HALF_CONVERT: &str = include_str!("../shaders/half_convert.wgsl");
+
 fn io_source(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => include_str!("../shaders/io_f32.wgsl"),
@@ -139,6 +144,7 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
     );
     [
         prelude.as_str(),
+        HALF_CONVERT,
         io_source(dtype),
         include_str!("../shaders/common.wgsl"),
         kernel.file(),

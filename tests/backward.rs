@@ -156,15 +156,17 @@ fn reference_backward_of_group_and_instance_norm_matches_finite_differences() {
 
 #[test]
 fn backward_source_validates_with_naga() {
-    let src = gpunorm::backward::source();
-    let module = naga::front::wgsl::parse_str(&src)
-        .unwrap_or_else(|e| panic!("backward: {}", e.emit_to_string(&src)));
-    naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::all(),
-    )
-    .validate(&module)
-    .unwrap_or_else(|e| panic!("backward: {e:?}"));
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let src = gpunorm::backward::source(dtype);
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("backward {dtype}: {}", e.emit_to_string(&src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("backward {dtype}: {e:?}"));
+    }
     assert_eq!(BackwardKernel::ALL.len(), 5);
 }
 
@@ -601,6 +603,7 @@ fn record_backward_records_into_the_callers_encoder_and_reports_its_dispatches()
     );
     let spec_plan = plan_backward(&gpunorm::backward::BackwardSpec {
         view,
+        dtype: DType::F32,
         rms: false,
         source: gpunorm::engine::StatsSource::Batch,
         weight: true,
@@ -630,4 +633,441 @@ fn a_later_forward_replaces_the_saved_state() {
         None,
     );
     check("second forward", &got, &want, true, true, 3);
+}
+
+// ---------------------------------------------------------------------------
+// f16 and bf16 storage: x, grad_output and grad_input share the input's
+// dtype, every sum is f32, grad_input is rounded once at the store, and the
+// parameter gradients stay f32.
+//
+// Tolerance of grad_input, against the f64 reference computed from the
+// stored (already rounded) half inputs:
+//   |got − ref| ≤ 2·ulp(max(|ref|, 2^-14)) + K·2^-24·S
+// The first term is SPEC §6's half tolerance (rounding once costs ½ ulp).
+// The second is the f32 arithmetic before that rounding: the value
+// rstd·((g − Σg/n) − x̂·Σg·x̂/n) is formed from terms of size
+// S = rstd·(|g| + mean|g| + |x̂|·mean|g·x̂|) (S = rstd·|g| with running
+// statistics), each carrying a relative f32 error of a few units of 2^-24
+// (x̂ from the saved mean/rstd, the products) plus the error of the f32 sums
+// (≤ 16 sequential adds per invocation, an 8-level tree, a few merges: well
+// under 2^5 units relative to Σ|term|). K = 32 covers that with room; it
+// only matters where dx cancels to far below its terms (|ref| ≪ S), where a
+// half ulp of the result is smaller than the f32 noise of computing it.
+
+/// Values as `dtype` stores them (what the GPU reads), as f32.
+fn stored(values: &[f32], dtype: DType) -> Vec<f32> {
+    gpunorm::tensor::decode(&gpunorm::tensor::encode(values, dtype), dtype)
+}
+
+/// ulp of |v| in `dtype`, floored at 2^-14 (SPEC §6).
+fn half_ulp(v: f64, dtype: DType) -> f64 {
+    let mantissa = if dtype == DType::BF16 { 7 } else { 10 };
+    2f64.powi(v.abs().max(2f64.powi(-14)).log2().floor() as i32 - mantissa)
+}
+
+/// f32 units of the accumulation slack (see above).
+const F32_SLACK_UNITS: f64 = 32.0;
+
+/// One half-precision case: inputs rounded to the storage dtype.
+struct Half {
+    what: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    view: View,
+    rms: bool,
+    eps: f64,
+    x: Vec<f32>,
+    dy: Vec<f32>,
+    /// γ and β (f32 on the device, like every parameter).
+    w: Vec<f32>,
+    b: Vec<f32>,
+    /// Running (mean, var) per channel, constants of an eval backward.
+    running: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Half {
+    fn new(what: &str, dtype: DType, shape: &[usize], view: View, seed: u64, offset: f32) -> Half {
+        let n = view.numel();
+        Half {
+            what: format!("{what} {dtype} {shape:?}"),
+            dtype,
+            shape: shape.to_vec(),
+            view,
+            rms: false,
+            eps: 1e-5,
+            x: stored(&normal(n, seed, offset, 2.0), dtype),
+            dy: stored(&normal(n, seed + 1, 0.0, 1.0), dtype),
+            w: normal(view.affine_len, seed + 2, 1.0, 0.5),
+            b: normal(view.affine_len, seed + 3, 0.0, 0.5),
+            running: None,
+        }
+    }
+
+    fn upload(&self, ctx: &Context, v: &[f32]) -> GpuTensor {
+        ctx.upload_as(v, &self.shape, self.dtype).unwrap()
+    }
+
+    fn affine(&self, ctx: &Context, bias: bool) -> Affine {
+        let len = self.view.affine_len;
+        Affine {
+            weight: Some(up(ctx, &self.w, &[len])),
+            bias: bias.then(|| up(ctx, &self.b, &[len])),
+        }
+    }
+
+    /// Per element, the size S of the terms grad_input is formed from.
+    fn f32_scale(&self) -> Vec<f64> {
+        let v = &self.view;
+        let stats: Vec<(f64, f64)> = match &self.running {
+            Some((m, var)) => (0..v.groups())
+                .map(|k| (m[k % v.g] as f64, var[k % v.g] as f64))
+                .collect(),
+            None => reference::group_stats(&self.x, v, self.rms),
+        };
+        let rstd: Vec<f64> = stats
+            .iter()
+            .map(|&(_, var)| 1.0 / (var + self.eps).sqrt())
+            .collect();
+        let locate = |i: usize| {
+            let b = i % v.b;
+            let g = (i / v.b) % v.g;
+            let p = i / (v.a * v.g * v.b);
+            (p * v.g + g, (g * v.b + b) / v.affine_div.max(1))
+        };
+        let terms = |i: usize| {
+            let (k, c) = locate(i);
+            let g = self.dy[i] as f64 * self.w[c] as f64;
+            let xhat = (self.x[i] as f64 - stats[k].0) * rstd[k];
+            (k, g.abs(), (g * xhat).abs(), xhat.abs())
+        };
+        let mut mean_g = vec![0.0; v.groups()];
+        let mut mean_gx = vec![0.0; v.groups()];
+        let n = v.group_len() as f64;
+        for i in 0..v.numel() {
+            let (k, g, gx, _) = terms(i);
+            mean_g[k] += g / n;
+            mean_gx[k] += gx / n;
+        }
+        (0..v.numel())
+            .map(|i| {
+                let (k, g, _, xhat) = terms(i);
+                if self.running.is_some() {
+                    rstd[k] * g
+                } else {
+                    rstd[k] * (g + mean_g[k] + xhat * mean_gx[k])
+                }
+            })
+            .collect()
+    }
+
+    /// Checks the GPU gradients against the f64 reference from the stored
+    /// inputs; returns the worst grad_input error in half ulps.
+    fn check(&self, got: &Gradients, bias: bool) -> f64 {
+        let ctx = ctx();
+        let what = &self.what;
+        assert_eq!(
+            got.grad_input.dtype(),
+            self.dtype,
+            "{what}: grad_input dtype"
+        );
+        assert_eq!(got.grad_input.shape(), &self.shape[..], "{what}");
+        let running = self
+            .running
+            .as_ref()
+            .map(|(m, v)| (m.as_slice(), v.as_slice()));
+        let want = reference::backward(
+            &self.x,
+            &self.dy,
+            &self.view,
+            self.rms,
+            self.eps,
+            Some(&self.w),
+            running,
+        );
+        let dx = ctx.download(&got.grad_input).unwrap();
+        let scale = self.f32_scale();
+        let mut worst_ulps = 0.0f64;
+        for (i, (&g, &w)) in dx.iter().zip(&want.grad_input).enumerate() {
+            let ulp = half_ulp(w, self.dtype);
+            let err = (g as f64 - w).abs();
+            let tol = 2.0 * ulp + F32_SLACK_UNITS * 2f64.powi(-24) * scale[i];
+            assert!(
+                err <= tol,
+                "{what}: grad_input[{i}] = {g}, reference {w}: {} ulp, tolerance {} ulp",
+                err / ulp,
+                tol / ulp
+            );
+            worst_ulps = worst_ulps.max(err / ulp);
+        }
+        let terms = self.view.numel() / self.view.affine_len;
+        let param_atol = ATOL * (terms as f64).sqrt().max(1.0);
+        let gw = got.grad_weight.as_ref().expect("grad_weight");
+        assert_eq!(gw.dtype(), DType::F32, "{what}: grad_weight stays f32");
+        assert_close(
+            &format!("{what} grad_weight"),
+            &ctx.download(gw).unwrap(),
+            &want.grad_weight,
+            param_atol,
+            RTOL,
+        );
+        assert_eq!(got.grad_bias.is_some(), bias, "{what}: grad_bias");
+        if let Some(gb) = &got.grad_bias {
+            assert_eq!(gb.dtype(), DType::F32, "{what}: grad_bias stays f32");
+            assert_close(
+                &format!("{what} grad_bias"),
+                &ctx.download(gb).unwrap(),
+                &want.grad_bias,
+                param_atol,
+                RTOL,
+            );
+        }
+        worst_ulps
+    }
+}
+
+const HALVES: [DType; 2] = [DType::F16, DType::BF16];
+
+fn half_layer_norm(dtype: DType, rows: usize, len: usize, rms: bool, offset: f32) -> f64 {
+    let ctx = ctx();
+    let shape = [rows, len];
+    let name = if rms { "rms norm" } else { "layer norm" };
+    let mut h = Half::new(
+        name,
+        dtype,
+        &shape,
+        View::layer_norm(&shape, len),
+        (rows * 31 + len) as u64,
+        offset,
+    );
+    h.rms = rms;
+    let affine = h.affine(ctx, !rms);
+    let got = if rms {
+        h.eps = f32::EPSILON as f64;
+        let mut m = RmsNorm::new(ctx, &[len], RowNormConfig::torch_rms_norm()).unwrap();
+        m.set_weight(affine.weight).unwrap();
+        m.forward(ctx, &h.upload(ctx, &h.x), Mode::Train).unwrap();
+        m.backward(ctx, &h.upload(ctx, &h.dy)).unwrap()
+    } else {
+        let mut m = LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+        m.set_weight(affine.weight).unwrap();
+        m.set_bias(affine.bias).unwrap();
+        m.forward(ctx, &h.upload(ctx, &h.x), Mode::Train).unwrap();
+        m.backward(ctx, &h.upload(ctx, &h.dy)).unwrap()
+    };
+    h.check(&got, !rms)
+}
+
+#[test]
+fn half_layer_norm_backward_matches_f64_within_2_ulp() {
+    for dtype in HALVES {
+        // Even rows: the row kernel; rows of 33 (odd): the tiled path, and an
+        // odd total whose last word is half padding.
+        for (rows, len) in [(16, 256), (7, 33), (3, 3000)] {
+            let u = half_layer_norm(dtype, rows, len, false, 0.0);
+            eprintln!("layer norm {dtype} {rows}x{len}: {u:.3} ulp");
+        }
+    }
+    // An offset input (the f16 forward test's 300).
+    let u = half_layer_norm(DType::F16, 8, 512, false, 300.0);
+    eprintln!("layer norm f16 offset 300: {u:.3} ulp");
+}
+
+#[test]
+fn half_rms_norm_backward_matches_f64_within_2_ulp() {
+    for dtype in HALVES {
+        for (rows, len) in [(5, 32), (9, 33), (4, 1000)] {
+            let u = half_layer_norm(dtype, rows, len, true, 0.3);
+            eprintln!("rms norm {dtype} {rows}x{len}: {u:.3} ulp");
+        }
+    }
+}
+
+fn half_batch_norm(dtype: DType, shape: &[usize], mode: Mode) -> f64 {
+    let ctx = ctx();
+    let c = shape[1];
+    let mut h = Half::new(
+        &format!("batch norm {mode:?}"),
+        dtype,
+        shape,
+        View::batch_norm(shape, 1),
+        shape.iter().product::<usize>() as u64,
+        1.0,
+    );
+    let rm = normal(c, 5, 0.5, 0.5);
+    let rv: Vec<f32> = normal(c, 6, 0.0, 1.0).iter().map(|a| 0.5 + a * a).collect();
+    let mut bn = BatchNorm::new(ctx, c, BatchNormConfig::torch()).unwrap();
+    let affine = h.affine(ctx, true);
+    bn.set_weight(affine.weight).unwrap();
+    bn.set_bias(affine.bias).unwrap();
+    bn.set_running_stats(ctx, Some((up(ctx, &rm, &[c]), up(ctx, &rv, &[c]), Some(0))))
+        .unwrap();
+    bn.forward(ctx, &h.upload(ctx, &h.x), mode).unwrap();
+    let got = bn.backward(ctx, &h.upload(ctx, &h.dy)).unwrap();
+    if mode == Mode::Eval {
+        h.running = Some((rm, rv));
+    }
+    h.check(&got, true)
+}
+
+#[test]
+fn half_batch_norm_train_and_eval_backward_match_f64_within_2_ulp() {
+    for dtype in HALVES {
+        // [3, 5, 7]: odd channels of 21 elements, odd total; [4, 3, 40, 40]:
+        // channels of several tiles.
+        for shape in [&[3, 5, 7][..], &[4, 3, 40, 40], &[6, 4]] {
+            for mode in [Mode::Train, Mode::Eval] {
+                let u = half_batch_norm(dtype, shape, mode);
+                eprintln!("batch norm {dtype} {shape:?} {mode:?}: {u:.3} ulp");
+            }
+        }
+    }
+}
+
+fn half_group_norm(dtype: DType, shape: &[usize], groups: usize, keras: bool) -> f64 {
+    let ctx = ctx();
+    let c = if keras {
+        shape[shape.len() - 1]
+    } else {
+        shape[1]
+    };
+    let (view, config) = if keras {
+        (
+            View::group_norm_channels_last(shape, groups),
+            GroupNormConfig::keras(),
+        )
+    } else {
+        (View::group_norm(shape, groups), GroupNormConfig::torch())
+    };
+    let mut h = Half::new(
+        &format!("group norm ({groups} groups, keras {keras})"),
+        dtype,
+        shape,
+        view,
+        700 + groups as u64,
+        -0.5,
+    );
+    h.eps = config.eps as f64;
+    let mut gn = GroupNorm::new(ctx, groups, c, config).unwrap();
+    gn.set_affine(h.affine(ctx, true)).unwrap();
+    gn.forward(ctx, &h.upload(ctx, &h.x)).unwrap();
+    let got = gn.backward(ctx, &h.upload(ctx, &h.dy)).unwrap();
+    h.check(&got, true)
+}
+
+#[test]
+fn half_group_norm_backward_matches_f64_within_2_ulp() {
+    for dtype in HALVES {
+        for (shape, groups, keras) in [
+            (&[2, 12, 9, 9][..], 3, false), // groups of 324 (row kernel)
+            (&[2, 6, 3, 3], 2, false),      // groups of 27 (odd: tiled)
+            (&[3, 6, 5], 6, false),         // one channel per group, odd
+            (&[2, 5, 5, 12], 4, true),      // channels-last
+            (&[2, 7, 6], 6, true),          // channels-last, one per group
+        ] {
+            let u = half_group_norm(dtype, shape, groups, keras);
+            eprintln!("group norm {dtype} {shape:?}/{groups}: {u:.3} ulp");
+        }
+    }
+}
+
+fn half_instance_norm(dtype: DType, shape: &[usize], mode: Mode, tracked: bool) -> f64 {
+    let ctx = ctx();
+    let c = shape[1];
+    let mut h = Half::new(
+        &format!("instance norm {mode:?} tracked {tracked}"),
+        dtype,
+        shape,
+        View::instance_norm(shape),
+        900 + c as u64,
+        0.0,
+    );
+    let rm = normal(c, 7, 0.5, 0.5);
+    let rv: Vec<f32> = normal(c, 8, 0.0, 1.0).iter().map(|a| 0.5 + a * a).collect();
+    let config = InstanceNormConfig {
+        affine: true,
+        track_running_stats: tracked,
+        ..InstanceNormConfig::torch()
+    };
+    let mut inorm = InstanceNorm::new(ctx, c, config).unwrap();
+    inorm.set_affine(h.affine(ctx, true)).unwrap();
+    if tracked {
+        inorm
+            .set_running_stats(ctx, Some((up(ctx, &rm, &[c]), up(ctx, &rv, &[c]), Some(0))))
+            .unwrap();
+    }
+    inorm.forward(ctx, &h.upload(ctx, &h.x), mode).unwrap();
+    let got = inorm.backward(ctx, &h.upload(ctx, &h.dy)).unwrap();
+    if mode == Mode::Eval && tracked {
+        h.running = Some((rm, rv));
+    }
+    h.check(&got, true)
+}
+
+#[test]
+fn half_instance_norm_backward_matches_f64_within_2_ulp() {
+    for dtype in HALVES {
+        for (shape, mode, tracked) in [
+            (&[2, 3, 8, 8][..], Mode::Train, false), // even: row kernel
+            (&[3, 4, 7, 7], Mode::Train, false),     // odd: tiled
+            (&[2, 3, 5, 5], Mode::Eval, true),       // running stats
+        ] {
+            let u = half_instance_norm(dtype, shape, mode, tracked);
+            eprintln!("instance norm {dtype} {shape:?} {mode:?}: {u:.3} ulp");
+        }
+    }
+}
+
+#[test]
+fn half_grad_input_overflows_to_infinity_and_keeps_nan() {
+    // BatchNorm eval: grad_input = dy·γ·rstd elementwise (running var 1), so
+    // γ of channel 0 pushes it past the dtype's largest finite value.
+    let ctx = ctx();
+    for (dtype, big) in [(DType::F16, 1e5f32), (DType::BF16, 3.4e38)] {
+        let shape = [4, 2];
+        let x = stored(&[0.5, -1.0, 2.0, 0.25, -0.75, 1.5, 1.0, 3.0], dtype);
+        let dy = stored(&[1.0, 0.5, -1.0, f32::NAN, 0.25, -2.0, 1e-3, 3.0], dtype);
+        let w = [big, 1.0];
+        let (rm, rv) = (vec![0.0f32; 2], vec![1.0f32; 2]);
+        let mut bn = BatchNorm::new(ctx, 2, BatchNormConfig::torch()).unwrap();
+        bn.set_weight(Some(up(ctx, &w, &[2]))).unwrap();
+        bn.set_running_stats(ctx, Some((up(ctx, &rm, &[2]), up(ctx, &rv, &[2]), Some(0))))
+            .unwrap();
+        let xt = ctx.upload_as(&x, &shape, dtype).unwrap();
+        bn.forward(ctx, &xt, Mode::Eval).unwrap();
+        let dyt = ctx.upload_as(&dy, &shape, dtype).unwrap();
+        let got = ctx
+            .download(&bn.backward(ctx, &dyt).unwrap().grad_input)
+            .unwrap();
+        let want = reference::backward(
+            &x,
+            &dy,
+            &View::batch_norm(&shape, 1),
+            false,
+            1e-5,
+            Some(&w),
+            Some((&rm, &rv)),
+        );
+        // The reference rounded once to the storage dtype.
+        let once: Vec<f64> = want
+            .grad_input
+            .iter()
+            .map(|&v| match dtype {
+                DType::F16 => half::f16::from_f64(v).to_f64(),
+                _ => half::bf16::from_f64(v).to_f64(),
+            })
+            .collect();
+        assert!(once[0].is_infinite() && once[2].is_infinite(), "{once:?}");
+        for (i, (&g, &o)) in got.iter().zip(&once).enumerate() {
+            if o.is_nan() {
+                assert!(g.is_nan(), "{dtype} [{i}]: {g}, expected NaN");
+            } else if o.is_infinite() {
+                assert_eq!(g as f64, o, "{dtype} [{i}]: expected overflow to {o}");
+            } else {
+                assert!(
+                    (g as f64 - o).abs() <= half_ulp(o, dtype),
+                    "{dtype} [{i}]: {g} vs {o}"
+                );
+            }
+        }
+    }
 }
