@@ -99,6 +99,10 @@ fn fast_div(n: u32, f: vec4<u32>) -> u32 {
     return (t + ((n - t) >> f.z)) >> f.w;
 }
 
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
 fn has_flag(f: u32) -> bool {
     return (params.flags & f) != 0u;
 }
@@ -183,6 +187,18 @@ fn affine4(v: vec4<f32>, g: u32, b0: u32) -> vec4<f32> {
         }
         if (has_flag(FLAG_BIAS)) {
             r = r + bias[k >> 2u];
+        }
+        return r;
+    }
+    if (d == params.b && (b0 & 3u) == 0u && (d & 3u) == 0u) {
+        // One parameter per group of B (BatchNorm, InstanceNorm): the four
+        // elements share it.
+        var r = v;
+        if (has_flag(FLAG_WEIGHT)) {
+            r = r * weight_at(g);
+        }
+        if (has_flag(FLAG_BIAS)) {
+            r = r + bias_at(g);
         }
         return r;
     }

@@ -14,10 +14,6 @@
 
 var<workgroup> next_slot: atomic<u32>;
 
-fn hsum(v: vec4<f32>) -> f32 {
-    return (v.x + v.y) + (v.z + v.w);
-}
-
 @compute @workgroup_size(ROWS_SG_WG)
 fn rows_subgroup(
     @builtin(workgroup_id) wid: vec3<u32>,

@@ -48,26 +48,49 @@ fn partials(
     let end = min(start + params.tile_len, hi);
     let shift = group_shift(p, g);
 
-    var values: array<f32, STATS_PER_THREAD>;
     var count = 0u;
-    var sum = 0.0;
-    for (var k = 0u; k < STATS_PER_THREAD; k++) {
-        let j = start + lid + k * STATS_WG;
-        if (j < end) {
-            let v = load_x(element_index(p, g, j) - params.chunk_base) - shift;
-            values[k] = v;
-            sum += v;
-            count++;
-        }
-    }
     var mean = 0.0;
-    if (count > 0u && !has_flag(FLAG_RMS)) {
-        mean = sum / f32(count);
-    }
     var m2 = 0.0;
-    for (var k = 0u; k < count; k++) {
-        let d = values[k] - mean;
-        m2 += d * d;
+    if (params.b % 4u == 0u) {
+        // Aligned groups of four share a run of the group: one vector load
+        // each (tile starts, ends and chunk bounds are multiples of four).
+        var values: array<vec4<f32>, STATS_PER_THREAD / 4u>;
+        var sum = vec4<f32>(0.0);
+        for (var k = 0u; k < STATS_PER_THREAD / 4u; k++) {
+            let j = start + 4u * (lid + k * STATS_WG);
+            if (j < end) {
+                let v = load_x4((element_index(p, g, j) - params.chunk_base) >> 2u) - shift;
+                values[k] = v;
+                sum += v;
+                count += 4u;
+            }
+        }
+        if (count > 0u && !has_flag(FLAG_RMS)) {
+            mean = hsum(sum) / f32(count);
+        }
+        for (var k = 0u; k < count / 4u; k++) {
+            let d = values[k] - mean;
+            m2 += dot(d, d);
+        }
+    } else {
+        var values: array<f32, STATS_PER_THREAD>;
+        var sum = 0.0;
+        for (var k = 0u; k < STATS_PER_THREAD; k++) {
+            let j = start + lid + k * STATS_WG;
+            if (j < end) {
+                let v = load_x(element_index(p, g, j) - params.chunk_base) - shift;
+                values[k] = v;
+                sum += v;
+                count++;
+            }
+        }
+        if (count > 0u && !has_flag(FLAG_RMS)) {
+            mean = sum / f32(count);
+        }
+        for (var k = 0u; k < count; k++) {
+            let d = values[k] - mean;
+            m2 += d * d;
+        }
     }
     wg_sum[lid] = vec3<f32>(f32(count), mean, m2);
     workgroupBarrier();

@@ -4,8 +4,8 @@ use crate::context::Context;
 use crate::engine::{Dispatch, ForwardSpec, RunningUpdate, StatsSource};
 use crate::error::{Error, Result};
 use crate::norm::{
-    check_eps, check_input_dtype, check_momentum, check_output, check_vector, record_validated,
-    submit_scoped, Affine, Convention, Mode, RunningStats, Saved,
+    check_eps, check_input_dtype, check_momentum, check_vector, forward_into_new, record_layer,
+    Affine, Convention, Mode, RunningStats, Saved,
 };
 use crate::tensor::GpuTensor;
 use crate::view::View;
@@ -325,9 +325,7 @@ impl BatchNorm {
     /// Normalizes `x` (records, submits, returns the output).
     pub fn forward(&mut self, ctx: &Context, x: &GpuTensor, mode: Mode) -> Result<GpuTensor> {
         self.spec(x, mode)?;
-        let y = ctx.zeros(x.shape(), x.dtype())?;
-        submit_scoped(ctx, |encoder| self.record(ctx, encoder, x, &y, mode))?;
-        Ok(y)
+        forward_into_new(ctx, x, |encoder, y| self.record(ctx, encoder, x, y, mode))
     }
 
     /// Records the forward pass into the caller's encoder, writing `y`. Train
@@ -343,43 +341,17 @@ impl BatchNorm {
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec(x, mode)?;
         let running = self.running.as_ref();
-        check_output(
+        record_layer(
+            ctx,
+            encoder,
+            spec,
             x,
             y,
-            &[
-                self.affine.weight.as_ref(),
-                self.affine.bias.as_ref(),
-                running.map(|r| &r.mean),
-                running.map(|r| &r.var),
-            ],
-        )?;
-        let (saved, dispatches) =
-            record_validated(ctx, encoder, spec, x, y, &self.affine, running)?;
-        self.saved = Some(saved);
-        Ok(dispatches)
+            &self.affine,
+            running,
+            &mut self.saved,
+        )
     }
 }
 
-impl BatchNorm {
-    /// The backward pass of the last forward (SPEC.md §4): `grad_input` and
-    /// the gradient of each affine parameter present, computed on the device
-    /// from the statistics that forward saved, then submitted. Only the last
-    /// forward is differentiable (it replaces the saved state, like torch's
-    /// graph). Errors when no forward ran or `dy` differs from that forward's
-    /// input in shape or dtype.
-    pub fn backward(&self, ctx: &Context, dy: &GpuTensor) -> Result<crate::backward::Gradients> {
-        crate::backward::run_backward(ctx, self.saved.as_ref(), &self.affine, dy)
-    }
-
-    /// Records the backward pass into the caller's encoder (nothing is
-    /// submitted) and returns the freshly allocated gradients with the
-    /// dispatches recorded.
-    pub fn record_backward(
-        &self,
-        ctx: &Context,
-        encoder: &mut wgpu::CommandEncoder,
-        dy: &GpuTensor,
-    ) -> Result<(crate::backward::Gradients, Vec<crate::backward::Dispatch>)> {
-        crate::backward::record_backward(ctx, encoder, self.saved.as_ref(), &self.affine, dy)
-    }
-}
+crate::norm::impl_backward!(BatchNorm, |s| s.saved.as_ref(), &s.affine);

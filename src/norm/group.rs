@@ -5,8 +5,7 @@ use crate::context::Context;
 use crate::engine::{Dispatch, ForwardSpec, StatsSource};
 use crate::error::{Error, Result};
 use crate::norm::{
-    check_eps, check_input_dtype, check_output, record_validated, submit_scoped, Affine,
-    Convention, Saved,
+    check_eps, check_input_dtype, forward_into_new, record_layer, Affine, Convention, Saved,
 };
 use crate::tensor::GpuTensor;
 use crate::view::View;
@@ -152,9 +151,7 @@ impl GroupNorm {
     /// Normalizes `x` (records, submits, returns the output).
     pub fn forward(&mut self, ctx: &Context, x: &GpuTensor) -> Result<GpuTensor> {
         self.spec(x)?;
-        let y = ctx.zeros(x.shape(), x.dtype())?;
-        submit_scoped(ctx, |encoder| self.record(ctx, encoder, x, &y))?;
-        Ok(y)
+        forward_into_new(ctx, x, |encoder, y| self.record(ctx, encoder, x, y))
     }
 
     /// Records the forward pass into the caller's encoder, writing `y`.
@@ -166,37 +163,17 @@ impl GroupNorm {
         y: &GpuTensor,
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec(x)?;
-        check_output(
+        record_layer(
+            ctx,
+            encoder,
+            spec,
             x,
             y,
-            &[self.affine.weight.as_ref(), self.affine.bias.as_ref()],
-        )?;
-        let (saved, dispatches) = record_validated(ctx, encoder, spec, x, y, &self.affine, None)?;
-        self.saved = Some(saved);
-        Ok(dispatches)
+            &self.affine,
+            None,
+            &mut self.saved,
+        )
     }
 }
 
-impl GroupNorm {
-    /// The backward pass of the last forward (SPEC.md §4): `grad_input` and
-    /// the gradient of each affine parameter present, computed on the device
-    /// from the statistics that forward saved, then submitted. Only the last
-    /// forward is differentiable (it replaces the saved state, like torch's
-    /// graph). Errors when no forward ran or `dy` differs from that forward's
-    /// input in shape or dtype.
-    pub fn backward(&self, ctx: &Context, dy: &GpuTensor) -> Result<crate::backward::Gradients> {
-        crate::backward::run_backward(ctx, self.saved.as_ref(), &self.affine, dy)
-    }
-
-    /// Records the backward pass into the caller's encoder (nothing is
-    /// submitted) and returns the freshly allocated gradients with the
-    /// dispatches recorded.
-    pub fn record_backward(
-        &self,
-        ctx: &Context,
-        encoder: &mut wgpu::CommandEncoder,
-        dy: &GpuTensor,
-    ) -> Result<(crate::backward::Gradients, Vec<crate::backward::Dispatch>)> {
-        crate::backward::record_backward(ctx, encoder, self.saved.as_ref(), &self.affine, dy)
-    }
-}
+crate::norm::impl_backward!(GroupNorm, |s| s.saved.as_ref(), &s.affine);

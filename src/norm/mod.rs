@@ -282,6 +282,84 @@ pub(crate) fn record_validated(
     Ok((saved, dispatches))
 }
 
+/// Records a validated forward of a layer: refuses an aliased output,
+/// records the passes, and keeps what the backward pass needs in `saved`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record_layer(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    spec: ForwardSpec,
+    x: &GpuTensor,
+    y: &GpuTensor,
+    affine: &Affine,
+    running: Option<&RunningStats>,
+    saved: &mut Option<Saved>,
+) -> Result<Vec<Dispatch>> {
+    check_output(
+        x,
+        y,
+        &[
+            affine.weight.as_ref(),
+            affine.bias.as_ref(),
+            running.map(|r| &r.mean),
+            running.map(|r| &r.var),
+        ],
+    )?;
+    let (new_saved, dispatches) = record_validated(ctx, encoder, spec, x, y, affine, running)?;
+    *saved = Some(new_saved);
+    Ok(dispatches)
+}
+
+/// A forward that allocates its output, records with `record`, and submits.
+pub(crate) fn forward_into_new(
+    ctx: &Context,
+    x: &GpuTensor,
+    record: impl FnOnce(&mut wgpu::CommandEncoder, &GpuTensor) -> Result<Vec<Dispatch>>,
+) -> Result<GpuTensor> {
+    let y = ctx.zeros(x.shape(), x.dtype())?;
+    submit_scoped(ctx, |encoder| record(encoder, &y))?;
+    Ok(y)
+}
+
+/// The backward methods every layer has, from where it keeps its saved
+/// forward and its affine parameters.
+macro_rules! impl_backward {
+    ($layer:ty, |$s:ident| $saved:expr, $affine:expr) => {
+        impl $layer {
+            /// The backward pass of the last forward (SPEC.md §4):
+            /// `grad_input` and the gradient of each affine parameter
+            /// present, computed on the device from the statistics that
+            /// forward saved, then submitted. Only the last forward is
+            /// differentiable (it replaces the saved state, like torch's
+            /// graph). Errors when no forward ran or `dy` differs from that
+            /// forward's input in shape or dtype.
+            pub fn backward(
+                &self,
+                ctx: &$crate::Context,
+                dy: &$crate::GpuTensor,
+            ) -> $crate::Result<$crate::backward::Gradients> {
+                let $s = self;
+                $crate::backward::run_backward(ctx, $saved, $affine, dy)
+            }
+
+            /// Records the backward pass into the caller's encoder (nothing
+            /// is submitted) and returns the freshly allocated gradients
+            /// with the dispatches recorded.
+            pub fn record_backward(
+                &self,
+                ctx: &$crate::Context,
+                encoder: &mut wgpu::CommandEncoder,
+                dy: &$crate::GpuTensor,
+            ) -> $crate::Result<($crate::backward::Gradients, Vec<$crate::backward::Dispatch>)>
+            {
+                let $s = self;
+                $crate::backward::record_backward(ctx, encoder, $saved, $affine, dy)
+            }
+        }
+    };
+}
+pub(crate) use impl_backward;
+
 /// Runs `record` in its own encoder inside error scopes, submits it, and
 /// turns any wgpu error into [`Error::Wgpu`].
 pub(crate) fn submit_scoped<T>(

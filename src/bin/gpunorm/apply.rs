@@ -55,6 +55,15 @@ pub struct ApplyArgs {
     /// train | eval, as torch's train()/eval()
     #[arg(long, value_enum, default_value = "train")]
     pub mode: ModeArg,
+    /// The op's hyper-parameters and the adapter.
+    #[command(flatten)]
+    pub flags: OpFlags,
+}
+
+/// The flags `apply` and `bench` share (CLI.md): convention, op
+/// hyper-parameters, adapter.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OpFlags {
     /// torch | keras
     #[arg(long, value_enum, default_value = "torch")]
     pub convention: ConventionArg,
@@ -106,17 +115,17 @@ pub(crate) fn parse_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Ve
 
 /// Refuses flags that do not apply to the op and convention (CLI.md).
 pub(crate) fn check_flags(a: &ApplyArgs) -> Result<()> {
-    let keras = a.convention == ConventionArg::Keras;
+    let keras = a.flags.convention == ConventionArg::Keras;
     let reject = |flag: &str, why: &str| -> Result<()> {
         Err(invalid(format!("{flag} does not apply {why}")))
     };
-    if a.momentum.is_some() && !matches!(a.op, Op::BatchNorm | Op::InstanceNorm) {
+    if a.flags.momentum.is_some() && !matches!(a.op, Op::BatchNorm | Op::InstanceNorm) {
         reject(
             "--momentum",
             "to this op (only batch-norm and instance-norm have running statistics)",
         )?;
     }
-    if a.normalized_shape.is_some() {
+    if a.flags.normalized_shape.is_some() {
         if keras {
             reject("--normalized-shape", "with --convention keras (use --axis)")?;
         }
@@ -127,7 +136,7 @@ pub(crate) fn check_flags(a: &ApplyArgs) -> Result<()> {
             )?;
         }
     }
-    if a.axis.is_some() {
+    if a.flags.axis.is_some() {
         if !keras {
             reject("--axis", "with --convention torch (torch's channel axis is 1; use --normalized-shape for layer-norm)")?;
         }
@@ -138,7 +147,7 @@ pub(crate) fn check_flags(a: &ApplyArgs) -> Result<()> {
             )?;
         }
     }
-    if a.groups.is_some() && a.op != Op::GroupNorm {
+    if a.flags.groups.is_some() && a.op != Op::GroupNorm {
         reject("--groups", "to this op (only group-norm)")?;
     }
     if keras && a.op == Op::InstanceNorm {
@@ -146,7 +155,7 @@ pub(crate) fn check_flags(a: &ApplyArgs) -> Result<()> {
             "Keras has no instance-norm layer; use --op group-norm --groups=-1 (GroupNormalization(groups=-1))".into(),
         ));
     }
-    if let Some(m) = &a.momentum {
+    if let Some(m) = &a.flags.momentum {
         if m.trim().eq_ignore_ascii_case("none") && keras {
             reject(
                 "--momentum none",
@@ -289,7 +298,7 @@ pub(crate) fn resolve_axis(axis: i64, rank: usize) -> Result<usize> {
 /// The trailing dims a layer-norm/rms-norm normalizes.
 fn normalized_shape(a: &ApplyArgs, st: &State, op: Op, shape: &[usize]) -> Result<Vec<usize>> {
     if st.keras {
-        let axes: Vec<i64> = match &a.axis {
+        let axes: Vec<i64> = match &a.flags.axis {
             Some(s) => parse_list("--axis", s)?,
             None => vec![-1],
         };
@@ -319,7 +328,7 @@ fn normalized_shape(a: &ApplyArgs, st: &State, op: Op, shape: &[usize]) -> Resul
             }
         })
         .map(|t| t.shape.clone());
-    match (&a.normalized_shape, param_shape) {
+    match (&a.flags.normalized_shape, param_shape) {
         (Some(s), param) => {
             let flag: Vec<usize> = parse_list("--normalized-shape", s)?;
             if let Some(p) = param {
@@ -338,7 +347,8 @@ fn normalized_shape(a: &ApplyArgs, st: &State, op: Op, shape: &[usize]) -> Resul
 }
 
 fn eps_or(a: &ApplyArgs, default: f32) -> Result<f32> {
-    a.eps
+    a.flags
+        .eps
         .as_deref()
         .map(|s| parse_f32("--eps", s))
         .transpose()
@@ -347,7 +357,7 @@ fn eps_or(a: &ApplyArgs, default: f32) -> Result<f32> {
 
 /// `Some(m)`, or `None` for `--momentum none`; the convention's default when absent.
 fn momentum_or(a: &ApplyArgs, default: f32) -> Result<Option<f32>> {
-    match a.momentum.as_deref().map(str::trim) {
+    match a.flags.momentum.as_deref().map(str::trim) {
         None => Ok(Some(default)),
         Some(s) if s.eq_ignore_ascii_case("none") => Ok(None),
         Some(s) => parse_f32("--momentum", s).map(Some),
@@ -448,7 +458,7 @@ fn check_grad_output(input: &HostTensor, dy: &HostTensor) -> Result<()> {
 pub fn run(a: ApplyArgs) -> Result<ExitCode> {
     check_flags(&a)?;
     let files = tensors::read(&a.input)?;
-    let keras = a.convention == ConventionArg::Keras;
+    let keras = a.flags.convention == ConventionArg::Keras;
     let allowed = allowed_names(a.op, keras);
     for name in files.keys() {
         if !allowed.contains(&name.as_str()) {
@@ -469,7 +479,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
         check_grad_output(input, dy)?;
     }
     let ctx = Context::with_options(ContextOptions {
-        adapter_name: a.adapter.clone(),
+        adapter_name: a.flags.adapter.clone(),
         ..Default::default()
     })?;
     let st = State {
@@ -497,7 +507,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
     let y = match a.op {
         Op::BatchNorm => {
             let (mut config, channel_axis) = if keras {
-                let axis: Vec<i64> = match &a.axis {
+                let axis: Vec<i64> = match &a.flags.axis {
                     Some(s) => parse_list("--axis", s)?,
                     None => vec![-1],
                 };
@@ -565,7 +575,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
             } else {
                 shape[1]
             };
-            let groups: i64 = match (&a.groups, keras) {
+            let groups: i64 = match (&a.flags.groups, keras) {
                 (Some(s), _) => s
                     .trim()
                     .parse()

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::apply::{
     check_flags, parse_f32, parse_list, resolve_axis, ApplyArgs, ConventionArg, ModeArg, Op,
+    OpFlags,
 };
 use crate::sweep;
 
@@ -84,31 +85,9 @@ pub struct BenchArgs {
     /// With --sweep: write a CSV of GB/s against length
     #[arg(long, value_name = "FILE.csv")]
     pub csv: Option<PathBuf>,
-    /// torch | keras
-    #[arg(long, value_enum, default_value = "torch")]
-    pub convention: ConventionArg,
-    /// Default: the convention's default for the op.
-    #[arg(long, allow_hyphen_values = true, value_name = "F")]
-    pub eps: Option<String>,
-    /// F or `none` (batch-norm, instance-norm). Default 0.1 torch, 0.99 keras.
-    #[arg(long, allow_hyphen_values = true, value_name = "F|none")]
-    pub momentum: Option<String>,
-    /// torch layer-norm/rms-norm: D1[,D2...]. Default: the last dim.
-    #[arg(
-        long = "normalized-shape",
-        allow_hyphen_values = true,
-        value_name = "D1[,D2...]"
-    )]
-    pub normalized_shape: Option<String>,
-    /// keras: channel axis of batch-norm (default -1); normalized axes of layer-norm/rms-norm (default -1).
-    #[arg(long, allow_hyphen_values = true, value_name = "K[,K...]")]
-    pub axis: Option<String>,
-    /// group-norm: required with torch; keras default 32, -1 means one group per channel.
-    #[arg(long, allow_hyphen_values = true, value_name = "G")]
-    pub groups: Option<String>,
-    /// Use the adapter whose name contains this.
-    #[arg(long, value_name = "S")]
-    pub adapter: Option<String>,
+    /// The op's hyper-parameters and the adapter, as for apply.
+    #[command(flatten)]
+    pub flags: OpFlags,
 }
 
 impl BenchArgs {
@@ -119,13 +98,7 @@ impl BenchArgs {
             input: PathBuf::new(),
             output: PathBuf::new(),
             mode: self.mode,
-            convention: self.convention,
-            eps: self.eps.clone(),
-            momentum: self.momentum.clone(),
-            normalized_shape: self.normalized_shape.clone(),
-            axis: self.axis.clone(),
-            groups: self.groups.clone(),
-            adapter: self.adapter.clone(),
+            flags: self.flags.clone(),
         }
     }
 
@@ -356,14 +329,14 @@ fn bytes_of(t: Option<&GpuTensor>) -> u64 {
 }
 
 fn eps_or(flags: &ApplyArgs, default: f32) -> Result<f32> {
-    match &flags.eps {
+    match &flags.flags.eps {
         Some(s) => parse_f32("--eps", s),
         None => Ok(default),
     }
 }
 
 fn momentum_or(flags: &ApplyArgs, default: Option<f32>) -> Result<Option<f32>> {
-    match flags.momentum.as_deref().map(str::trim) {
+    match flags.flags.momentum.as_deref().map(str::trim) {
         None => Ok(default),
         Some(s) if s.eq_ignore_ascii_case("none") => Ok(None),
         Some(s) => parse_f32("--momentum", s).map(Some),
@@ -383,11 +356,11 @@ fn need_rank(op: Op, shape: &[usize], rank: usize, layout: &str) -> Result<()> {
 impl BenchLayer {
     fn build(ctx: &Context, flags: &ApplyArgs, shape: &[usize]) -> Result<Self> {
         check_flags(flags)?;
-        let keras = flags.convention == ConventionArg::Keras;
+        let keras = flags.flags.convention == ConventionArg::Keras;
         Ok(match flags.op {
             Op::LayerNorm | Op::RmsNorm => {
                 let dims = if keras {
-                    let axes: Vec<i64> = match &flags.axis {
+                    let axes: Vec<i64> = match &flags.flags.axis {
                         Some(s) => parse_list("--axis", s)?,
                         None => vec![-1],
                     };
@@ -406,7 +379,7 @@ impl BenchLayer {
                     }
                     shape[resolved[0]..].to_vec()
                 } else {
-                    match &flags.normalized_shape {
+                    match &flags.flags.normalized_shape {
                         Some(s) => parse_list("--normalized-shape", s)?,
                         None => shape.last().map(|&d| vec![d]).unwrap_or_default(),
                     }
@@ -430,7 +403,7 @@ impl BenchLayer {
             Op::BatchNorm => {
                 need_rank(flags.op, shape, 2, "[N, C, *S]")?;
                 let mut config = if keras {
-                    let axis: Vec<i64> = match &flags.axis {
+                    let axis: Vec<i64> = match &flags.flags.axis {
                         Some(s) => parse_list("--axis", s)?,
                         None => vec![-1],
                     };
@@ -470,7 +443,7 @@ impl BenchLayer {
                 } else {
                     shape[1]
                 };
-                let groups: i64 = match (&flags.groups, keras) {
+                let groups: i64 = match (&flags.flags.groups, keras) {
                     (Some(s), _) => s.trim().parse().map_err(|_| {
                         Error::InvalidArgument(format!("--groups expects an integer, got {s:?}"))
                     })?,
@@ -654,7 +627,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let shape = parse_shape(shape)?;
     let flags = args.op_flags(op);
     check_flags(&flags)?;
-    let bench = Bench::new(args.adapter.clone())?;
+    let bench = Bench::new(args.flags.adapter.clone())?;
     let settings = Settings {
         dtype: args.dtype.dtype(),
         mode: args.mode(),

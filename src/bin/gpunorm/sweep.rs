@@ -55,25 +55,25 @@ pub fn shape(op: Op, keras: bool, len: usize) -> Vec<usize> {
 
 /// The ops the sweep runs, after checking that the flags fit them.
 fn ops(args: &BenchArgs) -> Result<Vec<Op>> {
-    let keras = args.convention == ConventionArg::Keras;
+    let keras = args.flags.convention == ConventionArg::Keras;
     let refuse = |flag: &str, why: &str| -> Result<Vec<Op>> {
         Err(Error::InvalidArgument(format!(
             "{flag} does not apply to --sweep {why}"
         )))
     };
-    if args.normalized_shape.is_some() {
+    if args.flags.normalized_shape.is_some() {
         return refuse("--normalized-shape", "(the sweep chooses the shapes)");
     }
-    if args.axis.is_some() {
+    if args.flags.axis.is_some() {
         return refuse("--axis", "(the sweep chooses the shapes)");
     }
     match args.op {
         Some(op) => Ok(vec![op]),
         None => {
-            if args.groups.is_some() {
+            if args.flags.groups.is_some() {
                 return refuse("--groups", "without --op group-norm");
             }
-            if args.momentum.is_some() {
+            if args.flags.momentum.is_some() {
                 return refuse(
                     "--momentum",
                     "without --op batch-norm or --op instance-norm",
@@ -90,17 +90,17 @@ fn ops(args: &BenchArgs) -> Result<Vec<Op>> {
 
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     let ops = ops(args)?;
-    let keras = args.convention == ConventionArg::Keras;
+    let keras = args.flags.convention == ConventionArg::Keras;
     let mut flags = Vec::new();
     for &op in &ops {
         let mut f = args.op_flags(op);
-        if op == Op::GroupNorm && f.groups.is_none() {
-            f.groups = Some(GROUPS.to_string());
+        if op == Op::GroupNorm && f.flags.groups.is_none() {
+            f.flags.groups = Some(GROUPS.to_string());
         }
         check_flags(&f)?;
         flags.push(f);
     }
-    let bench = Bench::new(args.adapter.clone())?;
+    let bench = Bench::new(args.flags.adapter.clone())?;
     let settings = Settings {
         dtype: args.dtype.dtype(),
         mode: args.mode(),

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Times PyTorch and `gpunorm bench` on the same shapes, in the same run.
+
+Usage (from the repository root, with torch installed, e.g. in .venv):
+
+    cargo build --release
+    .venv/bin/python bench/compare_torch.py [--iters N] [--gpunorm PATH] [--markdown]
+
+For every shape of the criterion benches it times torch on the CPU (and on
+CUDA when torch sees a GPU), runs `gpunorm bench --json` on the same shape,
+and prints one table: ms, GB/s (the byte model of `gpunorm bench --help`:
+input read once, output written once, parameters and statistics),
+gpunorm's fraction of its adapter's WGSL copy kernel, and the ratio of
+torch's time to gpunorm's (above 1: gpunorm is faster).
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+# (label, op, shape, extra gpunorm flags, torch module factory, input layout)
+CASES = [
+    ("layer-norm", "layer-norm", [4096, 1024], [], lambda s: torch.nn.LayerNorm(s[-1]), None),
+    ("layer-norm", "layer-norm", [1024, 16384], [], lambda s: torch.nn.LayerNorm(s[-1]), None),
+    ("layer-norm", "layer-norm", [65536, 256], [], lambda s: torch.nn.LayerNorm(s[-1]), None),
+    ("rms-norm", "rms-norm", [4096, 4096], [], lambda s: torch.nn.RMSNorm(s[-1]), None),
+    ("batch-norm train NCHW", "batch-norm", [32, 64, 56, 56], ["--mode", "train"],
+     lambda s: torch.nn.BatchNorm2d(s[1]).train(), None),
+    ("batch-norm eval NCHW", "batch-norm", [32, 64, 56, 56], ["--mode", "eval"],
+     lambda s: torch.nn.BatchNorm2d(s[1]).eval(), None),
+    ("batch-norm train NHWC", "batch-norm", [32, 56, 56, 64],
+     ["--mode", "train", "--convention", "keras", "--momentum", "0.9", "--eps", "1e-5"],
+     lambda s: torch.nn.BatchNorm2d(s[3]).train(), "channels_last"),
+    ("batch-norm eval NHWC", "batch-norm", [32, 56, 56, 64],
+     ["--mode", "eval", "--convention", "keras", "--momentum", "0.9", "--eps", "1e-5"],
+     lambda s: torch.nn.BatchNorm2d(s[3]).eval(), "channels_last"),
+    ("group-norm 32 groups", "group-norm", [8, 256, 32, 32], ["--groups", "32"],
+     lambda s: torch.nn.GroupNorm(32, s[1]), None),
+    ("instance-norm", "instance-norm", [8, 64, 128, 128], [],
+     lambda s: torch.nn.InstanceNorm2d(s[1]), None),
+]
+
+
+def torch_input(shape, layout, device):
+    if layout == "channels_last":
+        n, h, w, c = shape
+        x = torch.randn(n, c, h, w, device=device).to(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(*shape, device=device)
+    return x
+
+
+def time_torch(factory, shape, layout, device, iters):
+    module = factory(shape).to(device)
+    x = torch_input(shape, layout, device)
+    with torch.no_grad():
+        for _ in range(3):
+            module(x)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            module(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def run_gpunorm(binary, op, shape, flags, iters):
+    cmd = [binary, "bench", "--op", op, "--shape", ",".join(map(str, shape)),
+           "--iters", str(iters), "--json", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr.strip()}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--gpunorm", default=os.path.join("target", "release", "gpunorm"))
+    args = parser.parse_args()
+    if not os.path.exists(args.gpunorm):
+        sys.exit(f"error: {args.gpunorm} not found; run `cargo build --release` first")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
+          + (f", CUDA: {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
+    rows = []
+    for label, op, shape, flags, factory, layout in CASES:
+        g = run_gpunorm(args.gpunorm, op, shape, flags, args.iters)
+        row = {"label": label, "shape": "x".join(map(str, shape)), "g": g}
+        for device in devices:
+            row[device] = time_torch(factory, shape, layout, device, args.iters)
+        rows.append(row)
+        print(f"  measured {label} {row['shape']}", file=sys.stderr)
+    adapter = rows[0]["g"]["adapter"] if rows else "?"
+    print(f"gpunorm adapter: {adapter} ({rows[0]['g']['timing']} timing)" if rows else "")
+    header = "| op | shape | gpunorm ms | GB/s | fraction of copy | copy GB/s |"
+    for device in devices:
+        header += f" torch {device} ms | torch {device} GB/s | torch/gpunorm |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for row in rows:
+        g = row["g"]
+        line = (f"| {row['label']} | {row['shape']} | {g['median_ms']:.2f} | {g['gbps']:.2f} | "
+                f"{g['fraction_of_copy']:.2f} | {g['copy_gbps']:.2f} |")
+        for device in devices:
+            t = row[device]
+            line += f" {t:.2f} | {g['bytes'] / t / 1e6:.2f} | {t / g['median_ms']:.2f} |"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
