@@ -30,6 +30,7 @@ pub mod error;
 pub mod kernels;
 pub mod norm;
 pub mod reference;
+pub mod state;
 pub mod tensor;
 pub mod timing;
 pub mod view;
@@ -43,6 +44,7 @@ pub use norm::instance::{InstanceNorm, InstanceNormConfig};
 pub use norm::layer::{LayerNorm, RmsNorm, RowNormConfig};
 pub use norm::sync::{GlobalStats, ReplicaGradSums, ReplicaStats};
 pub use norm::{Affine, Convention, Mode, RunningStats};
+pub use state::{HostTensor, StateDict, Stateful};
 pub use tensor::{DType, GpuTensor};
 pub use view::View;
 /// The wgpu version this crate is built on, so callers create devices with it.
