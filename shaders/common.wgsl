@@ -39,8 +39,10 @@ struct Params {
     chunk_index: u32,
     // Partials per group over all chunks (tiles · chunks).
     merge_tiles: u32,
-    _pad0: u32,
-    _pad1: u32,
+    // normalize_runs: workgroups per run of B elements, and vec4 groups per
+    // invocation.
+    run_blocks: u32,
+    run_vec4: u32,
     // Exact division by B, G, A·G·B and affine_div as multiply-high and
     // shifts (see fast_div): integer division is a scalar loop on CPUs
     // that run WGSL (lavapipe), and slow on many GPUs too.

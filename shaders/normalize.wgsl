@@ -47,6 +47,25 @@ fn normalized4(t: u32) -> vec4<f32> {
         let st = scratch[pos.x * params.g + pos.y];
         return affine4(((load_x4(t) - st.x) - st.y) * st.z, pos.y, pos.z);
     }
+    if (params.b == 1u && params.g % 4u == 0u) {
+        // Channels-last: four adjacent groups (channels), vector parameters.
+        let global = params.chunk_base + first;
+        let pa = fast_div(global, params.div_g);
+        let g0 = global - pa * params.g;
+        var p = 0u;
+        if (params.p != 1u) {
+            p = fast_div(global, params.div_agb);
+        }
+        let s = p * params.g + g0;
+        let s0 = scratch[s];
+        let s1 = scratch[s + 1u];
+        let s2 = scratch[s + 2u];
+        let s3 = scratch[s + 3u];
+        let shift = vec4<f32>(s0.x, s1.x, s2.x, s3.x);
+        let dmean = vec4<f32>(s0.y, s1.y, s2.y, s3.y);
+        let rstd = vec4<f32>(s0.z, s1.z, s2.z, s3.z);
+        return affine4(((load_x4(t) - shift) - dmean) * rstd, g0, 0u);
+    }
     return vec4<f32>(
         normalized_at(first),
         normalized_at(first + 1u),
@@ -80,6 +99,107 @@ fn normalize(
                 v1 = normalized_at(i + 1u);
             }
             store_y2(i, normalized_at(i), v1, second);
+        }
+    }
+}
+
+// Run by run, for B a multiple of four and long enough to fill a workgroup
+// (the host checks; the tensor is in one binding). Workgroup w covers block
+// w % run_blocks of run w / run_blocks, the B contiguous elements of one
+// (p, a, g): the statistics group and, when the affine index is the group,
+// γ and β are the same for the whole workgroup, found once with a few
+// uniform divisions instead of per element. Invocation lid handles the vec4
+// groups lid, lid + NORMALIZE_WG, ... of its block (run_vec4 of them).
+@compute @workgroup_size(NORMALIZE_WG)
+fn normalize_runs(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = linear_workgroup(wid, nwg);
+    let run = w / params.run_blocks;
+    if (run >= params.p * params.a * params.g) {
+        return;
+    }
+    let block = w - run * params.run_blocks;
+    let pa = run / params.g;
+    let g = run - pa * params.g;
+    let p = pa / params.a;
+    let st = scratch[p * params.g + g];
+    let n4 = params.b / 4u;
+    let base4 = run * n4;
+    let first = block * params.run_vec4 * NORMALIZE_WG + lid;
+    if (params.affine_div == params.b) {
+        // One γ and β per run (BatchNorm, InstanceNorm).
+        var scale = st.z;
+        var offset = -st.y * st.z;
+        if (has_flag(FLAG_WEIGHT)) {
+            scale = scale * weight_at(g);
+            offset = offset * weight_at(g);
+        }
+        if (has_flag(FLAG_BIAS)) {
+            offset = offset + bias_at(g);
+        }
+        for (var k = 0u; k < params.run_vec4; k++) {
+            let j4 = first + k * NORMALIZE_WG;
+            if (j4 < n4) {
+                store_y4(base4 + j4, (load_x4(base4 + j4) - st.x) * scale + offset);
+            }
+        }
+    } else {
+        for (var k = 0u; k < params.run_vec4; k++) {
+            let j4 = first + k * NORMALIZE_WG;
+            if (j4 < n4) {
+                let xn = ((load_x4(base4 + j4) - st.x) - st.y) * st.z;
+                store_y4(base4 + j4, affine4(xn, g, 4u * j4));
+            }
+        }
+    }
+}
+
+// Short runs (channels-last, P = 1): rows of L = G·B columns with L/4
+// dividing NORMALIZE_WG (the host checks). Invocation lid always owns the
+// same four columns, lid % (L/4), so it loads their statistics and γ, β once
+// and folds them into y = (x − shift)·scale + offset; the loop over its rows
+// (lid / (L/4), then every NORMALIZE_WG/(L/4) rows, run_vec4 times from the
+// workgroup's first row) is loads, one multiply-add and stores.
+@compute @workgroup_size(NORMALIZE_WG)
+fn normalize_columns(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let l4 = (params.g * params.b) / 4u;
+    let q4 = lid % l4;
+    let rows_per_step = NORMALIZE_WG / l4;
+    var shift: vec4<f32>;
+    var scale: vec4<f32>;
+    var offset: vec4<f32>;
+    for (var i = 0u; i < 4u; i++) {
+        let q = 4u * q4 + i;
+        let g = fast_div(q, params.div_b);
+        let st = scratch[g];
+        var s = st.z;
+        var o = -st.y * st.z;
+        let c = fast_div(q, params.div_affine);
+        if (has_flag(FLAG_WEIGHT)) {
+            s = s * weight_at(c);
+            o = o * weight_at(c);
+        }
+        if (has_flag(FLAG_BIAS)) {
+            o = o + bias_at(c);
+        }
+        shift[i] = st.x;
+        scale[i] = s;
+        offset[i] = o;
+    }
+    let first_row = linear_workgroup(wid, nwg) * params.run_vec4 * rows_per_step + lid / l4;
+    let rows = params.a;
+    for (var k = 0u; k < params.run_vec4; k++) {
+        let row = first_row + k * rows_per_step;
+        if (row < rows) {
+            let t = row * l4 + q4;
+            store_y4(t, (load_x4(t) - shift) * scale + offset);
         }
     }
 }

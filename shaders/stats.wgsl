@@ -128,3 +128,62 @@ fn shifts(
         scratch[group] = vec4<f32>(shift, 0.0, 0.0, 0.0);
     }
 }
+
+// Partials of views with short runs (B < 4, e.g. channels-last BatchNorm,
+// B = 1): the tensor is P·A rows of L = G·B columns, and the elements of a
+// group are spread across every row. One invocation owns four adjacent
+// columns (one vec4, so neighbouring invocations read neighbouring memory)
+// over a block of COLUMN_ROWS rows, takes their exact two-pass mean and M2
+// in registers, and writes one partial per column: for column q (group
+// g = q / B, b = q % B) at slot b·tiles + block of the group, where tiles is
+// the number of row blocks. No barrier and no workgroup memory.
+@compute @workgroup_size(STATS_WG)
+fn partials_columns(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let inv = linear_workgroup(wid, nwg) * STATS_WG + lid;
+    let l = params.g * params.b;
+    let l4 = l / 4u;
+    let per_p = params.tiles * l4;
+    if (inv >= params.p * per_p) {
+        return;
+    }
+    if (inv == 0u && has_flag(FLAG_BUMP_COUNTER)) {
+        bump_counter_once();
+    }
+    let p = inv / per_p;
+    let r = inv - p * per_p;
+    let block = r / l4;
+    let q4 = r - block * l4;
+    let row0 = block * COLUMN_ROWS;
+    let rows = min(COLUMN_ROWS, params.a - row0);
+    var groups: vec4<u32>;
+    var shift = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        groups[i] = (4u * q4 + i) / params.b;
+        shift[i] = group_shift(p, groups[i]);
+    }
+    var values: array<vec4<f32>, COLUMN_ROWS>;
+    var sum = vec4<f32>(0.0);
+    for (var i = 0u; i < rows; i++) {
+        let v = load_x4((p * params.a + row0 + i) * l4 + q4) - shift;
+        values[i] = v;
+        sum += v;
+    }
+    var mean = vec4<f32>(0.0);
+    if (!has_flag(FLAG_RMS)) {
+        mean = sum / f32(rows);
+    }
+    var m2 = vec4<f32>(0.0);
+    for (var i = 0u; i < rows; i++) {
+        let d = values[i] - mean;
+        m2 += d * d;
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let b = 4u * q4 + i - groups[i] * params.b;
+        let slot = (p * params.g + groups[i]) * params.merge_tiles + b * params.tiles + block;
+        scratch[params.partials_offset + slot] = vec4<f32>(f32(rows), mean[i], m2[i], 0.0);
+    }
+}

@@ -113,11 +113,118 @@ impl Chunks {
     }
 }
 
+/// How `normalize_runs` covers the tensor: each run of B contiguous
+/// elements (one statistics group, one (p, a, g)) gets `blocks` workgroups,
+/// each invocation `vec4` aligned groups of four.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunGrid {
+    pub blocks: usize,
+    pub vec4: usize,
+}
+
+impl RunGrid {
+    /// The grid of `normalize_columns`: rows per workgroup step, steps per
+    /// invocation (in `vec4`), workgroups (in `blocks`).
+    pub fn columns(view: &View) -> RunGrid {
+        let l4 = view.g * view.b / 4;
+        let rows_per_step = kernels::NORMALIZE_WG as usize / l4;
+        let steps = kernels::NORMALIZE_VEC4 as usize;
+        RunGrid {
+            blocks: view.a.div_ceil(rows_per_step * steps).max(1),
+            vec4: steps,
+        }
+    }
+
+    /// The grid for `view`'s runs (meaningful when [`uses_runs`] holds).
+    pub fn of(view: &View) -> RunGrid {
+        let per_lane_max = kernels::NORMALIZE_VEC4 as usize;
+        let wg = kernels::NORMALIZE_WG as usize;
+        let n4 = view.b / 4;
+        let blocks = n4.div_ceil(wg * per_lane_max).max(1);
+        RunGrid {
+            blocks,
+            vec4: n4.div_ceil(wg * blocks).max(1),
+        }
+    }
+}
+
+/// Whether the normalize pass goes run by run: runs long enough to fill a
+/// workgroup, aligned to four elements, and the tensor in one binding. The
+/// group of a whole workgroup is then known once (no per-element division
+/// or gather of statistics).
+pub fn uses_runs(view: &View, chunks: &Chunks) -> bool {
+    !chunks.split() && view.b.is_multiple_of(4) && view.b >= kernels::RUNS_MIN_LEN as usize
+}
+
+/// Whether the normalize pass goes by fixed columns: short runs
+/// (channels-last), P = 1, one binding, rows of L = G·B elements whose
+/// vec4 count divides the workgroup.
+pub fn uses_normalize_columns(view: &View, chunks: &Chunks) -> bool {
+    let l = view.g * view.b;
+    !chunks.split()
+        && view.p == 1
+        && view.b < 4
+        && l.is_multiple_of(4)
+        && (kernels::NORMALIZE_WG as usize).is_multiple_of(l / 4)
+}
+
+/// The normalize pass: run by run, by fixed columns, or one dispatch per
+/// chunk of the flat tensor.
+fn normalize_dispatches(view: &View, chunks: &Chunks) -> Vec<Dispatch> {
+    if uses_normalize_columns(view, chunks) {
+        return vec![Dispatch {
+            kernel: Kernel::NormalizeColumns,
+            workgroups: RunGrid::columns(view).blocks as u32,
+            chunk: 0,
+        }];
+    }
+    if uses_runs(view, chunks) {
+        let workgroups = view.p * view.a * view.g * RunGrid::of(view).blocks;
+        return vec![Dispatch {
+            kernel: Kernel::NormalizeRuns,
+            workgroups: workgroups as u32,
+            chunk: 0,
+        }];
+    }
+    let per_wg = (kernels::NORMALIZE_WG * kernels::NORMALIZE_PER_THREAD) as usize;
+    (0..chunks.count)
+        .map(|c| {
+            let (lo, hi) = chunks.range(c, view.numel());
+            Dispatch {
+                kernel: Kernel::Normalize,
+                workgroups: (hi - lo).div_ceil(per_wg) as u32,
+                chunk: c as u32,
+            }
+        })
+        .collect()
+}
+
 /// Partial tiles per group and chunk: a group's elements inside one chunk
 /// are a contiguous range of its `j` index, at most the chunk's length.
 fn tiles_for(view: &View, chunks: &Chunks) -> u32 {
+    if uses_columns(view, chunks) {
+        return view.a.div_ceil(kernels::COLUMN_ROWS as usize).max(1) as u32;
+    }
     let len = view.group_len().min(chunks.elems);
     len.div_ceil(kernels::STATS_TILE as usize).max(1) as u32
+}
+
+/// Partials per group: tiles (row blocks for the column kernel, times B
+/// columns) over every chunk.
+fn merge_tiles_for(view: &View, chunks: &Chunks) -> u32 {
+    let tiles = tiles_for(view, chunks);
+    if uses_columns(view, chunks) {
+        tiles * view.b as u32
+    } else {
+        tiles * chunks.count as u32
+    }
+}
+
+/// Whether the statistics come from the column partials kernel: runs
+/// shorter than four elements (channels-last), rows of whole vec4s, one
+/// binding.
+pub fn uses_columns(view: &View, chunks: &Chunks) -> bool {
+    !chunks.split() && view.b < 4 && (view.g * view.b).is_multiple_of(4)
 }
 
 /// What the adapter offers that kernel choice depends on.
@@ -182,10 +289,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             .map(move |c| d(kernel, workgroups(c), c))
             .collect::<Vec<_>>()
     };
-    let normalize_wg = |c: usize| {
-        let (lo, hi) = chunks.range(c, numel);
-        (hi - lo).div_ceil((kernels::NORMALIZE_WG * kernels::NORMALIZE_PER_THREAD) as usize)
-    };
+
     match spec.source {
         StatsSource::Running => {
             let mut plan = vec![d(
@@ -193,7 +297,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
                 v.groups().div_ceil(kernels::FINALIZE_WG as usize),
                 0,
             )];
-            plan.extend(per_chunk(Kernel::Normalize, &normalize_wg));
+            plan.extend(normalize_dispatches(v, chunks));
             plan
         }
         StatsSource::Batch if uses_row_kernel(spec) && !chunks.split() => {
@@ -218,9 +322,18 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
                 let groups_wg = v.groups().div_ceil(kernels::FINALIZE_WG as usize);
                 plan.extend(per_chunk(Kernel::Shifts, &|_| groups_wg));
             }
-            plan.extend(per_chunk(Kernel::Partials, &|_| v.groups() * tiles));
+            if uses_columns(v, chunks) {
+                let invocations = v.p * tiles * (v.g * v.b / 4);
+                plan.push(d(
+                    Kernel::PartialsColumns,
+                    invocations.div_ceil(kernels::STATS_WG as usize),
+                    0,
+                ));
+            } else {
+                plan.extend(per_chunk(Kernel::Partials, &|_| v.groups() * tiles));
+            }
             plan.push(d(Kernel::Finalize, finalize_wg, 0));
-            plan.extend(per_chunk(Kernel::Normalize, &normalize_wg));
+            plan.extend(normalize_dispatches(v, chunks));
             plan
         }
     }
@@ -229,7 +342,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
 /// Bytes of scratch (statistics and partials) a forward of `view` needs.
 pub fn scratch_bytes(view: &View, chunks: &Chunks) -> u64 {
     let groups = view.groups() as u64;
-    let tiles = tiles_for(view, chunks) as u64 * chunks.count as u64;
+    let tiles = merge_tiles_for(view, chunks) as u64;
     16 * (groups + groups * tiles).max(1)
 }
 
@@ -268,7 +381,8 @@ struct Params {
     chunk_len: u32,
     chunk_index: u32,
     merge_tiles: u32,
-    _pad: [u32; 2],
+    run_blocks: u32,
+    run_vec4: u32,
     div_b: [u32; 4],
     div_g: [u32; 4],
     div_agb: [u32; 4],
@@ -391,16 +505,7 @@ fn plan_preset(spec: &ForwardSpec, chunks: &Chunks) -> Vec<Dispatch> {
         workgroups: finalize_wg as u32,
         chunk: 0,
     });
-    for c in 0..chunks.count {
-        let (lo, hi) = chunks.range(c, numel);
-        let wg =
-            (hi - lo).div_ceil((kernels::NORMALIZE_WG * kernels::NORMALIZE_PER_THREAD) as usize);
-        plan.push(Dispatch {
-            kernel: Kernel::Normalize,
-            workgroups: wg as u32,
-            chunk: c as u32,
-        });
-    }
+    plan.extend(normalize_dispatches(v, chunks));
     plan
 }
 
@@ -442,11 +547,13 @@ fn record_forward_with(
         None => (1.0, 0.0),
     };
     let numel = v.numel();
+    let runs = if uses_normalize_columns(v, &chunks) {
+        RunGrid::columns(v)
+    } else {
+        RunGrid::of(v)
+    };
     let (tiles, merge_tiles) = match preset {
-        None => {
-            let tiles = tiles_for(v, &chunks);
-            (tiles, tiles * chunks.count as u32)
-        }
+        None => (tiles_for(v, &chunks), merge_tiles_for(v, &chunks)),
         Some(stats) => {
             // scratch[group] = (shift, ..) and one partial per group.
             let groups = v.groups();
@@ -484,7 +591,8 @@ fn record_forward_with(
         chunk_len: numel as u32,
         chunk_index: 0,
         merge_tiles,
-        _pad: [0; 2],
+        run_blocks: runs.blocks as u32,
+        run_vec4: runs.vec4 as u32,
         div_b: fast_divisor(v.b as u32),
         div_g: fast_divisor(v.g as u32),
         div_agb: fast_divisor((v.a * v.g * v.b) as u32),

@@ -20,6 +20,9 @@ pub const STATS_WG: u32 = 256;
 pub const STATS_PER_THREAD: u32 = 16;
 /// Elements of one tile of the partials pass.
 pub const STATS_TILE: u32 = STATS_WG * STATS_PER_THREAD;
+/// Rows each invocation of the column partials kernel reduces in registers
+/// (its partials take 1/COLUMN_ROWS of the input's size in scratch).
+pub const COLUMN_ROWS: u32 = 16;
 /// Invocations per workgroup of the finalize and eval-statistics passes.
 pub const FINALIZE_WG: u32 = 64;
 /// Invocations per workgroup of the normalize pass.
@@ -28,6 +31,9 @@ pub const NORMALIZE_WG: u32 = 256;
 /// workgroup apart (more work per invocation was measurably faster on
 /// lavapipe, see NOTES.md).
 pub const NORMALIZE_VEC4: u32 = 8;
+/// Shortest run (B) the run-by-run normalize kernel takes: shorter runs
+/// would leave most of a workgroup idle.
+pub const RUNS_MIN_LEN: u32 = 512;
 /// Elements each normalize invocation writes.
 pub const NORMALIZE_PER_THREAD: u32 = 4 * NORMALIZE_VEC4;
 /// Invocations per workgroup of the row kernel.
@@ -58,6 +64,8 @@ pub const MAX_GRID_DIM: u32 = 65535;
 pub enum Kernel {
     /// Per-tile (count, mean, M2) partials.
     Partials,
+    /// Per-column partials for views with short runs (channels-last).
+    PartialsColumns,
     /// Increments num_batches_tracked (empty inputs only).
     BumpCounter,
     /// Copies each group's first element, the shift of its statistics, into
@@ -70,6 +78,10 @@ pub enum Kernel {
     EvalStats,
     /// Fused normalize-scale-shift.
     Normalize,
+    /// Fused normalize-scale-shift, workgroups along runs of B elements.
+    NormalizeRuns,
+    /// Fused normalize-scale-shift for short runs, fixed columns per lane.
+    NormalizeColumns,
     /// Whole-row kernel for contiguous groups.
     Rows,
     /// Row kernel with one subgroup per row (adapters with subgroups).
@@ -78,7 +90,10 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 11] = [
+        Kernel::NormalizeColumns,
+        Kernel::PartialsColumns,
+        Kernel::NormalizeRuns,
         Kernel::RowsSubgroup,
         Kernel::Partials,
         Kernel::BumpCounter,
@@ -91,11 +106,13 @@ impl Kernel {
 
     fn file(self) -> &'static str {
         match self {
-            Kernel::Partials | Kernel::BumpCounter | Kernel::Shifts => {
+            Kernel::Partials | Kernel::PartialsColumns | Kernel::BumpCounter | Kernel::Shifts => {
                 include_str!("../shaders/stats.wgsl")
             }
             Kernel::Finalize | Kernel::EvalStats => include_str!("../shaders/finalize.wgsl"),
-            Kernel::Normalize => include_str!("../shaders/normalize.wgsl"),
+            Kernel::Normalize | Kernel::NormalizeRuns | Kernel::NormalizeColumns => {
+                include_str!("../shaders/normalize.wgsl")
+            }
             Kernel::Rows => include_str!("../shaders/rows.wgsl"),
             Kernel::RowsSubgroup => include_str!("../shaders/rows_subgroup.wgsl"),
         }
@@ -105,11 +122,14 @@ impl Kernel {
     pub fn entry_point(self) -> &'static str {
         match self {
             Kernel::Partials => "partials",
+            Kernel::PartialsColumns => "partials_columns",
             Kernel::BumpCounter => "bump_counter",
             Kernel::Shifts => "shifts",
             Kernel::Finalize => "finalize",
             Kernel::EvalStats => "eval_stats",
             Kernel::Normalize => "normalize",
+            Kernel::NormalizeRuns => "normalize_runs",
+            Kernel::NormalizeColumns => "normalize_columns",
             Kernel::Rows => "rows",
             Kernel::RowsSubgroup => "rows_subgroup",
         }
@@ -134,6 +154,7 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
     let prelude = format!(
         "const STATS_WG: u32 = {STATS_WG}u;\n\
          const STATS_PER_THREAD: u32 = {STATS_PER_THREAD}u;\n\
+         const COLUMN_ROWS: u32 = {COLUMN_ROWS}u;\n\
          const FINALIZE_WG: u32 = {FINALIZE_WG}u;\n\
          const NORMALIZE_WG: u32 = {NORMALIZE_WG}u;\n\
          const NORMALIZE_VEC4: u32 = {NORMALIZE_VEC4}u;\n\

@@ -247,3 +247,71 @@ fn tracked_instance_norm_averages_instances_and_leaves_the_counter() {
     );
     assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(0));
 }
+
+#[test]
+fn batch_norm_with_long_spatial_runs_matches_f64_in_train_and_eval() {
+    // Spatial size 576 >= RUNS_MIN_LEN: the run-by-run normalize kernel.
+    let ctx = ctx();
+    let shape = [2, 3, 24, 24];
+    let x = normal(2 * 3 * 576, 61, 50.0, 2.0);
+    let w = [0.5f32, -2.0, 1.5];
+    let b = [1.0f32, 0.0, -3.0];
+    let mut bn = BatchNorm::new(ctx, 3, BatchNormConfig::torch_2d()).unwrap();
+    bn.set_weight(Some(ctx.upload(&w, &[3]).unwrap())).unwrap();
+    bn.set_bias(Some(ctx.upload(&b, &[3]).unwrap())).unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let view = View::batch_norm(&shape, 1);
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
+    assert_close("train", &y, &want, 1e-5, 1e-5);
+    let (rm, rv, _) = running(&bn);
+    let stats: Vec<(f64, f64)> = rm
+        .iter()
+        .zip(&rv)
+        .map(|(&m, &v)| (m as f64, v as f64))
+        .collect();
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Eval).unwrap())
+        .unwrap();
+    let want = reference::normalize(&x, &view, &stats, 1e-5, Some(&w), Some(&b));
+    assert_close("eval", &y, &want, 1e-5, 1e-5);
+}
+
+#[test]
+fn channels_last_batch_norm_matches_f64_in_train_and_eval() {
+    // C = 16 columns: the column partials and the fixed-column normalize.
+    let ctx = ctx();
+    let shape = [5, 7, 9, 16];
+    let x = normal(5 * 7 * 9 * 16, 71, -30.0, 3.0);
+    let w: Vec<f32> = (0..16).map(|c| 0.5 + c as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..16).map(|c| c as f32 - 8.0).collect();
+    let mut bn = BatchNorm::new(ctx, 16, BatchNormConfig::keras()).unwrap();
+    bn.set_weight(Some(ctx.upload(&w, &[16]).unwrap())).unwrap();
+    bn.set_bias(Some(ctx.upload(&b, &[16]).unwrap())).unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let view = View::batch_norm(&shape, 3);
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let want = reference::forward(&x, &view, false, 1e-3, Some(&w), Some(&b));
+    assert_close("train", &y, &want, 1e-5, 1e-5);
+    let stats = reference::group_stats(&x, &view, false);
+    let (rm, rv, count) = running(&bn);
+    let want_rm: Vec<f64> = stats.iter().map(|s| 0.01 * s.0).collect();
+    let want_rv: Vec<f64> = stats.iter().map(|s| 0.99 + 0.01 * s.1).collect();
+    assert_close("moving_mean", &rm, &want_rm, 1e-6, 1e-5);
+    assert_close("moving_variance", &rv, &want_rv, 1e-6, 1e-5);
+    assert_eq!(count, None);
+    let stats: Vec<(f64, f64)> = rm
+        .iter()
+        .zip(&rv)
+        .map(|(&m, &v)| (m as f64, v as f64))
+        .collect();
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Eval).unwrap())
+        .unwrap();
+    let want = reference::normalize(&x, &view, &stats, 1e-3, Some(&w), Some(&b));
+    assert_close("eval", &y, &want, 1e-5, 1e-5);
+}
