@@ -177,25 +177,29 @@ fn normalize_value(v: f32, st: vec4<f32>, g: u32, b: u32) -> f32 {
     return affine(((v - st.x) - st.y) * st.z, g, b);
 }
 
-// γ·v + β for four consecutive elements starting at (g, b0).
-fn affine4(v: vec4<f32>, g: u32, b0: u32) -> vec4<f32> {
-    let k = g * params.b + b0;
+// γ·v + β for the four consecutive elements of group g whose g·B + b is
+// 4·k4 (every caller's vec4 path starts at a multiple of four). Callers pass
+// k4 as a plain sum with their vec4 index, so a lane's neighbours read
+// neighbouring parameters and the compiler sees it. Branches depend on
+// uniform parameters only: per-lane conditions made every lane run every
+// path on lavapipe.
+fn affine4(v: vec4<f32>, g: u32, k4: u32) -> vec4<f32> {
+    let k = 4u * k4;
     let d = params.affine_div;
-    if (d == 1u && (k & 3u) == 0u) {
+    var r = v;
+    if (d == 1u) {
         // Four consecutive, aligned parameters: one vector each.
-        var r = v;
         if (has_flag(FLAG_WEIGHT)) {
-            r = r * weight[k >> 2u];
+            r = r * weight[k4];
         }
         if (has_flag(FLAG_BIAS)) {
-            r = r + bias[k >> 2u];
+            r = r + bias[k4];
         }
         return r;
     }
-    if (d == params.b && (b0 & 3u) == 0u && (d & 3u) == 0u) {
-        // One parameter per group of B (BatchNorm, InstanceNorm): the four
-        // elements share it.
-        var r = v;
+    if (d == params.b && (d & 3u) == 0u) {
+        // One parameter per run of B, a multiple of four (BatchNorm,
+        // InstanceNorm): the four elements share it.
         if (has_flag(FLAG_WEIGHT)) {
             r = r * weight_at(g);
         }
@@ -204,23 +208,12 @@ fn affine4(v: vec4<f32>, g: u32, b0: u32) -> vec4<f32> {
         }
         return r;
     }
-    var c: vec4<u32>;
-    if (d == 1u) {
-        c = vec4<u32>(k, k + 1u, k + 2u, k + 3u);
-    } else {
-        let c0 = fast_div(k, params.div_affine);
-        if (k + 3u < (c0 + 1u) * d) {
-            c = vec4<u32>(c0);
-        } else {
-            c = vec4<u32>(
-                c0,
-                fast_div(k + 1u, params.div_affine),
-                fast_div(k + 2u, params.div_affine),
-                fast_div(k + 3u, params.div_affine),
-            );
-        }
-    }
-    var r = v;
+    let c = vec4<u32>(
+        fast_div(k, params.div_affine),
+        fast_div(k + 1u, params.div_affine),
+        fast_div(k + 2u, params.div_affine),
+        fast_div(k + 3u, params.div_affine),
+    );
     if (has_flag(FLAG_WEIGHT)) {
         r = r * vec4<f32>(weight_at(c.x), weight_at(c.y), weight_at(c.z), weight_at(c.w));
     }

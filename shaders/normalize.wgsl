@@ -45,7 +45,7 @@ fn normalized4(t: u32) -> vec4<f32> {
     if (params.b % 4u == 0u) {
         let pos = position(params.chunk_base + first);
         let st = scratch[pos.x * params.g + pos.y];
-        return affine4(((load_x4(t) - st.x) - st.y) * st.z, pos.y, pos.z);
+        return affine4(((load_x4(t) - st.x) - st.y) * st.z, pos.y, pos.y * (params.b >> 2u) + (pos.z >> 2u));
     }
     if (params.b == 1u && params.g % 4u == 0u) {
         // Channels-last: four adjacent groups (channels), vector parameters.
@@ -64,7 +64,7 @@ fn normalized4(t: u32) -> vec4<f32> {
         let shift = vec4<f32>(s0.x, s1.x, s2.x, s3.x);
         let dmean = vec4<f32>(s0.y, s1.y, s2.y, s3.y);
         let rstd = vec4<f32>(s0.z, s1.z, s2.z, s3.z);
-        return affine4(((load_x4(t) - shift) - dmean) * rstd, g0, 0u);
+        return affine4(((load_x4(t) - shift) - dmean) * rstd, g0, g0 >> 2u);
     }
     return vec4<f32>(
         normalized_at(first),
@@ -151,7 +151,7 @@ fn normalize_runs(
             let j4 = first + k * NORMALIZE_WG;
             if (j4 < n4) {
                 let xn = ((load_x4(base4 + j4) - st.x) - st.y) * st.z;
-                store_y4(base4 + j4, affine4(xn, g, 4u * j4));
+                store_y4(base4 + j4, affine4(xn, g, g * n4 + j4));
             }
         }
     }

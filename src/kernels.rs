@@ -44,10 +44,6 @@ pub const ROWS_CACHE: u32 = 8;
 /// Invocations per workgroup of the subgroup row kernel (a multiple of every
 /// subgroup size: 8 on lavapipe gives 8 rows per workgroup, 32 gives 2).
 pub const ROWS_SG_WG: u32 = 64;
-/// vec4 groups each lane of the subgroup row kernel keeps in registers:
-/// rows up to 4·8·size elements (256 on lavapipe, 1024 with 32 lanes) are
-/// read from memory once.
-pub const ROWS_SG_CACHE: u32 = 8;
 /// Longest row the single-dispatch row kernel takes when there are few rows;
 /// longer rows with fewer than [`ROWS_MIN_FOR_LONG`] rows go through the
 /// partials/finalize/normalize path, which spreads a row over many
@@ -160,8 +156,7 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
          const NORMALIZE_VEC4: u32 = {NORMALIZE_VEC4}u;\n\
          const ROWS_WG: u32 = {ROWS_WG}u;\n\
          const ROWS_CACHE: u32 = {ROWS_CACHE}u;\n\
-         const ROWS_SG_WG: u32 = {ROWS_SG_WG}u;\n\
-         const ROWS_SG_CACHE: u32 = {ROWS_SG_CACHE}u;\n"
+         const ROWS_SG_WG: u32 = {ROWS_SG_WG}u;\n"
     );
     [
         prelude.as_str(),
