@@ -2,15 +2,38 @@
 //
 // One workgroup reduces one tile of one group: up to STATS_WG·STATS_PER_THREAD
 // consecutive elements j of the group (p, g), shifted by the group's first
-// element (zero for RMS). Each invocation holds its values in registers, takes
-// their exact two-pass mean and M2, and the workgroup merges the invocations'
-// summaries with Chan's formula. Output: scratch[partials_offset + w] =
-// vec4(count, mean, M2, 0) for workgroup w = group·tiles + tile.
+// element (zero for RMS). Each invocation sums its values and their squares
+// (see shifted_summary), and the workgroup merges the invocations' summaries
+// with Chan's formula. Output: vec4(count, mean, M2, 0) at
+// scratch[partials_offset + group·merge_tiles + chunk_index·tiles + tile]
+// (one chunk unless the tensor is larger than a binding; a tile with no
+// element of the chunk writes zeros).
 //
 // The workgroup with w == 0 also bumps num_batches_tracked when asked, so the
 // finalize pass (the next dispatch) reads the already incremented counter.
 
 var<workgroup> wg_sum: array<vec3<f32>, STATS_WG>;
+
+// (mean, M2) of `count` values from their sum and sum of squares, all
+// shifted by the group's first element (zero for RMS, whose "M2" is Σx²).
+// Few values per invocation (at most STATS_PER_THREAD or COLUMN_ROWS), all
+// shifted, so the subtraction loses little; Chan's merge does the rest.
+// Holding the values for an exact two-pass ran slower on lavapipe (the
+// array stayed in memory). A NaN stays NaN (no max()).
+fn shifted_summary(count: u32, sum: f32, sq: f32) -> vec2<f32> {
+    if (count == 0u) {
+        return vec2<f32>(0.0);
+    }
+    if (has_flag(FLAG_RMS)) {
+        return vec2<f32>(0.0, sq);
+    }
+    let mean = sum / f32(count);
+    var m2 = sq - sum * mean;
+    if (m2 < 0.0) {
+        m2 = 0.0;
+    }
+    return vec2<f32>(mean, m2);
+}
 
 fn bump_counter_once() {
     let lo = counter[0] + 1u;
@@ -54,43 +77,35 @@ fn partials(
     if (params.b % 4u == 0u) {
         // Aligned groups of four share a run of the group: one vector load
         // each (tile starts, ends and chunk bounds are multiples of four).
-        var values: array<vec4<f32>, STATS_PER_THREAD / 4u>;
         var sum = vec4<f32>(0.0);
+        var sq = vec4<f32>(0.0);
         for (var k = 0u; k < STATS_PER_THREAD / 4u; k++) {
             let j = start + 4u * (lid + k * STATS_WG);
             if (j < end) {
                 let v = load_x4((element_index(p, g, j) - params.chunk_base) >> 2u) - shift;
-                values[k] = v;
                 sum += v;
+                sq += v * v;
                 count += 4u;
             }
         }
-        if (count > 0u && !has_flag(FLAG_RMS)) {
-            mean = hsum(sum) / f32(count);
-        }
-        for (var k = 0u; k < count / 4u; k++) {
-            let d = values[k] - mean;
-            m2 += dot(d, d);
-        }
+        let summary = shifted_summary(count, hsum(sum), hsum(sq));
+        mean = summary.x;
+        m2 = summary.y;
     } else {
-        var values: array<f32, STATS_PER_THREAD>;
         var sum = 0.0;
+        var sq = 0.0;
         for (var k = 0u; k < STATS_PER_THREAD; k++) {
             let j = start + lid + k * STATS_WG;
             if (j < end) {
                 let v = load_x(element_index(p, g, j) - params.chunk_base) - shift;
-                values[k] = v;
                 sum += v;
+                sq += v * v;
                 count++;
             }
         }
-        if (count > 0u && !has_flag(FLAG_RMS)) {
-            mean = sum / f32(count);
-        }
-        for (var k = 0u; k < count; k++) {
-            let d = values[k] - mean;
-            m2 += d * d;
-        }
+        let summary = shifted_summary(count, sum, sq);
+        mean = summary.x;
+        m2 = summary.y;
     }
     wg_sum[lid] = vec3<f32>(f32(count), mean, m2);
     workgroupBarrier();
@@ -133,8 +148,8 @@ fn shifts(
 // B = 1): the tensor is P·A rows of L = G·B columns, and the elements of a
 // group are spread across every row. One invocation owns four adjacent
 // columns (one vec4, so neighbouring invocations read neighbouring memory)
-// over a block of COLUMN_ROWS rows, takes their exact two-pass mean and M2
-// in registers, and writes one partial per column: for column q (group
+// over a block of COLUMN_ROWS rows, takes their shifted sums, and writes
+// one partial per column: for column q (group
 // g = q / B, b = q % B) at slot b·tiles + block of the group, where tiles is
 // the number of row blocks. No barrier and no workgroup memory.
 @compute @workgroup_size(STATS_WG)
@@ -165,21 +180,19 @@ fn partials_columns(
         groups[i] = (4u * q4 + i) / params.b;
         shift[i] = group_shift(p, groups[i]);
     }
-    var values: array<vec4<f32>, COLUMN_ROWS>;
     var sum = vec4<f32>(0.0);
+    var sq = vec4<f32>(0.0);
     for (var i = 0u; i < rows; i++) {
         let v = load_x4((p * params.a + row0 + i) * l4 + q4) - shift;
-        values[i] = v;
         sum += v;
+        sq += v * v;
     }
-    var mean = vec4<f32>(0.0);
-    if (!has_flag(FLAG_RMS)) {
-        mean = sum / f32(rows);
-    }
-    var m2 = vec4<f32>(0.0);
-    for (var i = 0u; i < rows; i++) {
-        let d = values[i] - mean;
-        m2 += d * d;
+    var mean: vec4<f32>;
+    var m2: vec4<f32>;
+    for (var i = 0u; i < 4u; i++) {
+        let summary = shifted_summary(rows, sum[i], sq[i]);
+        mean[i] = summary.x;
+        m2[i] = summary.y;
     }
     for (var i = 0u; i < 4u; i++) {
         let b = 4u * q4 + i - groups[i] * params.b;

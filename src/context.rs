@@ -100,7 +100,7 @@ fn adapter_rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
 
 /// Every adapter wgpu can see, best first.
 pub fn enumerate_adapters() -> Vec<wgpu::Adapter> {
-    crate::ensure_runtime_dir();
+    ensure_runtime_dir();
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
     let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
@@ -466,5 +466,22 @@ impl Context {
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| Error::Device(e.to_string()))
+    }
+}
+
+/// Mesa prints `error: XDG_RUNTIME_DIR is invalid` on every start when the
+/// variable is unset; point it at a private temporary directory first.
+pub fn ensure_runtime_dir() {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join(format!("gpunorm-runtime-{}", std::process::id()));
+        if std::fs::create_dir_all(&dir).is_ok() {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+            }
+            // Done before any wgpu instance (and its threads) exists.
+            std::env::set_var("XDG_RUNTIME_DIR", dir);
+        }
     }
 }

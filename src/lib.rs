@@ -1,9 +1,10 @@
 //! # gpunorm
 //!
-//! Neural-network normalization — BatchNorm, LayerNorm, RMSNorm — on any GPU
-//! through WGSL compute shaders and [`wgpu`], with PyTorch's and Keras's
-//! semantics down to momentum conventions, running-variance bias, eps
-//! defaults and error cases (see `SPEC.md` of the project).
+//! Neural-network normalization — BatchNorm, LayerNorm, InstanceNorm,
+//! GroupNorm, RMSNorm; forward and backward; f32, f16 and bf16 storage — on
+//! any GPU through WGSL compute shaders and [`wgpu`], with PyTorch's and
+//! Keras's semantics down to momentum conventions, running-variance bias,
+//! eps defaults and error cases (see `SPEC.md` of the project).
 //!
 //! Every normalization is statistics per group of an `[P, A, G, B]` view of
 //! the input plus a fused normalize-scale-shift ([`View`]); one engine serves
@@ -36,7 +37,7 @@ pub mod timing;
 pub mod view;
 
 pub use backward::Gradients;
-pub use context::{AdapterSummary, Context, ContextOptions};
+pub use context::{ensure_runtime_dir, AdapterSummary, Context, ContextOptions};
 pub use error::{Error, Result};
 pub use norm::batch::{BatchNorm, BatchNormConfig};
 pub use norm::group::{GroupNorm, GroupNormConfig};
@@ -49,21 +50,3 @@ pub use tensor::{DType, GpuTensor};
 pub use view::View;
 /// The wgpu version this crate is built on, so callers create devices with it.
 pub use wgpu;
-
-/// Mesa prints `error: XDG_RUNTIME_DIR is invalid` on every start when the
-/// variable is unset; point it at a private temporary directory first.
-pub fn ensure_runtime_dir() {
-    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-        let dir = std::env::temp_dir().join(format!("gpunorm-runtime-{}", std::process::id()));
-        if std::fs::create_dir_all(&dir).is_ok() {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-            }
-            // SAFETY-free in edition 2021: set_var is safe here; done before
-            // any wgpu instance exists.
-            std::env::set_var("XDG_RUNTIME_DIR", dir);
-        }
-    }
-}
