@@ -472,16 +472,28 @@ impl Context {
 /// Mesa prints `error: XDG_RUNTIME_DIR is invalid` on every start when the
 /// variable is unset; point it at a private temporary directory first.
 pub fn ensure_runtime_dir() {
-    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-        let dir = std::env::temp_dir().join(format!("gpunorm-runtime-{}", std::process::id()));
-        if std::fs::create_dir_all(&dir).is_ok() {
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-            }
-            // Done before any wgpu instance (and its threads) exists.
-            std::env::set_var("XDG_RUNTIME_DIR", dir);
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    // One directory per user, reused by every run (a per-process one would
+    // pile up in the temporary directory).
+    #[cfg(unix)]
+    let owner = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata("/proc/self")
+            .map(|m| m.uid().to_string())
+            .unwrap_or_else(|_| "user".into())
+    };
+    #[cfg(not(unix))]
+    let owner = "user";
+    let dir = std::env::temp_dir().join(format!("gpunorm-runtime-{owner}"));
+    if std::fs::create_dir_all(&dir).is_ok() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
         }
+        // Done before any wgpu instance (and its threads) exists.
+        std::env::set_var("XDG_RUNTIME_DIR", dir);
     }
 }

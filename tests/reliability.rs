@@ -223,3 +223,42 @@ fn malformed_safetensors_files_are_rejected_with_one_error_line() {
     assert!(String::from_utf8_lossy(&o.stderr).starts_with("error:"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn constant_groups_give_beta_exactly_and_finite_gradients() {
+    let ctx = ctx();
+    let shape = [4, 2, 6];
+    // Channel 0 is constant (a large value), channel 1 is not.
+    let x: Vec<f32> = (0..48)
+        .map(|i| {
+            if (i / 6) % 2 == 0 {
+                10000.3
+            } else {
+                i as f32 * 0.5
+            }
+        })
+        .collect();
+    let mut bn = BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap();
+    bn.set_bias(Some(ctx.upload(&[0.25, -1.0], &[2]).unwrap()))
+        .unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    for (i, v) in y.iter().enumerate() {
+        if (i / 6) % 2 == 0 {
+            assert_eq!(*v, 0.25, "a constant channel gives beta exactly");
+        }
+    }
+    let dy = normal(48, 5, 0.0, 1.0);
+    let g = bn.backward(ctx, &ctx.upload(&dy, &shape).unwrap()).unwrap();
+    let dx = ctx.download(&g.grad_input).unwrap();
+    assert!(
+        dx.iter().all(|v| v.is_finite()),
+        "finite grad_input: {dx:?}"
+    );
+    let dw = ctx.download(g.grad_weight.as_ref().unwrap()).unwrap();
+    let db = ctx.download(g.grad_bias.as_ref().unwrap()).unwrap();
+    assert_eq!(dw[0], 0.0, "x̂ is zero on a constant channel");
+    assert!(dw[1].is_finite() && db.iter().all(|v| v.is_finite()));
+}
