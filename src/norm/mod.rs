@@ -247,43 +247,11 @@ pub(crate) fn check_output(
     Ok(())
 }
 
-/// Records one validated forward with a scratch buffer of its own.
-pub(crate) fn record_validated(
-    ctx: &Context,
-    encoder: &mut wgpu::CommandEncoder,
-    spec: ForwardSpec,
-    x: &GpuTensor,
-    y: &GpuTensor,
-    affine: &Affine,
-    running: Option<&RunningStats>,
-) -> Result<(Saved, Vec<Dispatch>)> {
-    engine::check_limits(ctx, &spec, x)?;
-    let chunks = engine::chunks_for(ctx, &spec);
-    let scratch = Arc::new(ctx.create_buffer(
-        "gpunorm statistics",
-        engine::scratch_bytes(&spec.view, &chunks),
-    )?);
-    let bufs = ForwardBuffers {
-        x,
-        y,
-        weight: affine.weight.as_ref(),
-        bias: affine.bias.as_ref(),
-        running_mean: running.map(|r| &r.mean),
-        running_var: running.map(|r| &r.var),
-        counter: running.and_then(|r| r.counter.as_deref()),
-        scratch: &scratch,
-    };
-    let dispatches = engine::record_forward(ctx, encoder, &spec, &bufs);
-    let saved = Saved {
-        spec,
-        scratch,
-        x: x.clone(),
-    };
-    Ok((saved, dispatches))
-}
-
 /// Records a validated forward of a layer: refuses an aliased output,
 /// records the passes, and keeps what the backward pass needs in `saved`.
+/// The layer's previous scratch serves again when large enough: only the
+/// last forward is differentiable, and passes recorded in order use it in
+/// order, so a layer allocates once for a steady shape.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn record_layer(
     ctx: &Context,
@@ -305,8 +273,29 @@ pub(crate) fn record_layer(
             running.map(|r| &r.var),
         ],
     )?;
-    let (new_saved, dispatches) = record_validated(ctx, encoder, spec, x, y, affine, running)?;
-    *saved = Some(new_saved);
+    engine::check_limits(ctx, &spec, x)?;
+    let chunks = engine::chunks_for(ctx, &spec);
+    let bytes = engine::scratch_bytes(&spec.view, &chunks);
+    let scratch = match saved.as_ref().map(|s| s.scratch.clone()) {
+        Some(buffer) if buffer.size() >= bytes => buffer,
+        _ => Arc::new(ctx.create_buffer("gpunorm statistics", bytes)?),
+    };
+    let bufs = ForwardBuffers {
+        x,
+        y,
+        weight: affine.weight.as_ref(),
+        bias: affine.bias.as_ref(),
+        running_mean: running.map(|r| &r.mean),
+        running_var: running.map(|r| &r.var),
+        counter: running.and_then(|r| r.counter.as_deref()),
+        scratch: &scratch,
+    };
+    let dispatches = engine::record_forward(ctx, encoder, &spec, &bufs);
+    *saved = Some(Saved {
+        spec,
+        scratch,
+        x: x.clone(),
+    });
     Ok(dispatches)
 }
 
