@@ -58,10 +58,18 @@ fn to_nchw(x: &[f32]) -> Vec<f32> {
     y
 }
 
+/// Largest |a − b|; a NaN counts as infinitely far (f32::max would skip it).
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
-        .map(|(x, y)| (x - y).abs())
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                d
+            }
+        })
         .fold(0.0, f32::max)
 }
 
