@@ -6,9 +6,10 @@
 // (0 <= j < A·B) lives at ((p·A + j / B)·G + g)·B + j % B.
 //
 // Statistics are kept per group as vec4(shift, dmean, rstd, var): the mean is
-// shift + dmean, where shift is the group's first element. Normalizing as
-// ((x - shift) - dmean) keeps the digits that a large common offset would
-// otherwise cost (x - shift is exact for nearby values, dmean is small).
+// shift + dmean, where shift is a value of the group (see group_shift).
+// Normalizing as ((x - shift) - dmean) keeps the digits that a large common
+// offset would otherwise cost (x - shift is exact for nearby values, dmean
+// is small).
 
 struct Params {
     p: u32,
@@ -133,7 +134,15 @@ fn first_j(p: u32, g: u32, index: u32) -> u32 {
     return min(j, params.a * params.b);
 }
 
-// The shift of group (p, g): its first element (zero for RMS). Chunked
+// The median of three values: a shift that one outlier cannot pull away from
+// the bulk of the data.
+fn median3(a: f32, b: f32, c: f32) -> f32 {
+    return max(min(a, b), min(max(a, b), c));
+}
+
+// The shift of group (p, g): the median of its first, middle and last
+// elements (zero for RMS), close to the data even when one of them is an
+// outlier, so the shifted sums cancel little (SPEC §6). Chunked
 // tensors read it from scratch[group].x, where the shifts pass put it, and so
 // do forwards with preset (replica-merged) statistics, whose host wrote it.
 fn group_shift(p: u32, g: u32) -> f32 {
@@ -143,7 +152,12 @@ fn group_shift(p: u32, g: u32) -> f32 {
     if (has_flag(FLAG_SHIFT_IN_SCRATCH)) {
         return scratch[p * params.g + g].x;
     }
-    return load_x(element_index(p, g, 0u));
+    let n = params.a * params.b;
+    return median3(
+        load_x(element_index(p, g, 0u)),
+        load_x(element_index(p, g, n / 2u)),
+        load_x(element_index(p, g, n - 1u)),
+    );
 }
 
 // Chan et al.'s merge of two (count, mean, M2) summaries. Exact in the sense

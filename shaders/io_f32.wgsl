@@ -13,11 +13,13 @@ fn load_x4(i4: u32) -> vec4<f32> {
     return x_buf[i4];
 }
 
-// Writes y[i] and, when `second`, y[i + 1] (i even).
+// Writes y[i] and, when `second`, y[i + 1] (any i: f32 rows of odd length
+// start at odd indices, and y[i + 1] may be in the next vec4).
 fn store_y2(i: u32, v0: f32, v1: f32, second: bool) {
     y_buf[i >> 2u][i & 3u] = v0;
     if (second) {
-        y_buf[i >> 2u][(i & 3u) + 1u] = v1;
+        let k = i + 1u;
+        y_buf[k >> 2u][k & 3u] = v1;
     }
 }
 

@@ -5,8 +5,8 @@
 // owns the element pairs (j, j + 1) with j = 2·(lid + k·ROWS_WG); the first
 // ROWS_CACHE pairs are held in registers, so rows up to
 // 2·ROWS_CACHE·ROWS_WG elements are read from memory once; longer rows
-// re-read the rest. The workgroup sums (x - shift) with shift = the row's
-// first element (zero for RMS), then the squared deviations about that mean
+// re-read the rest. The workgroup sums (x - shift) with shift = the median
+// of the row's first, middle and last elements (zero for RMS), then the squared deviations about that mean
 // (an exact two-pass variance, robust to any offset), writes the statistics
 // to scratch[row] for the backward pass, and normalizes the row. Reductions
 // go through workgroup memory. Pairs keep packed f16/bf16 words whole (the
@@ -54,7 +54,7 @@ fn rows(
     let rms = has_flag(FLAG_RMS);
     var shift = 0.0;
     if (!rms) {
-        shift = load_x(base);
+        shift = median3(load_x(base), load_x(base + n / 2u), load_x(base + n - 1u));
     }
     let step = 2u * ROWS_WG;
     let cached_end = min(n, step * ROWS_CACHE);

@@ -8,8 +8,9 @@
 // need not be laid out by local index), then walks rows slot, slot + total
 // subgroups, ... Lane `lane` owns the vec4 groups lane, lane + size, ... of
 // its row. The statistics are shifted sums, Σ(x − shift) and Σ(x − shift)²
-// with shift = the row's first element (a large common offset cancels
-// exactly, SPEC §6), in one read of x; the normalize is a second read.
+// with shift = the median of the row's first, middle and last elements (a
+// large common offset cancels exactly, SPEC §6, and one outlier cannot pull
+// the shift away from the data), in one read of x; the normalize is a second read.
 // Holding short rows in registers for an exact two-pass variance was tried:
 // lavapipe then kept the array in memory and ran 1.7x slower than two reads.
 
@@ -42,7 +43,8 @@ fn rows_subgroup(
         let g = row - fast_div(row, params.div_g) * params.g;
         var shift = 0.0;
         if (!rms) {
-            shift = load_x(base4 * 4u);
+            let base = base4 * 4u;
+            shift = median3(load_x(base), load_x(base + params.b / 2u), load_x(base + params.b - 1u));
         }
         var s1 = vec4<f32>(0.0);
         var s2 = vec4<f32>(0.0);

@@ -15,7 +15,7 @@
 var<workgroup> wg_sum: array<vec3<f32>, STATS_WG>;
 
 // (mean, M2) of `count` values from their sum and sum of squares, all
-// shifted by the group's first element (zero for RMS, whose "M2" is Σx²).
+// shifted by the group's shift (group_shift; zero for RMS, whose "M2" is Σx²).
 // Few values per invocation (at most STATS_PER_THREAD or COLUMN_ROWS), all
 // shifted, so the subtraction loses little; Chan's merge does the rest.
 // Holding the values for an exact two-pass ran slower on lavapipe (the
@@ -123,7 +123,9 @@ fn partials(
 }
 
 // Chunked tensors only: one invocation per group copies the group's first
-// element into scratch[group].x when it lies in the bound chunk.
+// element into scratch[group].x when it lies in the bound chunk (the
+// median-of-three shift of group_shift would need elements of other chunks;
+// the first element is the shift of the chunked path).
 @compute @workgroup_size(FINALIZE_WG)
 fn shifts(
     @builtin(workgroup_id) wid: vec3<u32>,

@@ -301,9 +301,17 @@ impl Context {
 
     /// A zero-filled tensor.
     pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<GpuTensor> {
-        let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
+        let (_, bytes) = crate::tensor::checked_size(shape, dtype)?;
         let buffer = self.create_buffer("gpunorm tensor", bytes)?;
         GpuTensor::from_buffer(Arc::new(buffer), 0, shape, dtype)
+    }
+
+    /// A vector of `len` copies of `value` (f32), checked against the
+    /// adapter's limits before anything is allocated on the host.
+    pub(crate) fn filled(&self, value: f32, len: usize) -> Result<GpuTensor> {
+        let (_, bytes) = crate::tensor::checked_size(&[len], DType::F32)?;
+        self.check_buffer_size("a parameter vector", bytes)?;
+        self.upload(&vec![value; len], &[len])
     }
 
     /// Uploads f32 values as a tensor of `shape`, stored as f32.
@@ -314,7 +322,7 @@ impl Context {
     /// Uploads f32 values as a tensor of `shape` stored as `dtype` (rounded to
     /// nearest even).
     pub fn upload_as(&self, values: &[f32], shape: &[usize], dtype: DType) -> Result<GpuTensor> {
-        let n: usize = shape.iter().product();
+        let (n, _) = crate::tensor::checked_size(shape, dtype)?;
         if n != values.len() {
             return Err(Error::Shape(format!(
                 "shape {shape:?} holds {n} elements, but {} values were given",
@@ -326,7 +334,7 @@ impl Context {
 
     /// Uploads raw little-endian bytes of `dtype`.
     pub fn upload_bytes(&self, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<GpuTensor> {
-        let n: usize = shape.iter().product();
+        let (n, _) = crate::tensor::checked_size(shape, dtype)?;
         if n * dtype.size() != bytes.len() {
             return Err(Error::Shape(format!(
                 "shape {shape:?} of {dtype} needs {} bytes, but {} were given",

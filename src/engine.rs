@@ -493,6 +493,15 @@ fn plan_preset(spec: &ForwardSpec, chunks: &Chunks) -> Vec<Dispatch> {
         });
     }
     if numel == 0 {
+        // This replica has no rows, but its running statistics still take
+        // the global ones, like every other replica's.
+        if spec.update.is_some() {
+            plan.push(Dispatch {
+                kernel: Kernel::Finalize,
+                workgroups: v.g as u32,
+                chunk: 0,
+            });
+        }
         return plan;
     }
     let finalize_wg = if spec.update.is_some() {

@@ -9,6 +9,23 @@ use crate::error::{Error, Result};
 /// multiple of this, and a wrapped buffer needs that much room past its data.
 pub const BINDING_ALIGN: u64 = 16;
 
+/// Elements of `shape` and their bytes in `dtype`, or a typed error when the
+/// product overflows (a shape from user input must never panic).
+pub fn checked_size(shape: &[usize], dtype: DType) -> Result<(usize, u64)> {
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            Error::Shape(format!(
+                "shape {shape:?} has more elements than fit in memory"
+            ))
+        })?;
+    let bytes = numel.checked_mul(dtype.size()).ok_or_else(|| {
+        Error::Shape(format!("shape {shape:?} has more bytes than fit in memory"))
+    })?;
+    Ok((numel, bytes as u64))
+}
+
 /// Storage type of a tensor's elements. Arithmetic is always f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -70,6 +87,7 @@ impl GpuTensor {
         shape: &[usize],
         dtype: DType,
     ) -> Result<Self> {
+        checked_size(shape, dtype)?;
         let tensor = GpuTensor {
             buffer,
             offset,

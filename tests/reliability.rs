@@ -262,3 +262,56 @@ fn constant_groups_give_beta_exactly_and_finite_gradients() {
     assert_eq!(dw[0], 0.0, "x̂ is zero on a constant channel");
     assert!(dw[1].is_finite() && db.iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn shapes_whose_size_overflows_are_typed_errors_not_panics() {
+    let ctx = ctx();
+    assert!(matches!(
+        ctx.upload(&[1.0, 2.0], &[usize::MAX, 2]),
+        Err(gpunorm::Error::Shape(_))
+    ));
+    assert!(ctx.zeros(&[1 << 62, 8], gpunorm::DType::F32).is_err());
+    assert!(LayerNorm::new(ctx, &[usize::MAX, 2], RowNormConfig::torch_layer_norm()).is_err());
+    assert!(BatchNorm::new(ctx, 1 << 40, BatchNormConfig::torch()).is_err());
+}
+
+#[test]
+fn odd_rows_and_first_element_outliers_normalize_accurately() {
+    // Odd f32 rows start at odd indices (the row kernel's pair stores), and a
+    // group whose first element is far from the rest must not cost digits.
+    for (rows, len) in [(6, 5), (3, 1023), (4, 1024), (2, 100_000)] {
+        let mut x = normal(rows * len, len as u64 + 3, 1e4, 1.0);
+        for r in 0..rows {
+            x[r * len] = 0.0;
+        }
+        let want = reference::forward(
+            &x,
+            &View::layer_norm(&[rows, len], len),
+            false,
+            1e-5,
+            None,
+            None,
+        );
+        assert_close(
+            &format!("{rows}x{len}"),
+            &layer_norm_f32(&x, rows, len),
+            &want,
+            1e-3,
+            0.0,
+        );
+    }
+    let ctx = ctx();
+    let shape = [64, 2, 1024];
+    let mut x = normal(64 * 2 * 1024, 9, 1e4, 1.0);
+    x[0] = 0.0;
+    x[1024] = 0.0;
+    let mut bn = BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap();
+    let y = ctx
+        .download(
+            &bn.forward(ctx, &ctx.upload(&x, &shape).unwrap(), Mode::Train)
+                .unwrap(),
+        )
+        .unwrap();
+    let want = reference::forward(&x, &View::batch_norm(&shape, 1), false, 1e-5, None, None);
+    assert_close("batch norm with an outlier first", &y, &want, 1e-3, 0.0);
+}

@@ -191,3 +191,32 @@ fn merge_is_order_independent() {
     assert_eq!(a.count, 9.0);
     assert!((a.mean[0] - b.mean[0]).abs() < 1e-12 && (a.m2[0] - b.m2[0]).abs() < 1e-9);
 }
+
+#[test]
+fn a_replica_with_an_empty_shard_still_takes_the_global_running_stats() {
+    let ctx = ctx();
+    let x = normal(3 * 2 * 5, 77, 4.0, 2.0);
+    let full = ctx.upload(&x, &[3, 2, 5]).unwrap();
+    let empty = ctx.upload(&[], &[0, 2, 5]).unwrap();
+    let mut a = BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap();
+    let mut b = BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap();
+    let la = a.replica_stats(ctx, &full).unwrap();
+    let lb = b.replica_stats(ctx, &empty).unwrap();
+    let global = ReplicaStats::merge(&[la.clone(), lb.clone()]).unwrap();
+    a.forward_synced(ctx, &full, &la, &global, Mode::Train)
+        .unwrap();
+    let y = b
+        .forward_synced(ctx, &empty, &lb, &global, Mode::Train)
+        .unwrap();
+    assert_eq!(y.shape(), &[0, 2, 5]);
+    let (ra, rb) = (a.running_stats().unwrap(), b.running_stats().unwrap());
+    assert_eq!(
+        ctx.download(&ra.mean).unwrap(),
+        ctx.download(&rb.mean).unwrap()
+    );
+    assert_eq!(
+        ctx.download(&ra.var).unwrap(),
+        ctx.download(&rb.var).unwrap()
+    );
+    assert_eq!(rb.num_batches_tracked(ctx).unwrap(), Some(1));
+}

@@ -94,7 +94,7 @@ impl RowNorm {
         if rms && config.bias {
             return Err(Error::InvalidArgument("RMSNorm has no bias".into()));
         }
-        let len = normalized_shape.iter().product();
+        let (len, _) = crate::tensor::checked_size(normalized_shape, crate::DType::F32)?;
         Ok(RowNorm {
             normalized_shape: normalized_shape.to_vec(),
             affine: Affine::new(ctx, len, config.weight, config.bias)?,

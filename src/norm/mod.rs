@@ -100,8 +100,8 @@ pub struct RunningStats {
 impl RunningStats {
     /// Fresh running statistics: mean 0, variance 1, counter 0.
     pub(crate) fn new(ctx: &Context, channels: usize, with_counter: bool) -> Result<Self> {
-        let mean = ctx.upload(&vec![0.0; channels], &[channels])?;
-        let var = ctx.upload(&vec![1.0; channels], &[channels])?;
+        let mean = ctx.filled(0.0, channels)?;
+        let var = ctx.filled(1.0, channels)?;
         let counter = if with_counter {
             Some(Arc::new(ctx.create_buffer("num_batches_tracked", 8)?))
         } else {
@@ -190,12 +190,12 @@ impl Affine {
     pub(crate) fn new(ctx: &Context, len: usize, weight: bool, bias: bool) -> Result<Self> {
         Ok(Affine {
             weight: if weight {
-                Some(ctx.upload(&vec![1.0; len], &[len])?)
+                Some(ctx.filled(1.0, len)?)
             } else {
                 None
             },
             bias: if bias {
-                Some(ctx.upload(&vec![0.0; len], &[len])?)
+                Some(ctx.filled(0.0, len)?)
             } else {
                 None
             },
@@ -274,6 +274,25 @@ pub(crate) fn record_layer(
         ],
     )?;
     engine::check_limits(ctx, &spec, x)?;
+    let align = ctx.storage_offset_alignment();
+    let bound = [
+        Some(x),
+        Some(y),
+        affine.weight.as_ref(),
+        affine.bias.as_ref(),
+        running.map(|r| &r.mean),
+        running.map(|r| &r.var),
+    ];
+    if let Some(t) = bound
+        .into_iter()
+        .flatten()
+        .find(|t| !t.offset().is_multiple_of(align))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "a tensor bound to a shader must start at a multiple of {align} bytes (the adapter's storage offset alignment), got offset {}",
+            t.offset()
+        )));
+    }
     let chunks = engine::chunks_for(ctx, &spec);
     let bytes = engine::scratch_bytes(&spec.view, &chunks);
     let scratch = match saved.as_ref().map(|s| s.scratch.clone()) {

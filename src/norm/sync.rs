@@ -123,7 +123,7 @@ impl BatchNorm {
             Ok(())
         })?;
         let bytes = pollster::block_on(ctx.read_buffer(&scratch, 0, 16 * channels as u64))?;
-        let stats: &[[f32; 4]] = bytemuck::cast_slice(&bytes);
+        let stats: Vec<[f32; 4]> = bytemuck::pod_collect_to_vec(&bytes);
         Ok(ReplicaStats {
             count,
             mean: stats.iter().map(|s| s[0] as f64 + s[1] as f64).collect(),
