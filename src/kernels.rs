@@ -11,13 +11,17 @@ use std::sync::{Arc, Mutex};
 use crate::tensor::DType;
 
 /// Invocations per workgroup of the partials pass. With
-/// [`STATS_PER_THREAD`] values held in registers per invocation, one tile is
-/// 4096 elements: large enough that the finalize pass merges few partials,
-/// small enough that a BatchNorm channel of a few thousand elements still
-/// spreads over several workgroups.
-pub const STATS_WG: u32 = 256;
-/// Values each partials invocation holds in registers.
-pub const STATS_PER_THREAD: u32 = 16;
+/// [`STATS_PER_THREAD`] values summed per invocation, one tile is 4096
+/// elements: large enough that the finalize pass merges few partials, small
+/// enough that a BatchNorm channel of a few thousand elements still spreads
+/// over several workgroups. 64 rather than 256 invocations: the
+/// workgroup-memory merge then takes 6 barriers instead of 8 over 4x fewer
+/// invocations, and lavapipe pays per invocation at each barrier (BatchNorm
+/// train 0.17 -> 0.23 of the copy kernel); 64 is still a whole wave on
+/// every GPU.
+pub const STATS_WG: u32 = 64;
+/// Values each partials invocation sums (16 vec4 when B is a multiple of 4).
+pub const STATS_PER_THREAD: u32 = 64;
 /// Elements of one tile of the partials pass.
 pub const STATS_TILE: u32 = STATS_WG * STATS_PER_THREAD;
 /// Rows each invocation of the column partials kernel reduces in registers
