@@ -27,7 +27,8 @@ fn workgroup_sum4(lid: u32, v: vec4<f32>, size: u32) -> vec4<f32> {
 
 // Flat index of element j of reduction group (p, g).
 fn reduction_index(p: u32, g: u32, j: u32) -> u32 {
-    return ((p * bp.ra + j / bp.rb) * bp.rg + g) * bp.rb + j % bp.rb;
+    let a = fast_div(j, bp.div_rb);
+    return ((p * bp.ra + a) * bp.rg + g) * bp.rb + (j - a * bp.rb);
 }
 
 // One workgroup per contiguous group of the stats view (SA = 1): sums the

@@ -46,6 +46,35 @@ struct BwdParams {
     rows: u32,
     cols: u32,
     rows_per_block: u32,
+    // Exact division by RB, SA·SG·SB, SB, SG, SG·SB and affine_div as
+    // multiply-high and shifts (fast_div below; set by the host from the
+    // fields above): integer division per element is a scalar loop on CPUs
+    // that run WGSL.
+    div_rb: vec4<u32>,
+    div_sagsb: vec4<u32>,
+    div_sb: vec4<u32>,
+    div_sg: vec4<u32>,
+    div_sgsb: vec4<u32>,
+    div_affine: vec4<u32>,
+}
+
+// High 32 bits of the 64-bit product a·b.
+fn mul_hi(a: u32, b: u32) -> u32 {
+    let a0 = a & 0xffffu;
+    let a1 = a >> 16u;
+    let b0 = b & 0xffffu;
+    let b1 = b >> 16u;
+    let lo = a0 * b0;
+    let mid1 = a1 * b0;
+    let mid2 = a0 * b1;
+    let carry = ((lo >> 16u) + (mid1 & 0xffffu) + (mid2 & 0xffffu)) >> 16u;
+    return a1 * b1 + (mid1 >> 16u) + (mid2 >> 16u) + carry;
+}
+
+// n / d for a divisor (d, m, s1, s2) prepared by engine::fast_divisor.
+fn fast_div(n: u32, f: vec4<u32>) -> u32 {
+    let t = mul_hi(n, f.y);
+    return (t + ((n - t) >> f.z)) >> f.w;
 }
 
 const BF_WEIGHT: u32 = 1u;
@@ -67,6 +96,12 @@ const BF_WRITE_PARTIALS: u32 = 128u;
 // Per stats group sums (first SP·SG vec4), then the partials.
 @group(0) @binding(8) var<storage, read_write> work: array<vec4<f32>>;
 
+// The affine index of flat element i: (i % (SG·SB)) / affine_div.
+fn affine_index(i: u32) -> u32 {
+    let l = bp.sg * bp.sb;
+    return fast_div(i - fast_div(i, bp.div_sgsb) * l, bp.div_affine);
+}
+
 fn bwd_flag(f: u32) -> bool {
     return (bp.flags & f) != 0u;
 }
@@ -77,7 +112,8 @@ fn bwd_linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 
 // Stats group of flat element i.
 fn stats_group(i: u32) -> u32 {
-    return (i / (bp.sa * bp.sg * bp.sb)) * bp.sg + (i / bp.sb) % bp.sg;
+    let ab = fast_div(i, bp.div_sb);
+    return fast_div(i, bp.div_sagsb) * bp.sg + (ab - fast_div(ab, bp.div_sg) * bp.sg);
 }
 
 // (g, g·x̂, dy, dy·x̂) of flat element i.
@@ -87,7 +123,7 @@ fn element_terms(i: u32) -> vec4<f32> {
     let d = load_dy(i);
     var g = d;
     if (bwd_flag(BF_WEIGHT)) {
-        g = d * weight[(i % (bp.sg * bp.sb)) / bp.affine_div];
+        g = d * weight[affine_index(i)];
     }
     return vec4<f32>(g, g * xhat, d, d * xhat);
 }
@@ -97,7 +133,7 @@ fn grad_input_value(i: u32, s: vec4<f32>) -> f32 {
     let st = stats[stats_group(i)];
     var g = load_dy(i);
     if (bwd_flag(BF_WEIGHT)) {
-        g = g * weight[(i % (bp.sg * bp.sb)) / bp.affine_div];
+        g = g * weight[affine_index(i)];
     }
     if (bwd_flag(BF_RUNNING)) {
         return g * st.z;
