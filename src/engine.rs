@@ -689,7 +689,127 @@ fn forward_bind_group(
 
 #[cfg(test)]
 mod tests {
-    use super::fast_divisor;
+    use super::*;
+
+    fn spec(view: View, source: StatsSource, update: bool, dtype: DType) -> ForwardSpec {
+        ForwardSpec {
+            view,
+            dtype,
+            rms: false,
+            eps: 1e-5,
+            source,
+            update: update.then_some(RunningUpdate {
+                keep: 0.9,
+                take: 0.1,
+                cumulative: false,
+                unbiased: true,
+            }),
+            bump_counter: update,
+        }
+    }
+
+    fn kernels_of(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) -> Vec<Kernel> {
+        plan_forward_chunked(spec, chunks, caps)
+            .iter()
+            .map(|d| d.kernel)
+            .collect()
+    }
+
+    const SUBGROUPS: Caps = Caps {
+        subgroups: true,
+        subgroup_max: 32,
+    };
+
+    #[test]
+    fn rows_take_one_dispatch_on_subgroups_or_workgroup_memory() {
+        let ln = spec(
+            View::layer_norm(&[4096, 1024], 1024),
+            StatsSource::Batch,
+            false,
+            DType::F32,
+        );
+        let whole = Chunks::whole(ln.view.numel());
+        assert_eq!(kernels_of(&ln, &whole, &SUBGROUPS), [Kernel::RowsSubgroup]);
+        assert_eq!(kernels_of(&ln, &whole, &Caps::baseline()), [Kernel::Rows]);
+        // Odd rows: no vec4 subgroup kernel; odd half rows: not the row kernel.
+        let odd = spec(
+            View::layer_norm(&[8, 33], 33),
+            StatsSource::Batch,
+            false,
+            DType::F32,
+        );
+        assert_eq!(kernels_of(&odd, &whole, &SUBGROUPS), [Kernel::Rows]);
+        let odd16 = ForwardSpec {
+            dtype: DType::F16,
+            ..odd
+        };
+        assert_eq!(kernels_of(&odd16, &whole, &SUBGROUPS)[0], Kernel::Partials);
+        // Two rows of 70,000: spread over many workgroups instead.
+        let long = spec(
+            View::layer_norm(&[2, 70_000], 70_000),
+            StatsSource::Batch,
+            false,
+            DType::F32,
+        );
+        assert_eq!(
+            kernels_of(&long, &whole, &SUBGROUPS),
+            [Kernel::Partials, Kernel::Finalize, Kernel::NormalizeRuns]
+        );
+    }
+
+    #[test]
+    fn batch_norm_train_is_three_dispatches_and_eval_two() {
+        let nchw = View::batch_norm(&[32, 64, 56, 56], 1);
+        let nhwc = View::batch_norm(&[32, 56, 56, 64], 3);
+        let whole = Chunks::whole(nchw.numel());
+        let train = spec(nchw, StatsSource::Batch, true, DType::F32);
+        assert_eq!(
+            kernels_of(&train, &whole, &SUBGROUPS),
+            [Kernel::Partials, Kernel::Finalize, Kernel::NormalizeRuns]
+        );
+        let train = spec(nhwc, StatsSource::Batch, true, DType::F32);
+        assert_eq!(
+            kernels_of(&train, &whole, &SUBGROUPS),
+            [
+                Kernel::PartialsColumns,
+                Kernel::Finalize,
+                Kernel::NormalizeColumns
+            ]
+        );
+        let eval = spec(nchw, StatsSource::Running, false, DType::F32);
+        assert_eq!(
+            kernels_of(&eval, &whole, &SUBGROUPS),
+            [Kernel::EvalStats, Kernel::NormalizeRuns]
+        );
+    }
+
+    #[test]
+    fn chunked_tensors_find_shifts_first_and_bind_each_chunk() {
+        let view = View::batch_norm(&[16, 64, 250, 300], 1);
+        let chunks = Chunks::new(view.numel(), DType::F32, 128 << 20);
+        assert_eq!(chunks.count, 3);
+        let plan = plan_forward_chunked(
+            &spec(view, StatsSource::Batch, true, DType::F32),
+            &chunks,
+            &SUBGROUPS,
+        );
+        let kinds: Vec<Kernel> = plan.iter().map(|d| d.kernel).collect();
+        assert_eq!(&kinds[..3], [Kernel::Shifts; 3]);
+        assert_eq!(&kinds[3..6], [Kernel::Partials; 3]);
+        assert_eq!(kinds[6], Kernel::Finalize);
+        assert_eq!(&kinds[7..], [Kernel::Normalize; 3]);
+        assert_eq!(plan[8].chunk, 1);
+    }
+
+    #[test]
+    fn an_empty_batch_only_counts_itself() {
+        let view = View::batch_norm(&[0, 4, 3, 3], 1);
+        let train = spec(view, StatsSource::Batch, true, DType::F32);
+        assert_eq!(
+            kernels_of(&train, &Chunks::whole(0), &SUBGROUPS),
+            [Kernel::BumpCounter]
+        );
+    }
 
     /// The shaders' fast_div, in Rust.
     fn fast_div(n: u32, f: [u32; 4]) -> u32 {
