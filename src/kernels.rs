@@ -24,8 +24,8 @@ pub const STATS_WG: u32 = 64;
 pub const STATS_PER_THREAD: u32 = 64;
 /// Elements of one tile of the partials pass.
 pub const STATS_TILE: u32 = STATS_WG * STATS_PER_THREAD;
-/// Rows each invocation of the column partials kernel reduces in registers
-/// (its partials take 1/COLUMN_ROWS of the input's size in scratch).
+/// Rows each invocation of the column partials kernel sums (its partials
+/// take 1/COLUMN_ROWS of the input's size in scratch).
 pub const COLUMN_ROWS: u32 = 16;
 /// Invocations per workgroup of the finalize and eval-statistics passes.
 pub const FINALIZE_WG: u32 = 64;
