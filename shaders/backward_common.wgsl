@@ -47,7 +47,7 @@ struct BwdParams {
     cols: u32,
     rows_per_block: u32,
     // Exact division by RB, SA·SG·SB, SB, SG, SG·SB and affine_div as
-    // multiply-high and shifts (fast_div below; set by the host from the
+    // multiply-high and shifts (fast_div.wgsl; set by the host from the
     // fields above): integer division per element is a scalar loop on CPUs
     // that run WGSL.
     div_rb: vec4<u32>,
@@ -58,24 +58,6 @@ struct BwdParams {
     div_affine: vec4<u32>,
 }
 
-// High 32 bits of the 64-bit product a·b.
-fn mul_hi(a: u32, b: u32) -> u32 {
-    let a0 = a & 0xffffu;
-    let a1 = a >> 16u;
-    let b0 = b & 0xffffu;
-    let b1 = b >> 16u;
-    let lo = a0 * b0;
-    let mid1 = a1 * b0;
-    let mid2 = a0 * b1;
-    let carry = ((lo >> 16u) + (mid1 & 0xffffu) + (mid2 & 0xffffu)) >> 16u;
-    return a1 * b1 + (mid1 >> 16u) + (mid2 >> 16u) + carry;
-}
-
-// n / d for a divisor (d, m, s1, s2) prepared by engine::fast_divisor.
-fn fast_div(n: u32, f: vec4<u32>) -> u32 {
-    let t = mul_hi(n, f.y);
-    return (t + ((n - t) >> f.z)) >> f.w;
-}
 
 const BF_WEIGHT: u32 = 1u;
 const BF_RMS: u32 = 2u;

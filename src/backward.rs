@@ -128,6 +128,7 @@ pub fn source(dtype: DType) -> String {
     [
         prelude.as_str(),
         kernels::HALF_CONVERT,
+        kernels::FAST_DIV,
         io_source(dtype),
         include_str!("../shaders/backward_common.wgsl"),
         include_str!("../shaders/backward.wgsl"),

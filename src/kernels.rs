@@ -141,6 +141,10 @@ impl Kernel {
 /// rounding, prepended to every kernel.
 pub(crate) const HALF_CONVERT: &str = include_str!("../shaders/half_convert.wgsl");
 
+/// Exact division by a per-dispatch divisor (`fast_div`, divisors from
+/// [`crate::engine::fast_divisor`]), shared by the forward and the backward.
+pub(crate) const FAST_DIV: &str = include_str!("../shaders/fast_div.wgsl");
+
 fn io_source(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => include_str!("../shaders/io_f32.wgsl"),
@@ -165,6 +169,7 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
     [
         prelude.as_str(),
         HALF_CONVERT,
+        FAST_DIV,
         io_source(dtype),
         include_str!("../shaders/common.wgsl"),
         kernel.file(),
