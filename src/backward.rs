@@ -32,8 +32,7 @@
 //! Scratch is bounded: at most one vec4 per group plus one per tile of 4096
 //! elements, or per column and block of at least [`COLS_MIN_ROWS`] rows.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use wgpu::util::DeviceExt;
 
@@ -450,14 +449,14 @@ pub struct Gradients {
     pub grad_bias: Option<GpuTensor>,
 }
 
-/// Pipelines and layout of the backward kernels, built once per context.
+/// Pipelines and layout of the backward kernels, built once per context:
+/// x (1), grad_output (2), γ (3) and the saved statistics (4) read;
+/// grad_input (5), dγ (6), dβ (7) and the scratch (8) written.
 pub(crate) struct BackwardCache {
-    layout: wgpu::PipelineLayout,
-    bind_group_layout: wgpu::BindGroupLayout,
+    set: kernels::PipelineSet<BackwardKernel>,
     /// Placeholders for absent weight / gradients (distinct buffers, so no
     /// two writable bindings of one dispatch alias).
     dummies: [wgpu::Buffer; 3],
-    pipelines: Mutex<HashMap<(BackwardKernel, DType), Arc<wgpu::ComputePipeline>>>,
 }
 
 impl std::fmt::Debug for BackwardCache {
@@ -468,37 +467,6 @@ impl std::fmt::Debug for BackwardCache {
 
 impl BackwardCache {
     pub(crate) fn new(device: &wgpu::Device) -> Self {
-        let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
-            binding,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty,
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        };
-        let read = wgpu::BufferBindingType::Storage { read_only: true };
-        let write = wgpu::BufferBindingType::Storage { read_only: false };
-        let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("gpunorm backward"),
-            entries: &[
-                entry(0, wgpu::BufferBindingType::Uniform),
-                entry(1, read),
-                entry(2, read),
-                entry(3, read),
-                entry(4, read),
-                entry(5, write),
-                entry(6, write),
-                entry(7, write),
-                entry(8, write),
-            ],
-        });
-        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("gpunorm backward"),
-            bind_group_layouts: &[Some(&bind_group_layout)],
-            immediate_size: 0,
-        });
         let dummies = std::array::from_fn(|i| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(&format!("gpunorm backward placeholder {i}")),
@@ -508,10 +476,12 @@ impl BackwardCache {
             })
         });
         BackwardCache {
-            layout,
-            bind_group_layout,
+            set: kernels::PipelineSet::new(
+                device,
+                "gpunorm backward",
+                [false, false, false, false, true, true, true, true],
+            ),
             dummies,
-            pipelines: Mutex::new(HashMap::new()),
         }
     }
 
@@ -521,25 +491,10 @@ impl BackwardCache {
         kernel: BackwardKernel,
         dtype: DType,
     ) -> Arc<wgpu::ComputePipeline> {
-        let mut map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry((kernel, dtype))
-            .or_insert_with(|| {
-                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(kernel.entry_point()),
-                    source: wgpu::ShaderSource::Wgsl(source(dtype).into()),
-                });
-                Arc::new(
-                    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                        label: Some(kernel.entry_point()),
-                        layout: Some(&self.layout),
-                        module: &module,
-                        entry_point: Some(kernel.entry_point()),
-                        compilation_options: Default::default(),
-                        cache: None,
-                    }),
-                )
+        self.set
+            .get(device, kernel, dtype, kernel.entry_point(), || {
+                source(dtype)
             })
-            .clone()
     }
 }
 
@@ -714,7 +669,7 @@ pub(crate) fn record_backward_with(
             .collect();
         let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some("gpunorm backward"),
-            layout: &cache.bind_group_layout,
+            layout: &cache.set.bind_group_layout,
             entries: &entries,
         });
         pass.set_bind_group(0, &bind_group, &[]);

@@ -682,7 +682,7 @@ fn forward_bind_group(
         .collect();
     ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some("gpunorm forward"),
-        layout: &ctx.pipelines.bind_group_layout,
+        layout: ctx.pipelines.bind_group_layout(),
         entries: &entries,
     })
 }

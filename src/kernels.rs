@@ -189,59 +189,99 @@ pub fn grid(workgroups: u32) -> (u32, u32) {
     }
 }
 
-/// Builds pipelines on first use and keeps them for the context's lifetime.
-pub(crate) struct PipelineCache {
+/// A bind group layout of one uniform (binding 0) and eight storage
+/// buffers (bindings 1..=8, writable where `writable[i - 1]`), and the
+/// pipelines built on it: each built once per (kernel, dtype) on first use
+/// and kept for the context's lifetime. The forward and the backward
+/// kernels each have one.
+pub(crate) struct PipelineSet<K> {
     layout: wgpu::PipelineLayout,
     pub(crate) bind_group_layout: wgpu::BindGroupLayout,
-    pipelines: Mutex<HashMap<(Kernel, DType), Arc<wgpu::ComputePipeline>>>,
+    pipelines: Mutex<HashMap<(K, DType), Arc<wgpu::ComputePipeline>>>,
 }
 
-impl PipelineCache {
-    pub(crate) fn new(device: &wgpu::Device) -> Self {
-        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+impl<K: Copy + Eq + std::hash::Hash> PipelineSet<K> {
+    pub(crate) fn new(device: &wgpu::Device, label: &str, writable: [bool; 8]) -> Self {
+        let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,
             ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Storage { read_only },
+                ty,
                 has_dynamic_offset: false,
                 min_binding_size: None,
             },
             count: None,
         };
-        let uniform = wgpu::BindGroupLayoutEntry {
-            binding: 0,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: false,
-                min_binding_size: None,
-            },
-            count: None,
-        };
+        let mut entries = vec![entry(0, wgpu::BufferBindingType::Uniform)];
+        entries.extend(writable.iter().enumerate().map(|(i, &w)| {
+            entry(
+                i as u32 + 1,
+                wgpu::BufferBindingType::Storage { read_only: !w },
+            )
+        }));
         let bind_group_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("gpunorm forward"),
-            entries: &[
-                uniform,
-                storage(1, true),
-                storage(2, false),
-                storage(3, true),
-                storage(4, true),
-                storage(5, false),
-                storage(6, false),
-                storage(7, false),
-                storage(8, false),
-            ],
+            label: Some(label),
+            entries: &entries,
         });
         let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("gpunorm forward"),
+            label: Some(label),
             bind_group_layouts: &[Some(&bind_group_layout)],
             immediate_size: 0,
         });
-        PipelineCache {
+        PipelineSet {
             layout,
             bind_group_layout,
             pipelines: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The pipeline of `entry_point` for (`kernel`, `dtype`), compiling
+    /// `source()` the first time.
+    pub(crate) fn get(
+        &self,
+        device: &wgpu::Device,
+        kernel: K,
+        dtype: DType,
+        entry_point: &str,
+        source: impl FnOnce() -> String,
+    ) -> Arc<wgpu::ComputePipeline> {
+        let mut map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry((kernel, dtype))
+            .or_insert_with(|| {
+                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(entry_point),
+                    source: wgpu::ShaderSource::Wgsl(source().into()),
+                });
+                Arc::new(
+                    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                        label: Some(entry_point),
+                        layout: Some(&self.layout),
+                        module: &module,
+                        entry_point: Some(entry_point),
+                        compilation_options: Default::default(),
+                        cache: None,
+                    }),
+                )
+            })
+            .clone()
+    }
+}
+
+/// The forward kernels' pipelines: x (1), γ (3), β (4) read; y (2), running
+/// mean/var (5, 6), the counter (7) and the scratch (8) written.
+pub(crate) struct PipelineCache(PipelineSet<Kernel>);
+
+impl PipelineCache {
+    pub(crate) fn new(device: &wgpu::Device) -> Self {
+        PipelineCache(PipelineSet::new(
+            device,
+            "gpunorm forward",
+            [false, true, false, false, true, true, true, true],
+        ))
+    }
+
+    pub(crate) fn bind_group_layout(&self) -> &wgpu::BindGroupLayout {
+        &self.0.bind_group_layout
     }
 
     pub(crate) fn get(
@@ -250,25 +290,9 @@ impl PipelineCache {
         kernel: Kernel,
         dtype: DType,
     ) -> Arc<wgpu::ComputePipeline> {
-        let mut map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry((kernel, dtype))
-            .or_insert_with(|| {
-                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(kernel.entry_point()),
-                    source: wgpu::ShaderSource::Wgsl(source(kernel, dtype).into()),
-                });
-                Arc::new(
-                    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                        label: Some(kernel.entry_point()),
-                        layout: Some(&self.layout),
-                        module: &module,
-                        entry_point: Some(kernel.entry_point()),
-                        compilation_options: Default::default(),
-                        cache: None,
-                    }),
-                )
-            })
-            .clone()
+        self.0.get(device, kernel, dtype, kernel.entry_point(), || {
+            source(kernel, dtype)
+        })
     }
 }
 
