@@ -2,10 +2,10 @@
 //! small binding limit forces the chunked path on small data.
 
 mod common;
-use common::{assert_close, normal};
+use common::{assert_close, layer_norm_on, layer_norm_reference, normal};
 use gpunorm::{
     reference, BatchNorm, BatchNormConfig, Context, ContextOptions, DType, Error, InstanceNorm,
-    InstanceNormConfig, LayerNorm, Mode, RowNormConfig, View,
+    InstanceNormConfig, Mode, RowNormConfig, View,
 };
 
 /// A context that binds at most `bytes` per storage buffer.
@@ -87,21 +87,8 @@ fn chunked_channels_last_and_long_rows_match_f64() {
 
     let (rows, len) = (3, 5000); // rows longer than a chunk
     let x = normal(rows * len, 23, 7.0, 1.0);
-    let mut ln = LayerNorm::new(&ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
-    let y = ctx
-        .download(
-            &ln.forward(&ctx, &ctx.upload(&x, &[rows, len]).unwrap(), Mode::Train)
-                .unwrap(),
-        )
-        .unwrap();
-    let want = reference::forward(
-        &x,
-        &View::layer_norm(&[rows, len], len),
-        false,
-        1e-5,
-        None,
-        None,
-    );
+    let y = layer_norm_on(&ctx, &x, rows, len, RowNormConfig::torch_layer_norm());
+    let want = layer_norm_reference(&x, rows, len, 1e-5);
     assert_close("chunked layer norm", &y, &want, 1e-4, 1e-5);
 }
 

@@ -1,7 +1,7 @@
 //! LayerNorm and RMSNorm forward against the f64 host reference.
 
 mod common;
-use common::{assert_close, ctx, normal};
+use common::{assert_close, ctx, layer_norm_on, layer_norm_reference, normal};
 use gpunorm::{reference, LayerNorm, Mode, RmsNorm, RowNormConfig, View};
 
 fn layer_norm_matches_reference(rows: usize, len: usize, offset: f32, atol: f64, rtol: f64) {
@@ -109,19 +109,8 @@ fn workgroup_memory_row_kernel_matches_f64_where_subgroups_are_disabled() {
     .unwrap();
     for (rows, len, offset) in [(64, 1024, 1e4f32), (300, 8, 0.0), (5, 4096, 3.0)] {
         let x = normal(rows * len, len as u64, offset, 1.0);
-        let mut ln = LayerNorm::new(&ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
-        let xt = ctx.upload(&x, &[rows, len]).unwrap();
-        let y = ctx
-            .download(&ln.forward(&ctx, &xt, Mode::Train).unwrap())
-            .unwrap();
-        let expected = reference::forward(
-            &x,
-            &View::layer_norm(&[rows, len], len),
-            false,
-            1e-5,
-            None,
-            None,
-        );
+        let y = layer_norm_on(&ctx, &x, rows, len, RowNormConfig::torch_layer_norm());
+        let expected = layer_norm_reference(&x, rows, len, 1e-5);
         assert_close("workgroup row kernel", &y, &expected, 1e-4, 1e-5);
     }
 }

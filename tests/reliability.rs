@@ -1,17 +1,13 @@
 //! Adversarial numerics, limits, sharing across threads, malformed files.
 
 mod common;
-use common::{assert_close, ctx, normal};
+use common::{assert_close, ctx, layer_norm_on, layer_norm_reference, normal};
 use gpunorm::{
     reference, BatchNorm, BatchNormConfig, Context, LayerNorm, Mode, RowNormConfig, View,
 };
 
 fn layer_norm_f32(x: &[f32], rows: usize, len: usize) -> Vec<f32> {
-    let ctx = ctx();
-    let mut ln = LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
-    let xt = ctx.upload(x, &[rows, len]).unwrap();
-    ctx.download(&ln.forward(ctx, &xt, Mode::Train).unwrap())
-        .unwrap()
+    layer_norm_on(ctx(), x, rows, len, RowNormConfig::torch_layer_norm())
 }
 
 #[test]
@@ -19,14 +15,7 @@ fn large_offsets_cost_no_accuracy_against_the_stored_inputs() {
     for offset in [1e4f32, 1e5, 1e6] {
         let (rows, len) = (8, 1024);
         let x = normal(rows * len, offset as u64, offset, 1.0);
-        let want = reference::forward(
-            &x,
-            &View::layer_norm(&[rows, len], len),
-            false,
-            1e-5,
-            None,
-            None,
-        );
+        let want = layer_norm_reference(&x, rows, len, 1e-5);
         // Shifting by the row's first element keeps x - shift exact, so the
         // error stays near f32 rounding of y itself, far below SPEC's 1e-3.
         assert_close(
@@ -46,14 +35,7 @@ fn values_whose_squares_overflow_f32_still_normalize() {
         .iter()
         .map(|z| 3e19 + 1e17 * z)
         .collect();
-    let want = reference::forward(
-        &x,
-        &View::layer_norm(&[rows, len], len),
-        false,
-        1e-5,
-        None,
-        None,
-    );
+    let want = layer_norm_reference(&x, rows, len, 1e-5);
     assert_close(
         "3e19 ± 1e17",
         &layer_norm_f32(&x, rows, len),
@@ -70,21 +52,8 @@ fn tiny_variance_with_tiny_eps_stays_finite_and_accurate() {
     let x: Vec<f32> = normal(rows * len, 5, 1.0, 1e-3);
     let mut cfg = RowNormConfig::torch_layer_norm();
     cfg.eps = 1e-12;
-    let mut ln = LayerNorm::new(ctx, &[len], cfg).unwrap();
-    let y = ctx
-        .download(
-            &ln.forward(ctx, &ctx.upload(&x, &[rows, len]).unwrap(), Mode::Train)
-                .unwrap(),
-        )
-        .unwrap();
-    let want = reference::forward(
-        &x,
-        &View::layer_norm(&[rows, len], len),
-        false,
-        1e-12,
-        None,
-        None,
-    );
+    let y = layer_norm_on(ctx, &x, rows, len, cfg);
+    let want = layer_norm_reference(&x, rows, len, 1e-12);
     assert_close("tiny variance", &y, &want, 1e-4, 1e-4);
 }
 
@@ -111,7 +80,7 @@ fn context_and_layers_can_be_shared_across_threads() {
     assert_send_sync::<Context>();
     assert_send_sync::<BatchNorm>();
     assert_send_sync::<LayerNorm>();
-    let ctx = ctx();
+    // Every thread runs on the one shared test context (ctx()).
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)
             .map(|t| {
@@ -119,26 +88,8 @@ fn context_and_layers_can_be_shared_across_threads() {
                     let (rows, len) = (16 + t, 64);
                     let x = normal(rows * len, 100 + t as u64, t as f32, 1.0);
                     for _ in 0..5 {
-                        let mut ln =
-                            LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
-                        let y = ctx
-                            .download(
-                                &ln.forward(
-                                    ctx,
-                                    &ctx.upload(&x, &[rows, len]).unwrap(),
-                                    Mode::Train,
-                                )
-                                .unwrap(),
-                            )
-                            .unwrap();
-                        let want = reference::forward(
-                            &x,
-                            &View::layer_norm(&[rows, len], len),
-                            false,
-                            1e-5,
-                            None,
-                            None,
-                        );
+                        let y = layer_norm_f32(&x, rows, len);
+                        let want = layer_norm_reference(&x, rows, len, 1e-5);
                         assert_close("threaded", &y, &want, 1e-5, 1e-5);
                     }
                 })
@@ -284,14 +235,7 @@ fn odd_rows_and_first_element_outliers_normalize_accurately() {
         for r in 0..rows {
             x[r * len] = 0.0;
         }
-        let want = reference::forward(
-            &x,
-            &View::layer_norm(&[rows, len], len),
-            false,
-            1e-5,
-            None,
-            None,
-        );
+        let want = layer_norm_reference(&x, rows, len, 1e-5);
         assert_close(
             &format!("{rows}x{len}"),
             &layer_norm_f32(&x, rows, len),

@@ -60,3 +60,24 @@ pub fn assert_close(what: &str, actual: &[f32], expected: &[f64], atol: f64, rto
         "{what}: error is {w}x the tolerance (atol {atol}, rtol {rtol})"
     );
 }
+
+/// A LayerNorm of `config` (γ = 1, β = 0) over rows of `len` on `ctx`, read
+/// back.
+pub fn layer_norm_on(
+    ctx: &Context,
+    x: &[f32],
+    rows: usize,
+    len: usize,
+    config: gpunorm::RowNormConfig,
+) -> Vec<f32> {
+    let mut ln = gpunorm::LayerNorm::new(ctx, &[len], config).unwrap();
+    let xt = ctx.upload(x, &[rows, len]).unwrap();
+    ctx.download(&ln.forward(ctx, &xt, gpunorm::Mode::Train).unwrap())
+        .unwrap()
+}
+
+/// The f64 reference of a LayerNorm without affine over rows of `len`.
+pub fn layer_norm_reference(x: &[f32], rows: usize, len: usize, eps: f64) -> Vec<f64> {
+    let view = gpunorm::View::layer_norm(&[rows, len], len);
+    gpunorm::reference::forward(x, &view, false, eps, None, None)
+}
