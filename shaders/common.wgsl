@@ -53,9 +53,22 @@ struct Params {
     div_affine: vec4<u32>,
 }
 
-const FLAG_WEIGHT: u32 = 1u;
-const FLAG_BIAS: u32 = 2u;
-const FLAG_RMS: u32 = 4u;
+// Facts of the call fixed per pipeline (kernels::Variant) rather than read
+// from `params`: hot loops then carry no branch on them. A branch on a
+// uniform parameter inside a loop made the subgroup row kernel 1.35x slower
+// on lavapipe, which masks every branch lane by lane.
+override HAS_WEIGHT: bool = false;
+override HAS_BIAS: bool = false;
+// RMSNorm: no centering (shift and mean are zero).
+override IS_RMS: bool = false;
+// Where the parameters of four consecutive elements are (affine4):
+// AFFINE_PER_ELEMENT (affine_div = 1), AFFINE_PER_RUN (affine_div = B, a
+// multiple of four) or AFFINE_GENERAL.
+override AFFINE_MODE: u32 = 2u;
+const AFFINE_PER_ELEMENT: u32 = 0u;
+const AFFINE_PER_RUN: u32 = 1u;
+const AFFINE_GENERAL: u32 = 2u;
+
 const FLAG_UPDATE_RUNNING: u32 = 8u;
 const FLAG_CUMULATIVE: u32 = 16u;
 const FLAG_UNBIASED: u32 = 32u;
@@ -127,7 +140,7 @@ fn median3(a: f32, b: f32, c: f32) -> f32 {
 // tensors read it from scratch[group].x, where the shifts pass put it, and so
 // do forwards with preset (replica-merged) statistics, whose host wrote it.
 fn group_shift(p: u32, g: u32) -> f32 {
-    if (has_flag(FLAG_RMS)) {
+    if (IS_RMS) {
         return 0.0;
     }
     if (has_flag(FLAG_SHIFT_IN_SCRATCH)) {
@@ -158,10 +171,10 @@ fn chan_merge(x: vec3<f32>, y: vec3<f32>) -> vec3<f32> {
 fn affine(v: f32, g: u32, b: u32) -> f32 {
     let c = fast_div(g * params.b + b, params.div_affine);
     var r = v;
-    if (has_flag(FLAG_WEIGHT)) {
+    if (HAS_WEIGHT) {
         r = r * weight_at(c);
     }
-    if (has_flag(FLAG_BIAS)) {
+    if (HAS_BIAS) {
         r = r + bias_at(c);
     }
     return r;
@@ -176,29 +189,27 @@ fn normalize_value(v: f32, st: vec4<f32>, g: u32, b: u32) -> f32 {
 // 4·k4 (every caller's vec4 path starts at a multiple of four). Callers pass
 // k4 as a plain sum with their vec4 index, so a lane's neighbours read
 // neighbouring parameters and the compiler sees it. Branches depend on
-// uniform parameters only: per-lane conditions made every lane run every
-// path on lavapipe.
+// pipeline constants only, so they fold away.
 fn affine4(v: vec4<f32>, g: u32, k4: u32) -> vec4<f32> {
     let k = 4u * k4;
-    let d = params.affine_div;
     var r = v;
-    if (d == 1u) {
+    if (AFFINE_MODE == AFFINE_PER_ELEMENT) {
         // Four consecutive, aligned parameters: one vector each.
-        if (has_flag(FLAG_WEIGHT)) {
+        if (HAS_WEIGHT) {
             r = r * weight[k4];
         }
-        if (has_flag(FLAG_BIAS)) {
+        if (HAS_BIAS) {
             r = r + bias[k4];
         }
         return r;
     }
-    if (d == params.b && (d & 3u) == 0u) {
+    if (AFFINE_MODE == AFFINE_PER_RUN) {
         // One parameter per run of B, a multiple of four (BatchNorm,
         // InstanceNorm): the four elements share it.
-        if (has_flag(FLAG_WEIGHT)) {
+        if (HAS_WEIGHT) {
             r = r * weight_at(g);
         }
-        if (has_flag(FLAG_BIAS)) {
+        if (HAS_BIAS) {
             r = r + bias_at(g);
         }
         return r;
@@ -209,10 +220,10 @@ fn affine4(v: vec4<f32>, g: u32, k4: u32) -> vec4<f32> {
         fast_div(k + 2u, params.div_affine),
         fast_div(k + 3u, params.div_affine),
     );
-    if (has_flag(FLAG_WEIGHT)) {
+    if (HAS_WEIGHT) {
         r = r * vec4<f32>(weight_at(c.x), weight_at(c.y), weight_at(c.z), weight_at(c.w));
     }
-    if (has_flag(FLAG_BIAS)) {
+    if (HAS_BIAS) {
         r = r + vec4<f32>(bias_at(c.x), bias_at(c.y), bias_at(c.z), bias_at(c.w));
     }
     return r;

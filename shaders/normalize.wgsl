@@ -129,15 +129,15 @@ fn normalize_runs(
     let n4 = params.b / 4u;
     let base4 = run * n4;
     let first = block * params.run_vec4 * NORMALIZE_WG + lid;
-    if (params.affine_div == params.b) {
+    if (AFFINE_MODE == AFFINE_PER_RUN) {
         // One γ and β per run (BatchNorm, InstanceNorm).
         var scale = st.z;
         var offset = -st.y * st.z;
-        if (has_flag(FLAG_WEIGHT)) {
+        if (HAS_WEIGHT) {
             scale = scale * weight_at(g);
             offset = offset * weight_at(g);
         }
-        if (has_flag(FLAG_BIAS)) {
+        if (HAS_BIAS) {
             offset = offset + bias_at(g);
         }
         for (var k = 0u; k < params.run_vec4; k++) {
@@ -182,11 +182,11 @@ fn normalize_columns(
         var s = st.z;
         var o = -st.y * st.z;
         let c = fast_div(q, params.div_affine);
-        if (has_flag(FLAG_WEIGHT)) {
+        if (HAS_WEIGHT) {
             s = s * weight_at(c);
             o = o * weight_at(c);
         }
-        if (has_flag(FLAG_BIAS)) {
+        if (HAS_BIAS) {
             o = o + bias_at(c);
         }
         shift[i] = st.x;

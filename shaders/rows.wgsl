@@ -51,7 +51,7 @@ fn rows(
     let n = params.b;
     let base = row * n;
     let g = row % params.g;
-    let rms = has_flag(FLAG_RMS);
+    let rms = IS_RMS;
     var shift = 0.0;
     if (!rms) {
         shift = median3(load_x(base), load_x(base + n / 2u), load_x(base + n - 1u));

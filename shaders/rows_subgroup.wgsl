@@ -37,7 +37,7 @@ fn rows_subgroup(
     let stride = nwg.x * nwg.y * per_wg;
     let n4 = params.b / 4u;
     let n = f32(params.b);
-    let rms = has_flag(FLAG_RMS);
+    let rms = IS_RMS;
     for (var row = linear_workgroup(wid, nwg) * per_wg + slot; row < params.n_groups; row += stride) {
         let base4 = row * n4;
         let g = row - fast_div(row, params.div_g) * params.g;

@@ -24,7 +24,7 @@ fn shifted_summary(count: u32, sum: f32, sq: f32) -> vec2<f32> {
     if (count == 0u) {
         return vec2<f32>(0.0);
     }
-    if (has_flag(FLAG_RMS)) {
+    if (IS_RMS) {
         return vec2<f32>(0.0, sq);
     }
     let mean = sum / f32(count);
@@ -139,7 +139,7 @@ fn shifts(
     let first = element_index(group / params.g, group % params.g, 0u);
     if (first >= params.chunk_base && first < params.chunk_base + params.chunk_len) {
         var shift = 0.0;
-        if (!has_flag(FLAG_RMS)) {
+        if (!IS_RMS) {
             shift = load_x(first - params.chunk_base);
         }
         scratch[group] = vec4<f32>(shift, 0.0, 0.0, 0.0);

@@ -492,7 +492,7 @@ impl BackwardCache {
         dtype: DType,
     ) -> Arc<wgpu::ComputePipeline> {
         self.set
-            .get(device, kernel, dtype, kernel.entry_point(), || {
+            .get(device, kernel, dtype, kernel.entry_point(), &[], || {
                 source(dtype)
             })
     }

@@ -400,9 +400,6 @@ pub fn fast_divisor(d: u32) -> [u32; 4] {
     [d, m, l.min(1), l.saturating_sub(1)]
 }
 
-const FLAG_WEIGHT: u32 = 1;
-const FLAG_BIAS: u32 = 2;
-const FLAG_RMS: u32 = 4;
 const FLAG_UPDATE_RUNNING: u32 = 8;
 const FLAG_CUMULATIVE: u32 = 16;
 const FLAG_UNBIASED: u32 = 32;
@@ -540,9 +537,6 @@ fn record_forward_with(
             flags |= f;
         }
     };
-    set(bufs.weight.is_some(), FLAG_WEIGHT);
-    set(bufs.bias.is_some(), FLAG_BIAS);
-    set(spec.rms, FLAG_RMS);
     // With preset statistics the counter is bumped by its own dispatch.
     set(spec.bump_counter && preset.is_none(), FLAG_BUMP_COUNTER);
     set(chunks.count > 1 || preset.is_some(), FLAG_SHIFT_IN_SCRATCH);
@@ -620,6 +614,12 @@ fn record_forward_with(
             forward_bind_group(ctx, bufs, &params, lo, hi)
         })
         .collect();
+    let variant = kernels::Variant {
+        weight: bufs.weight.is_some(),
+        bias: bufs.bias.is_some(),
+        rms: spec.rms,
+        affine: kernels::AffineMode::of(v.affine_div, v.b),
+    };
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("gpunorm forward"),
         timestamp_writes: None,
@@ -627,7 +627,7 @@ fn record_forward_with(
     for dispatch in &plan {
         let pipeline = ctx
             .pipelines
-            .get(&ctx.device, dispatch.kernel, bufs.x.dtype());
+            .get(&ctx.device, dispatch.kernel, variant, bufs.x.dtype());
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_groups[dispatch.chunk as usize], &[]);
         let (gx, gy) = kernels::grid(dispatch.workgroups);

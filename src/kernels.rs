@@ -136,6 +136,107 @@ impl Kernel {
     }
 }
 
+/// Where the affine parameters of four consecutive elements are: the
+/// `AFFINE_MODE` pipeline constant of the forward kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AffineMode {
+    /// One parameter per element of the group's row (affine_div = 1:
+    /// LayerNorm, RMSNorm): four consecutive elements read one vector.
+    PerElement,
+    /// One parameter per run of B elements, B a multiple of four
+    /// (BatchNorm, InstanceNorm, channels-first GroupNorm with S = B).
+    PerRun,
+    /// Anything else: each element's parameter index by division.
+    General,
+}
+
+impl AffineMode {
+    /// The mode of a view with `affine_div` elements per parameter and runs
+    /// of `b` elements.
+    pub fn of(affine_div: usize, b: usize) -> AffineMode {
+        if affine_div <= 1 {
+            AffineMode::PerElement
+        } else if affine_div == b && b.is_multiple_of(4) {
+            AffineMode::PerRun
+        } else {
+            AffineMode::General
+        }
+    }
+}
+
+/// The facts of a forward call that a pipeline is compiled for, as WGSL
+/// override constants (`common.wgsl`): branches on them fold away instead
+/// of running in every iteration of a hot loop. Kernels that do not read a
+/// fact get its default, so they are not compiled twice for nothing
+/// ([`Variant::for_kernel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub weight: bool,
+    pub bias: bool,
+    pub rms: bool,
+    pub affine: AffineMode,
+}
+
+impl Default for Variant {
+    fn default() -> Self {
+        Variant {
+            weight: false,
+            bias: false,
+            rms: false,
+            affine: AffineMode::General,
+        }
+    }
+}
+
+impl Variant {
+    /// This variant with the facts `kernel` does not read reset.
+    pub fn for_kernel(self, kernel: Kernel) -> Variant {
+        let normalizes = matches!(
+            kernel,
+            Kernel::Normalize
+                | Kernel::NormalizeRuns
+                | Kernel::NormalizeColumns
+                | Kernel::Rows
+                | Kernel::RowsSubgroup
+        );
+        let shifts = !matches!(
+            kernel,
+            Kernel::BumpCounter
+                | Kernel::EvalStats
+                | Kernel::Normalize
+                | Kernel::NormalizeRuns
+                | Kernel::NormalizeColumns
+        );
+        let default = Variant::default();
+        Variant {
+            weight: normalizes && self.weight,
+            bias: normalizes && self.bias,
+            rms: shifts && self.rms,
+            affine: if normalizes {
+                self.affine
+            } else {
+                default.affine
+            },
+        }
+    }
+
+    /// The override constants of this variant.
+    pub fn constants(&self) -> Vec<(&'static str, f64)> {
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        let mode = match self.affine {
+            AffineMode::PerElement => 0.0,
+            AffineMode::PerRun => 1.0,
+            AffineMode::General => 2.0,
+        };
+        vec![
+            ("HAS_WEIGHT", flag(self.weight)),
+            ("HAS_BIAS", flag(self.bias)),
+            ("IS_RMS", flag(self.rms)),
+            ("AFFINE_MODE", mode),
+        ]
+    }
+}
+
 /// The f32 <-> f16/bf16 conversions, shared by the forward's io files and
 /// the backward ([`crate::backward::source`]): one copy of the hand-written
 /// rounding, prepended to every kernel.
@@ -191,9 +292,9 @@ pub fn grid(workgroups: u32) -> (u32, u32) {
 
 /// A bind group layout of one uniform (binding 0) and eight storage
 /// buffers (bindings 1..=8, writable where `writable[i - 1]`), and the
-/// pipelines built on it: each built once per (kernel, dtype) on first use
+/// pipelines built on it: each built once per (key, dtype) on first use
 /// and kept for the context's lifetime. The forward and the backward
-/// kernels each have one.
+/// kernels each have one; the forward's key includes its [`Variant`].
 pub(crate) struct PipelineSet<K> {
     layout: wgpu::PipelineLayout,
     pub(crate) bind_group_layout: wgpu::BindGroupLayout,
@@ -235,18 +336,19 @@ impl<K: Copy + Eq + std::hash::Hash> PipelineSet<K> {
         }
     }
 
-    /// The pipeline of `entry_point` for (`kernel`, `dtype`), compiling
-    /// `source()` the first time.
+    /// The pipeline of `entry_point` for (`key`, `dtype`), compiling
+    /// `source()` with the override `constants` the first time.
     pub(crate) fn get(
         &self,
         device: &wgpu::Device,
-        kernel: K,
+        key: K,
         dtype: DType,
         entry_point: &str,
+        constants: &[(&str, f64)],
         source: impl FnOnce() -> String,
     ) -> Arc<wgpu::ComputePipeline> {
         let mut map = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry((kernel, dtype))
+        map.entry((key, dtype))
             .or_insert_with(|| {
                 let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(entry_point),
@@ -258,7 +360,10 @@ impl<K: Copy + Eq + std::hash::Hash> PipelineSet<K> {
                         layout: Some(&self.layout),
                         module: &module,
                         entry_point: Some(entry_point),
-                        compilation_options: Default::default(),
+                        compilation_options: wgpu::PipelineCompilationOptions {
+                            constants,
+                            ..Default::default()
+                        },
                         cache: None,
                     }),
                 )
@@ -269,7 +374,7 @@ impl<K: Copy + Eq + std::hash::Hash> PipelineSet<K> {
 
 /// The forward kernels' pipelines: x (1), γ (3), β (4) read; y (2), running
 /// mean/var (5, 6), the counter (7) and the scratch (8) written.
-pub(crate) struct PipelineCache(PipelineSet<Kernel>);
+pub(crate) struct PipelineCache(PipelineSet<(Kernel, Variant)>);
 
 impl PipelineCache {
     pub(crate) fn new(device: &wgpu::Device) -> Self {
@@ -288,17 +393,57 @@ impl PipelineCache {
         &self,
         device: &wgpu::Device,
         kernel: Kernel,
+        variant: Variant,
         dtype: DType,
     ) -> Arc<wgpu::ComputePipeline> {
-        self.0.get(device, kernel, dtype, kernel.entry_point(), || {
-            source(kernel, dtype)
-        })
+        let variant = variant.for_kernel(kernel);
+        self.0.get(
+            device,
+            (kernel, variant),
+            dtype,
+            kernel.entry_point(),
+            &variant.constants(),
+            || source(kernel, dtype),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn affine_mode_follows_the_parameter_layout() {
+        assert_eq!(AffineMode::of(1, 1024), AffineMode::PerElement);
+        assert_eq!(AffineMode::of(3136, 3136), AffineMode::PerRun);
+        // A run of odd length cannot share one parameter per vec4.
+        assert_eq!(AffineMode::of(9, 9), AffineMode::General);
+        // GroupNorm: one parameter per channel, several channels per run.
+        assert_eq!(AffineMode::of(64, 512), AffineMode::General);
+    }
+
+    #[test]
+    fn kernels_are_compiled_only_for_the_facts_they_read() {
+        let full = Variant {
+            weight: true,
+            bias: true,
+            rms: true,
+            affine: AffineMode::PerElement,
+        };
+        assert_eq!(full.for_kernel(Kernel::RowsSubgroup), full);
+        assert_eq!(
+            full.for_kernel(Kernel::Partials),
+            Variant {
+                rms: true,
+                ..Variant::default()
+            }
+        );
+        assert_eq!(
+            full.for_kernel(Kernel::NormalizeRuns),
+            Variant { rms: false, ..full }
+        );
+        assert_eq!(full.for_kernel(Kernel::EvalStats), Variant::default());
+    }
 
     #[test]
     fn grid_covers_every_workgroup_within_the_dimension_limit() {
