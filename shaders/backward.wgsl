@@ -51,11 +51,15 @@ fn bwd_rows(
     }
     let n = bp.sb;
     let base = group * n;
+    // The group is one run: its statistics are known once, and so is its
+    // first affine index.
+    let st = stats[group];
+    let c0 = affine_index(base);
     var acc = vec4<f32>(0.0);
     for (var j = lid * BWD_PACK; j < n; j += BWD_WG * BWD_PACK) {
-        acc += element_terms(base + j);
+        acc += terms_with(base + j, st, run_affine_index(base, c0, j));
         if (BWD_PACK == 2u && j + 1u < n) {
-            acc += element_terms(base + j + 1u);
+            acc += terms_with(base + j + 1u, st, run_affine_index(base, c0, j + 1u));
         }
     }
     let s = workgroup_sum4(lid, acc, BWD_WG);
@@ -66,9 +70,9 @@ fn bwd_rows(
         let second = BWD_PACK == 2u && j + 1u < n;
         var v1 = 0.0;
         if (second) {
-            v1 = grad_input_value(base + j + 1u, s);
+            v1 = grad_input_with(base + j + 1u, s, st, run_affine_index(base, c0, j + 1u));
         }
-        store_dx(base + j, grad_input_value(base + j, s), v1, second);
+        store_dx(base + j, grad_input_with(base + j, s, st, run_affine_index(base, c0, j)), v1, second);
     }
 }
 
@@ -163,7 +167,7 @@ fn bwd_dx(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let first = (bwd_linear_workgroup(wid, nwg) * BWD_WG + lid) * BWD_DX_PER_THREAD;
-    let running = bwd_flag(BF_RUNNING);
+    let running = BWD_RUNNING;
     for (var k = 0u; k < BWD_DX_PER_THREAD; k += BWD_PACK) {
         let i = first + k;
         if (i >= bp.total) {
@@ -209,10 +213,13 @@ fn bwd_cols(
         return;
     }
     let r1 = min(r0 + bp.rows_per_block, bp.rows);
+    // stats_group(i) for i = r·L + l is (i / (SA·SG·SB))·SG + l / SB: the
+    // second term is the column's, known once.
+    let col_group = fast_div(l, bp.div_sb);
     var acc = vec2<f32>(0.0);
     for (var r = r0; r < r1; r++) {
         let i = r * bp.cols + l;
-        let st = stats[stats_group(i)];
+        let st = stats[fast_div(i, bp.div_sagsb) * bp.sg + col_group];
         let xhat = ((load_x(i) - st.x) - st.y) * st.z;
         let d = load_dy(i);
         acc += vec2<f32>(d, d * xhat);

@@ -59,9 +59,19 @@ struct BwdParams {
 }
 
 
-const BF_WEIGHT: u32 = 1u;
-const BF_RMS: u32 = 2u;
-const BF_RUNNING: u32 = 4u;
+// Facts fixed per pipeline rather than read from `bp.flags` (the host
+// compiles one pipeline per combination, src/backward.rs): branches on them
+// in per-element code fold away instead of being masked lane by lane.
+// BWD_WEIGHT: γ multiplies dy. BWD_RMS: no centering. BWD_RUNNING: eval-mode
+// statistics (dx = g·rstd).
+override BWD_WEIGHT: bool = false;
+override BWD_RMS: bool = false;
+override BWD_RUNNING: bool = false;
+// Affine index along a contiguous run of the stats view (bwd_rows):
+// 0 one parameter per element (affine_div = 1), 1 one per run
+// (affine_div = SB), 2 anything else (by division).
+override BWD_AFFINE: u32 = 2u;
+
 const BF_WRITE_GSUM: u32 = 8u;
 const BF_LOOP_P: u32 = 16u;
 const BF_GRAD_WEIGHT: u32 = 32u;
@@ -84,6 +94,18 @@ fn affine_index(i: u32) -> u32 {
     return fast_div(i - fast_div(i, bp.div_sgsb) * l, bp.div_affine);
 }
 
+// The affine index of element base + j of a run of the stats view that
+// starts at `base`, whose affine index is c0.
+fn run_affine_index(base: u32, c0: u32, j: u32) -> u32 {
+    if (BWD_AFFINE == 0u) {
+        return c0 + j;
+    }
+    if (BWD_AFFINE == 1u) {
+        return c0;
+    }
+    return affine_index(base + j);
+}
+
 fn bwd_flag(f: u32) -> bool {
     return (bp.flags & f) != 0u;
 }
@@ -100,31 +122,40 @@ fn stats_group(i: u32) -> u32 {
 
 // (g, g·x̂, dy, dy·x̂) of flat element i.
 fn element_terms(i: u32) -> vec4<f32> {
-    let st = stats[stats_group(i)];
+    return terms_with(i, stats[stats_group(i)], affine_index(i));
+}
+
+// element_terms with the statistics `st` and the affine index `c` of
+// element i given (a caller that knows them for a whole run hoists them).
+fn terms_with(i: u32, st: vec4<f32>, c: u32) -> vec4<f32> {
     let xhat = ((load_x(i) - st.x) - st.y) * st.z;
     let d = load_dy(i);
     var g = d;
-    if (bwd_flag(BF_WEIGHT)) {
-        g = d * weight[affine_index(i)];
+    if (BWD_WEIGHT) {
+        g = d * weight[c];
     }
     return vec4<f32>(g, g * xhat, d, d * xhat);
 }
 
 // grad_input of flat element i from its group's sums s = (Σg, Σg·x̂, ., .).
 fn grad_input_value(i: u32, s: vec4<f32>) -> f32 {
-    let st = stats[stats_group(i)];
+    return grad_input_with(i, s, stats[stats_group(i)], affine_index(i));
+}
+
+// grad_input_value with the statistics and affine index given.
+fn grad_input_with(i: u32, s: vec4<f32>, st: vec4<f32>, c: u32) -> f32 {
     var g = load_dy(i);
-    if (bwd_flag(BF_WEIGHT)) {
-        g = g * weight[affine_index(i)];
+    if (BWD_WEIGHT) {
+        g = g * weight[c];
     }
-    if (bwd_flag(BF_RUNNING)) {
+    if (BWD_RUNNING) {
         return g * st.z;
     }
     let xhat = ((load_x(i) - st.x) - st.y) * st.z;
     // rstd/n·(n·g − Σg − x̂·Σg·x̂), written with means to keep values small.
     let inv_n = 1.0 / f32(bp.sa * bp.sb);
     var mean_g = s.x * inv_n;
-    if (bwd_flag(BF_RMS)) {
+    if (BWD_RMS) {
         mean_g = 0.0;
     }
     return st.z * ((g - mean_g) - xhat * (s.y * inv_n));

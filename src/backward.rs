@@ -453,7 +453,7 @@ pub struct Gradients {
 /// x (1), grad_output (2), γ (3) and the saved statistics (4) read;
 /// grad_input (5), dγ (6), dβ (7) and the scratch (8) written.
 pub(crate) struct BackwardCache {
-    set: kernels::PipelineSet<BackwardKernel>,
+    set: kernels::PipelineSet<(BackwardKernel, Specialization)>,
     /// Placeholders for absent weight / gradients (distinct buffers, so no
     /// two writable bindings of one dispatch alias).
     dummies: [wgpu::Buffer; 3],
@@ -489,12 +489,57 @@ impl BackwardCache {
         &self,
         device: &wgpu::Device,
         kernel: BackwardKernel,
+        params: &BwdParams,
         dtype: DType,
     ) -> Arc<wgpu::ComputePipeline> {
-        self.set
-            .get(device, kernel, dtype, kernel.entry_point(), &[], || {
-                source(dtype)
-            })
+        let special = Specialization::of(params);
+        self.set.get(
+            device,
+            (kernel, special),
+            dtype,
+            kernel.entry_point(),
+            &special.constants(),
+            || source(dtype),
+        )
+    }
+}
+
+/// The pipeline constants of a backward dispatch (`backward_common.wgsl`):
+/// the flags that per-element code tests, and the affine layout of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Specialization {
+    weight: bool,
+    rms: bool,
+    running: bool,
+    /// 0: one parameter per element, 1: one per run of SB, 2: other.
+    affine: u8,
+}
+
+impl Specialization {
+    fn of(p: &BwdParams) -> Specialization {
+        let affine = if p.affine_div <= 1 {
+            0
+        } else if p.affine_div == p.sb {
+            1
+        } else {
+            2
+        };
+        Specialization {
+            weight: p.flags & BF_WEIGHT != 0,
+            rms: p.flags & BF_RMS != 0,
+            running: p.flags & BF_RUNNING != 0,
+            affine,
+        }
+    }
+
+    fn constants(&self) -> [(&'static str, f64); 4] {
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        [
+            ("BWD_WEIGHT", flag(self.weight)),
+            ("BWD_RMS", flag(self.rms)),
+            ("BWD_RUNNING", flag(self.running)),
+            ("BWD_AFFINE", self.affine as f64),
+        ]
     }
 }
 
@@ -673,7 +718,7 @@ pub(crate) fn record_backward_with(
             entries: &entries,
         });
         pass.set_bind_group(0, &bind_group, &[]);
-        pass.set_pipeline(&cache.get(&ctx.device, step.kernel, spec.dtype));
+        pass.set_pipeline(&cache.get(&ctx.device, step.kernel, &step.params, spec.dtype));
         let (gx, gy) = kernels::grid(to_u32("the backward grid", step.workgroups)?);
         pass.dispatch_workgroups(gx, gy, 1);
     }
