@@ -4,7 +4,7 @@
 Usage (from the repository root, with torch installed, e.g. in .venv):
 
     cargo build --release
-    .venv/bin/python bench/compare_torch.py [--iters N] [--gpunorm PATH] [--markdown]
+    .venv/bin/python bench/compare_torch.py [--iters N] [--gpunorm PATH]
 
 For every shape of the criterion benches it times torch on the CPU (and on
 CUDA when torch sees a GPU), runs `gpunorm bench --json` on the same shape,
@@ -46,6 +46,20 @@ CASES = [
      lambda s: torch.nn.InstanceNorm2d(s[1]), None),
 ]
 
+# Backward passes (grad_input and the affine gradients from one grad_output),
+# timed like the forwards: gpunorm with `--backward`, torch with
+# torch.autograd.grad on a graph kept across iterations.
+BACKWARD_CASES = [
+    ("layer-norm backward", "layer-norm", [4096, 1024], [],
+     lambda s: torch.nn.LayerNorm(s[-1]), None),
+    ("rms-norm backward", "rms-norm", [4096, 1024], [],
+     lambda s: torch.nn.RMSNorm(s[-1]), None),
+    ("batch-norm train backward NCHW", "batch-norm", [32, 64, 56, 56], ["--mode", "train"],
+     lambda s: torch.nn.BatchNorm2d(s[1]).train(), None),
+    ("instance-norm backward", "instance-norm", [8, 64, 128, 128], [],
+     lambda s: torch.nn.InstanceNorm2d(s[1]), None),
+]
+
 
 def torch_input(shape, layout, device):
     if layout == "channels_last":
@@ -54,6 +68,24 @@ def torch_input(shape, layout, device):
     else:
         x = torch.randn(*shape, device=device)
     return x
+
+
+def time_torch_backward(factory, shape, layout, device, iters):
+    module = factory(shape).to(device)
+    x = torch_input(shape, layout, device).requires_grad_()
+    y = module(x)
+    dy = torch.randn_like(y)
+    inputs = [x] + [p for p in module.parameters() if p.requires_grad]
+    times = []
+    for i in range(iters + 3):
+        start = time.perf_counter()
+        torch.autograd.grad(y, inputs, dy, retain_graph=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2] * 1e3
 
 
 def time_torch(factory, shape, layout, device, iters):
@@ -96,11 +128,14 @@ def main():
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
           + (f", CUDA: {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     rows = []
-    for label, op, shape, flags, factory, layout in CASES:
-        g = run_gpunorm(args.gpunorm, op, shape, flags, args.iters)
+    cases = [(case, False) for case in CASES] + [(case, True) for case in BACKWARD_CASES]
+    for (label, op, shape, flags, factory, layout), backward in cases:
+        extra = ["--backward"] if backward else []
+        g = run_gpunorm(args.gpunorm, op, shape, flags + extra, args.iters)
         row = {"label": label, "shape": "x".join(map(str, shape)), "g": g}
+        timer = time_torch_backward if backward else time_torch
         for device in devices:
-            row[device] = time_torch(factory, shape, layout, device, args.iters)
+            row[device] = timer(factory, shape, layout, device, args.iters)
         rows.append(row)
         print(f"  measured {label} {row['shape']}", file=sys.stderr)
     adapter = rows[0]["g"]["adapter"] if rows else "?"
