@@ -95,10 +95,23 @@ fn bwd_partials(
     let start = tile * bp.tile_len;
     let end = min(start + bp.tile_len, bp.ra * bp.rb);
     var acc = vec4<f32>(0.0);
-    for (var k = 0u; k < BWD_PER_THREAD; k++) {
-        let j = start + lid + k * BWD_WG;
-        if (j < end) {
-            acc += element_terms(reduction_index(p, g, j));
+    if (BWD_AFFINE == 1u && bp.rp == bp.sp && bp.ra == bp.sa && bp.rg == bp.sg && bp.rb == bp.sb) {
+        // The group sums of the stats view itself with one parameter per
+        // run (BatchNorm): the statistics and γ of the whole tile are
+        // group's, read once.
+        let st = stats[group];
+        for (var k = 0u; k < BWD_PER_THREAD; k++) {
+            let j = start + lid + k * BWD_WG;
+            if (j < end) {
+                acc += terms_with(reduction_index(p, g, j), st, g);
+            }
+        }
+    } else {
+        for (var k = 0u; k < BWD_PER_THREAD; k++) {
+            let j = start + lid + k * BWD_WG;
+            if (j < end) {
+                acc += element_terms(reduction_index(p, g, j));
+            }
         }
     }
     let s = workgroup_sum4(lid, acc, BWD_WG);
@@ -168,6 +181,30 @@ fn bwd_dx(
 ) {
     let first = (bwd_linear_workgroup(wid, nwg) * BWD_WG + lid) * BWD_DX_PER_THREAD;
     let running = BWD_RUNNING;
+    if (BWD_AFFINE == 1u && bp.sb % BWD_DX_PER_THREAD == 0u) {
+        // Runs are whole multiples of this invocation's elements, so they
+        // all share one statistics group and one parameter (BatchNorm):
+        // found and read once.
+        if (first >= bp.total) {
+            return;
+        }
+        let group = stats_group(first);
+        let st = stats[group];
+        let c = affine_index(first);
+        var s = vec4<f32>(0.0);
+        if (!running) {
+            s = work[group];
+        }
+        for (var k = 0u; k < BWD_DX_PER_THREAD; k += BWD_PACK) {
+            let i = first + k;
+            var v1 = 0.0;
+            if (BWD_PACK == 2u) {
+                v1 = grad_input_with(i + 1u, s, st, c);
+            }
+            store_dx(i, grad_input_with(i, s, st, c), v1, BWD_PACK == 2u);
+        }
+        return;
+    }
     for (var k = 0u; k < BWD_DX_PER_THREAD; k += BWD_PACK) {
         let i = first + k;
         if (i >= bp.total) {
