@@ -67,9 +67,10 @@ struct BwdParams {
 override BWD_WEIGHT: bool = false;
 override BWD_RMS: bool = false;
 override BWD_RUNNING: bool = false;
-// Affine index along a contiguous run of the stats view (bwd_rows):
-// 0 one parameter per element (affine_div = 1), 1 one per run
-// (affine_div = SB), 2 anything else (by division).
+// Affine layout of the stats view: 0 one parameter per element
+// (affine_div = 1), 1 one per run (affine_div = SB), 2 anything else (by
+// division). bwd_rows, bwd_partials and bwd_dx use it to find the index once
+// per run instead of per element.
 override BWD_AFFINE: u32 = 2u;
 
 const BF_WRITE_GSUM: u32 = 8u;
