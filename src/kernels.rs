@@ -144,7 +144,7 @@ pub enum AffineMode {
     /// LayerNorm, RMSNorm): four consecutive elements read one vector.
     PerElement,
     /// One parameter per run of B elements, B a multiple of four
-    /// (BatchNorm, InstanceNorm, channels-first GroupNorm with S = B).
+    /// (BatchNorm, InstanceNorm, GroupNorm with one channel per group).
     PerRun,
     /// Anything else: each element's parameter index by division.
     General,
