@@ -257,14 +257,7 @@ impl Context {
 
     /// Checks that a buffer of `bytes` can be created and bound whole.
     pub(crate) fn check_size(&self, what: &str, bytes: u64) -> Result<()> {
-        if bytes > self.max_buffer {
-            return Err(Error::TooLarge {
-                what: what.to_string(),
-                bytes,
-                limit: self.max_buffer,
-                limit_name: "max_buffer_size",
-            });
-        }
+        self.check_buffer_size(what, bytes)?;
         if bytes > self.max_storage_binding {
             return Err(Error::TooLarge {
                 what: what.to_string(),
