@@ -295,28 +295,34 @@ pub(crate) fn resolve_axis(axis: i64, rank: usize) -> Result<usize> {
     })
 }
 
+/// The dims a Keras layer-norm/rms-norm normalizes: those of `--axis`
+/// (default -1), which must be the trailing ones.
+pub(crate) fn keras_normalized_shape(axis: Option<&str>, shape: &[usize]) -> Result<Vec<usize>> {
+    let axes: Vec<i64> = match axis {
+        Some(s) => parse_list("--axis", s)?,
+        None => vec![-1],
+    };
+    let mut resolved = axes
+        .iter()
+        .map(|&k| resolve_axis(k, shape.len()))
+        .collect::<Result<Vec<_>>>()?;
+    resolved.sort_unstable();
+    resolved.dedup();
+    let first = resolved[0];
+    let trailing: Vec<usize> = (first..shape.len()).collect();
+    if resolved != trailing {
+        return Err(invalid(format!(
+            "Keras layer-norm is supported over trailing, contiguous axes only; got axis {axes:?} for an input of rank {}",
+            shape.len()
+        )));
+    }
+    Ok(shape[first..].to_vec())
+}
+
 /// The trailing dims a layer-norm/rms-norm normalizes.
 fn normalized_shape(a: &ApplyArgs, st: &State, op: Op, shape: &[usize]) -> Result<Vec<usize>> {
     if st.keras {
-        let axes: Vec<i64> = match &a.flags.axis {
-            Some(s) => parse_list("--axis", s)?,
-            None => vec![-1],
-        };
-        let mut resolved = axes
-            .iter()
-            .map(|&k| resolve_axis(k, shape.len()))
-            .collect::<Result<Vec<_>>>()?;
-        resolved.sort_unstable();
-        resolved.dedup();
-        let first = resolved[0];
-        let trailing: Vec<usize> = (first..shape.len()).collect();
-        if resolved != trailing {
-            return Err(invalid(format!(
-                "Keras layer-norm is supported over trailing, contiguous axes only; got axis {axes:?} for an input of rank {}",
-                shape.len()
-            )));
-        }
-        return Ok(shape[first..].to_vec());
+        return keras_normalized_shape(a.flags.axis.as_deref(), shape);
     }
     let param_shape = st
         .get(st.scale_name(op))

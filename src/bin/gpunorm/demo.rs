@@ -10,6 +10,8 @@ use gpunorm::{
     RowNormConfig, View,
 };
 
+use crate::bench::data;
+
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Use the adapter whose name contains this.
@@ -18,20 +20,6 @@ pub struct DemoArgs {
     /// Timed repetitions per op (after one warm-up run).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
-}
-
-/// Deterministic inputs with a common offset, so the check covers the
-/// large-mean case that naive kernels get wrong.
-fn data(n: usize, seed: u64, offset: f32) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            offset + ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
-        })
-        .collect()
 }
 
 /// One op's forward on an input, with its layer captured.
