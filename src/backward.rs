@@ -34,8 +34,6 @@
 
 use std::sync::Arc;
 
-use wgpu::util::DeviceExt;
-
 use crate::context::Context;
 use crate::engine::StatsSource;
 use crate::error::{Error, Result};
@@ -674,49 +672,26 @@ pub(crate) fn record_backward_with(
         ctx.queue.write_buffer(&work, 0, bytemuck::cast_slice(sums));
     }
     let cache = &ctx.backward;
-    fn resource<'a>(
-        t: Option<&'a GpuTensor>,
-        fallback: &'a wgpu::Buffer,
-    ) -> wgpu::BindingResource<'a> {
-        t.map(|t| t.binding())
-            .unwrap_or_else(|| fallback.as_entire_binding())
-    }
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("gpunorm backward"),
         timestamp_writes: None,
     });
     for step in &plan.steps {
-        let uniform = ctx
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("gpunorm backward params"),
-                contents: bytemuck::bytes_of(&step.params.uniform()),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let resources = [
-            uniform.as_entire_binding(),
-            x.binding(),
-            dy.binding(),
-            resource(affine.weight.as_ref(), &cache.dummies[0]),
-            saved.scratch.as_entire_binding(),
-            grads.grad_input.binding(),
-            resource(grads.grad_weight.as_ref(), &cache.dummies[1]),
-            resource(grads.grad_bias.as_ref(), &cache.dummies[2]),
-            work.as_entire_binding(),
-        ];
-        let entries: Vec<wgpu::BindGroupEntry> = resources
-            .into_iter()
-            .enumerate()
-            .map(|(i, resource)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource,
-            })
-            .collect();
-        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("gpunorm backward"),
-            layout: &cache.set.bind_group_layout,
-            entries: &entries,
-        });
+        let bind_group = cache.set.bind_group(
+            &ctx.device,
+            "gpunorm backward",
+            bytemuck::bytes_of(&step.params.uniform()),
+            [
+                x.binding(),
+                dy.binding(),
+                GpuTensor::binding_or(affine.weight.as_ref(), &cache.dummies[0]),
+                saved.scratch.as_entire_binding(),
+                grads.grad_input.binding(),
+                GpuTensor::binding_or(grads.grad_weight.as_ref(), &cache.dummies[1]),
+                GpuTensor::binding_or(grads.grad_bias.as_ref(), &cache.dummies[2]),
+                work.as_entire_binding(),
+            ],
+        );
         pass.set_bind_group(0, &bind_group, &[]);
         pass.set_pipeline(&cache.get(&ctx.device, step.kernel, &step.params, spec.dtype));
         let (gx, gy) = kernels::grid(to_u32("the backward grid", step.workgroups)?);

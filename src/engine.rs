@@ -4,8 +4,6 @@
 //! The plan is a pure function of the view and the mode ([`plan_forward`]), so
 //! tests and the bench can see which kernels run without a device.
 
-use wgpu::util::DeviceExt;
-
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::{self, Kernel};
@@ -645,46 +643,21 @@ fn forward_bind_group(
     lo: usize,
     hi: usize,
 ) -> wgpu::BindGroup {
-    let uniform = ctx
-        .device
-        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("gpunorm params"),
-            contents: bytemuck::bytes_of(params),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-    let dummy = |i: usize| ctx.dummies[i].as_entire_binding();
-    fn tensor_or<'a>(
-        t: Option<&'a GpuTensor>,
-        fallback: wgpu::BindingResource<'a>,
-    ) -> wgpu::BindingResource<'a> {
-        t.map(|t| t.binding()).unwrap_or(fallback)
-    }
-    let resources = [
-        uniform.as_entire_binding(),
-        bufs.x.binding_elements(lo, hi),
-        bufs.y.binding_elements(lo, hi),
-        tensor_or(bufs.weight, dummy(3)),
-        tensor_or(bufs.bias, dummy(4)),
-        tensor_or(bufs.running_mean, dummy(5)),
-        tensor_or(bufs.running_var, dummy(6)),
-        bufs.counter
-            .map(|c| c.as_entire_binding())
-            .unwrap_or_else(|| dummy(7)),
-        bufs.scratch.as_entire_binding(),
-    ];
-    let entries: Vec<wgpu::BindGroupEntry> = resources
-        .into_iter()
-        .enumerate()
-        .map(|(i, resource)| wgpu::BindGroupEntry {
-            binding: i as u32,
-            resource,
-        })
-        .collect();
-    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("gpunorm forward"),
-        layout: ctx.pipelines.bind_group_layout(),
-        entries: &entries,
-    })
+    ctx.pipelines.set().bind_group(
+        &ctx.device,
+        "gpunorm forward",
+        bytemuck::bytes_of(params),
+        [
+            bufs.x.binding_elements(lo, hi),
+            bufs.y.binding_elements(lo, hi),
+            GpuTensor::binding_or(bufs.weight, &ctx.dummies[3]),
+            GpuTensor::binding_or(bufs.bias, &ctx.dummies[4]),
+            GpuTensor::binding_or(bufs.running_mean, &ctx.dummies[5]),
+            GpuTensor::binding_or(bufs.running_var, &ctx.dummies[6]),
+            bufs.counter.unwrap_or(&ctx.dummies[7]).as_entire_binding(),
+            bufs.scratch.as_entire_binding(),
+        ],
+    )
 }
 
 #[cfg(test)]

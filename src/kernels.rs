@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use wgpu::util::DeviceExt;
+
 use crate::tensor::DType;
 
 /// Invocations per workgroup of the partials pass. With
@@ -221,14 +223,14 @@ impl Variant {
     }
 
     /// The override constants of this variant.
-    pub fn constants(&self) -> Vec<(&'static str, f64)> {
+    pub fn constants(&self) -> [(&'static str, f64); 4] {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         let mode = match self.affine {
             AffineMode::PerElement => 0.0,
             AffineMode::PerRun => 1.0,
             AffineMode::General => 2.0,
         };
-        vec![
+        [
             ("HAS_WEIGHT", flag(self.weight)),
             ("HAS_BIAS", flag(self.bias)),
             ("IS_RMS", flag(self.rms)),
@@ -336,6 +338,35 @@ impl<K: Copy + Eq + std::hash::Hash> PipelineSet<K> {
         }
     }
 
+    /// A bind group of this set's layout: a uniform holding `params`
+    /// (binding 0) and the eight storage bindings 1..=8 in order.
+    pub(crate) fn bind_group(
+        &self,
+        device: &wgpu::Device,
+        label: &str,
+        params: &[u8],
+        storage: [wgpu::BindingResource<'_>; 8],
+    ) -> wgpu::BindGroup {
+        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: params,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let entries: Vec<wgpu::BindGroupEntry> = std::iter::once(uniform.as_entire_binding())
+            .chain(storage)
+            .enumerate()
+            .map(|(i, resource)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource,
+            })
+            .collect();
+        device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(label),
+            layout: &self.bind_group_layout,
+            entries: &entries,
+        })
+    }
+
     /// The pipeline of `entry_point` for (`key`, `dtype`), compiling
     /// `source()` with the override `constants` the first time.
     pub(crate) fn get(
@@ -385,8 +416,8 @@ impl PipelineCache {
         ))
     }
 
-    pub(crate) fn bind_group_layout(&self) -> &wgpu::BindGroupLayout {
-        &self.0.bind_group_layout
+    pub(crate) fn set(&self) -> &PipelineSet<(Kernel, Variant)> {
+        &self.0
     }
 
     pub(crate) fn get(

@@ -154,6 +154,15 @@ impl GpuTensor {
         })
     }
 
+    /// A binding of `tensor`, or of the placeholder `fallback` where the
+    /// layer has no such tensor (every binding of a layout must be bound).
+    pub(crate) fn binding_or<'a>(
+        tensor: Option<&'a GpuTensor>,
+        fallback: &'a wgpu::Buffer,
+    ) -> wgpu::BindingResource<'a> {
+        tensor.map_or_else(|| fallback.as_entire_binding(), |t| t.binding())
+    }
+
     /// A binding of elements `lo..hi` (an even `lo` at an aligned offset for
     /// the chunked path), rounded up to whole 16-byte vectors, at least one.
     pub(crate) fn binding_elements(&self, lo: usize, hi: usize) -> wgpu::BindingResource<'_> {
