@@ -72,6 +72,10 @@ override BWD_RUNNING: bool = false;
 // division). bwd_rows, bwd_partials and bwd_dx use it to find the index once
 // per run instead of per element.
 override BWD_AFFINE: u32 = 2u;
+// Runs of the stats view (SB) are multiples of four: four consecutive
+// elements from a multiple of four share their statistics group, and
+// load and store as one vector (terms4, grad_input4).
+override BWD_VEC4: bool = false;
 
 const BF_WRITE_GSUM: u32 = 8u;
 const BF_LOOP_P: u32 = 16u;
@@ -81,7 +85,9 @@ const BF_WRITE_PARTIALS: u32 = 128u;
 
 @group(0) @binding(0) var<uniform> bp: BwdParams;
 // Bindings 1 (x), 2 (grad_output) and 5 (grad_input) are in backward_io_*.wgsl.
-@group(0) @binding(3) var<storage, read> weight: array<f32>;
+// γ, bound as vec4 (bindings are padded to 16 bytes) so that four
+// consecutive parameters load as one vector.
+@group(0) @binding(3) var<storage, read> weight: array<vec4<f32>>;
 // The forward's statistics, vec4(shift, dmean, rstd, var) per stats group.
 @group(0) @binding(4) var<storage, read> stats: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> grad_weight: array<f32>;
@@ -105,6 +111,43 @@ fn run_affine_index(base: u32, c0: u32, j: u32) -> u32 {
         return c0;
     }
     return affine_index(base + j);
+}
+
+fn weight_at(c: u32) -> f32 {
+    return weight[c >> 2u][c & 3u];
+}
+
+// γ of the four elements i .. i + 3 (i a multiple of four, all in one run;
+// BWD_VEC4), or ones without γ.
+fn weight4_of(i: u32) -> vec4<f32> {
+    if (!BWD_WEIGHT) {
+        return vec4<f32>(1.0);
+    }
+    let c = affine_index(i);
+    if (BWD_AFFINE == 0u) {
+        // One parameter per element: c is a multiple of four, as i is.
+        return weight[c >> 2u];
+    }
+    if (BWD_AFFINE == 1u) {
+        return vec4<f32>(weight_at(c));
+    }
+    return vec4<f32>(weight_at(c), weight_at(affine_index(i + 1u)),
+        weight_at(affine_index(i + 2u)), weight_at(affine_index(i + 3u)));
+}
+
+// weight4_of(base + j) for a run starting at `base` whose first affine
+// index is c0 (j a multiple of four).
+fn run_weight4(base: u32, c0: u32, j: u32) -> vec4<f32> {
+    if (!BWD_WEIGHT) {
+        return vec4<f32>(1.0);
+    }
+    if (BWD_AFFINE == 0u) {
+        return weight[(c0 + j) >> 2u];
+    }
+    if (BWD_AFFINE == 1u) {
+        return vec4<f32>(weight_at(c0));
+    }
+    return weight4_of(base + j);
 }
 
 fn bwd_flag(f: u32) -> bool {
@@ -133,9 +176,21 @@ fn terms_with(i: u32, st: vec4<f32>, c: u32) -> vec4<f32> {
     let d = load_dy(i);
     var g = d;
     if (BWD_WEIGHT) {
-        g = d * weight[c];
+        g = d * weight_at(c);
     }
     return vec4<f32>(g, g * xhat, d, d * xhat);
+}
+
+// The sums of element_terms over the elements 4·i4 .. 4·i4 + 3, with their
+// statistics `st` and γ `w` (weight4_of).
+fn terms4(i4: u32, st: vec4<f32>, w: vec4<f32>) -> vec4<f32> {
+    let xhat = ((load_x4(i4) - st.x) - st.y) * st.z;
+    let d = load_dy4(i4);
+    var g = d;
+    if (BWD_WEIGHT) {
+        g = d * w;
+    }
+    return vec4<f32>(dot(g, vec4<f32>(1.0)), dot(g, xhat), dot(d, vec4<f32>(1.0)), dot(d, xhat));
 }
 
 // grad_input of flat element i from its group's sums s = (Σg, Σg·x̂, ., .).
@@ -147,13 +202,31 @@ fn grad_input_value(i: u32, s: vec4<f32>) -> f32 {
 fn grad_input_with(i: u32, s: vec4<f32>, st: vec4<f32>, c: u32) -> f32 {
     var g = load_dy(i);
     if (BWD_WEIGHT) {
-        g = g * weight[c];
+        g = g * weight_at(c);
     }
     if (BWD_RUNNING) {
         return g * st.z;
     }
     let xhat = ((load_x(i) - st.x) - st.y) * st.z;
     // rstd/n·(n·g − Σg − x̂·Σg·x̂), written with means to keep values small.
+    let inv_n = 1.0 / f32(bp.sa * bp.sb);
+    var mean_g = s.x * inv_n;
+    if (BWD_RMS) {
+        mean_g = 0.0;
+    }
+    return st.z * ((g - mean_g) - xhat * (s.y * inv_n));
+}
+
+// grad_input of the elements 4·i4 .. 4·i4 + 3 (grad_input_with for four).
+fn grad_input4(i4: u32, s: vec4<f32>, st: vec4<f32>, w: vec4<f32>) -> vec4<f32> {
+    var g = load_dy4(i4);
+    if (BWD_WEIGHT) {
+        g = g * w;
+    }
+    if (BWD_RUNNING) {
+        return g * st.z;
+    }
+    let xhat = ((load_x4(i4) - st.x) - st.y) * st.z;
     let inv_n = 1.0 / f32(bp.sa * bp.sb);
     var mean_g = s.x * inv_n;
     if (BWD_RMS) {

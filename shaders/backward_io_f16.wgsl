@@ -1,23 +1,35 @@
 // Backward storage of x, grad_output and grad_input as IEEE binary16, two
-// per u32 word (element 2k in the low half). Loads unpack with
+// per u32 word (element 2k in the low half), bound as vec2<u32> (four
+// elements; bindings are padded to 16 bytes). Loads unpack with
 // unpack2x16float (no shader feature needed); stores round once with
 // f16_bits (half_convert.wgsl): nearest even, overflow to ±inf, NaN kept.
 // Invariant: one invocation writes both halves of a word — callers store
 // pairs starting at even indices (BWD_PACK = 2), so no two invocations race
-// on a word. Bindings are padded to 16 bytes, so whole words are in range.
-@group(0) @binding(1) var<storage, read> x_buf: array<u32>;
-@group(0) @binding(2) var<storage, read> dy_buf: array<u32>;
-@group(0) @binding(5) var<storage, read_write> dx_buf: array<u32>;
+// on a word.
+@group(0) @binding(1) var<storage, read> x_buf: array<vec2<u32>>;
+@group(0) @binding(2) var<storage, read> dy_buf: array<vec2<u32>>;
+@group(0) @binding(5) var<storage, read_write> dx_buf: array<vec2<u32>>;
 
-// Elements of grad_input one store writes (one word).
+// Elements of grad_input one store_dx writes (one word).
 const BWD_PACK: u32 = 2u;
 
 fn load_x(i: u32) -> f32 {
-    return unpack2x16float(x_buf[i >> 1u])[i & 1u];
+    return unpack2x16float(x_buf[i >> 2u][(i >> 1u) & 1u])[i & 1u];
 }
 
 fn load_dy(i: u32) -> f32 {
-    return unpack2x16float(dy_buf[i >> 1u])[i & 1u];
+    return unpack2x16float(dy_buf[i >> 2u][(i >> 1u) & 1u])[i & 1u];
+}
+
+// Elements 4·i4 .. 4·i4 + 3.
+fn load_x4(i4: u32) -> vec4<f32> {
+    let w = x_buf[i4];
+    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
+
+fn load_dy4(i4: u32) -> vec4<f32> {
+    let w = dy_buf[i4];
+    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
 }
 
 // Writes grad_input[i] and grad_input[i + 1] (i even) as one word; without
@@ -27,5 +39,10 @@ fn store_dx(i: u32, v0: f32, v1: f32, second: bool) {
     if (second) {
         hi = f16_bits(v1);
     }
-    dx_buf[i >> 1u] = f16_bits(v0) | (hi << 16u);
+    dx_buf[i >> 2u][(i >> 1u) & 1u] = f16_bits(v0) | (hi << 16u);
+}
+
+// Writes grad_input 4·i4 .. 4·i4 + 3 (two whole words).
+fn store_dx4(i4: u32, v: vec4<f32>) {
+    dx_buf[i4] = vec2<u32>(f16_bits(v.x) | (f16_bits(v.y) << 16u), f16_bits(v.z) | (f16_bits(v.w) << 16u));
 }

@@ -35,7 +35,7 @@
 use std::sync::Arc;
 
 use crate::context::Context;
-use crate::engine::StatsSource;
+use crate::engine::{Caps, StatsSource};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::norm::{submit_scoped, Affine, Saved};
@@ -52,6 +52,9 @@ pub const BWD_WG: u32 = 64;
 pub const BWD_PER_THREAD: u32 = 64;
 /// Elements of one tile of the partials pass.
 pub const BWD_TILE: u32 = BWD_WG * BWD_PER_THREAD;
+/// Invocations per workgroup of the subgroup row kernel (one group per
+/// subgroup, as many subgroups as fit).
+pub const BWD_SG_WG: u32 = 64;
 /// Invocations per workgroup of the finalize pass (few partials per output).
 pub const BWD_FINALIZE_WG: u32 = 64;
 /// Consecutive elements each grad-input invocation writes (as the forward's
@@ -70,6 +73,9 @@ pub const COLS_MAX_BLOCKS: usize = 256;
 pub enum BackwardKernel {
     /// A whole contiguous group per workgroup: sums and grad_input.
     Rows,
+    /// A whole contiguous group per subgroup (groups of whole vectors, on
+    /// adapters with subgroups): sums and grad_input.
+    RowsSubgroup,
     /// Per-tile partial sums of a reduction view.
     Partials,
     /// Merges partials into group sums and/or affine gradients.
@@ -82,8 +88,9 @@ pub enum BackwardKernel {
 
 impl BackwardKernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [BackwardKernel; 5] = [
+    pub const ALL: [BackwardKernel; 6] = [
         BackwardKernel::Rows,
+        BackwardKernel::RowsSubgroup,
         BackwardKernel::Partials,
         BackwardKernel::Finalize,
         BackwardKernel::GradInput,
@@ -94,6 +101,7 @@ impl BackwardKernel {
     pub fn entry_point(self) -> &'static str {
         match self {
             BackwardKernel::Rows => "bwd_rows",
+            BackwardKernel::RowsSubgroup => "bwd_rows_subgroup",
             BackwardKernel::Partials => "bwd_partials",
             BackwardKernel::Finalize => "bwd_finalize",
             BackwardKernel::GradInput => "bwd_dx",
@@ -102,8 +110,16 @@ impl BackwardKernel {
     }
 }
 
-// A grad-input invocation's run of elements is whole words of packed halves.
-const _: () = assert!(BWD_DX_PER_THREAD.is_multiple_of(2));
+// A grad-input invocation's run of elements is whole words of packed halves,
+// and one vector on the BWD_VEC4 path.
+const _: () = assert!(BWD_DX_PER_THREAD == 4);
+
+/// Whether runs of the stats view are whole vectors of four (the kernels'
+/// `BWD_VEC4` paths): the column kernel then has one invocation per four
+/// columns.
+fn vec4_runs(p: &BwdParams) -> bool {
+    p.sb.is_multiple_of(4)
+}
 
 fn io_source(dtype: DType) -> &'static str {
     match dtype {
@@ -114,14 +130,21 @@ fn io_source(dtype: DType) -> &'static str {
 }
 
 /// The complete WGSL source of the backward kernels for storage `dtype` (of
-/// `x`, `grad_output` and `grad_input`).
-pub fn source(dtype: DType) -> String {
+/// `x`, `grad_output` and `grad_input`); with `subgroups`, the subgroup row
+/// kernel too (it needs `Features::SUBGROUP` to compile).
+pub fn source(dtype: DType, subgroups: bool) -> String {
     let prelude = format!(
         "const BWD_WG: u32 = {BWD_WG}u;\n\
+         const BWD_SG_WG: u32 = {BWD_SG_WG}u;\n\
          const BWD_PER_THREAD: u32 = {BWD_PER_THREAD}u;\n\
          const BWD_FINALIZE_WG: u32 = {BWD_FINALIZE_WG}u;\n\
          const BWD_DX_PER_THREAD: u32 = {BWD_DX_PER_THREAD}u;\n"
     );
+    let subgroup_kernel = if subgroups {
+        include_str!("../shaders/backward_rows_subgroup.wgsl")
+    } else {
+        ""
+    };
     [
         prelude.as_str(),
         kernels::HALF_CONVERT,
@@ -129,6 +152,7 @@ pub fn source(dtype: DType) -> String {
         io_source(dtype),
         include_str!("../shaders/backward_common.wgsl"),
         include_str!("../shaders/backward.wgsl"),
+        subgroup_kernel,
     ]
     .join("\n")
 }
@@ -261,13 +285,14 @@ fn col_blocks(rows: usize) -> usize {
     (rows / COLS_MIN_ROWS).clamp(1, COLS_MAX_BLOCKS)
 }
 
-fn plan(spec: &BackwardSpec) -> Plan {
-    plan_with(spec, false)
+/// Whether the subgroup row kernel takes a backward the row kernel takes.
+fn uses_subgroup_rows(v: &View, caps: &Caps) -> bool {
+    caps.subgroups && v.b.is_multiple_of(4)
 }
 
 /// The plan; `tiled` keeps groups off the row kernel so that grad_input is
 /// its own dispatch (needed when the group sums come from elsewhere).
-fn plan_with(spec: &BackwardSpec, tiled: bool) -> Plan {
+fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
     let v = &spec.view;
     let mut steps = Vec::new();
     let mut work_vec4 = 0usize;
@@ -333,7 +358,14 @@ fn plan_with(spec: &BackwardSpec, tiled: bool) -> Plan {
             if channel_grads != 0 {
                 p.flags |= BF_WRITE_PARTIALS;
             }
-            push(BackwardKernel::Rows, groups, p);
+            if uses_subgroup_rows(v, caps) {
+                // Enough workgroups for the largest subgroup size; with
+                // smaller subgroups the surplus workgroups find no group.
+                let per_wg = (BWD_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
+                push(BackwardKernel::RowsSubgroup, groups.div_ceil(per_wg), p);
+            } else {
+                push(BackwardKernel::Rows, groups, p);
+            }
             work_vec4 = work_vec4.max(2 * groups);
             if channel_grads != 0 {
                 let mut f = base;
@@ -381,9 +413,19 @@ fn plan_with(spec: &BackwardSpec, tiled: bool) -> Plan {
             c.rows_per_block = rows.div_ceil(blocks) as u32;
             c.group_stride = 1;
             c.tile_stride = cols as u32;
+            // Columns per invocation (bwd_cols): 8 (two vectors) when runs
+            // are whole pairs of vectors, 4 when whole vectors, else 1.
+            let per_invocation = if c.sb.is_multiple_of(8) {
+                8
+            } else if vec4_runs(&c) {
+                4
+            } else {
+                1
+            };
+            let col_invocations = cols / per_invocation;
             push(
                 BackwardKernel::Cols,
-                blocks * cols.div_ceil(BWD_WG as usize),
+                blocks * col_invocations.div_ceil(BWD_WG as usize),
                 c,
             );
             if blocks > 1 {
@@ -424,9 +466,15 @@ fn plan_with(spec: &BackwardSpec, tiled: bool) -> Plan {
     }
 }
 
-/// The dispatches of one backward pass, in order.
+/// The dispatches of one backward pass, in order, on an adapter with no
+/// optional capabilities ([`Caps::baseline`]).
 pub fn plan_backward(spec: &BackwardSpec) -> Vec<Dispatch> {
-    plan(spec)
+    plan_backward_on(spec, &Caps::baseline())
+}
+
+/// The dispatches of one backward pass on an adapter with `caps`, in order.
+pub fn plan_backward_on(spec: &BackwardSpec, caps: &Caps) -> Vec<Dispatch> {
+    plan_with(spec, caps, false)
         .steps
         .iter()
         .map(|s| Dispatch {
@@ -497,7 +545,7 @@ impl BackwardCache {
             dtype,
             kernel.entry_point(),
             &special.constants(),
-            || source(dtype),
+            || source(dtype, kernel == BackwardKernel::RowsSubgroup),
         )
     }
 }
@@ -511,6 +559,8 @@ struct Specialization {
     running: bool,
     /// 0: one parameter per element, 1: one per run of SB, 2: other.
     affine: u8,
+    /// Runs of SB are whole vectors ([`vec4_runs`]).
+    vec4: bool,
 }
 
 impl Specialization {
@@ -527,16 +577,18 @@ impl Specialization {
             rms: p.flags & BF_RMS != 0,
             running: p.flags & BF_RUNNING != 0,
             affine,
+            vec4: vec4_runs(p),
         }
     }
 
-    fn constants(&self) -> [(&'static str, f64); 4] {
+    fn constants(&self) -> [(&'static str, f64); 5] {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         [
             ("BWD_WEIGHT", flag(self.weight)),
             ("BWD_RMS", flag(self.rms)),
             ("BWD_RUNNING", flag(self.running)),
             ("BWD_AFFINE", self.affine as f64),
+            ("BWD_VEC4", flag(self.vec4)),
         ]
     }
 }
@@ -617,7 +669,7 @@ pub(crate) fn record_backward(
 
 /// The grad_input-only plan of a backward whose per-group sums are given.
 fn plan_preset_sums(spec: &BackwardSpec, groups: usize) -> Plan {
-    let mut full = plan_with(spec, true);
+    let mut full = plan_with(spec, &Caps::baseline(), true);
     full.steps.retain(|s| s.kernel == BackwardKernel::GradInput);
     full.work_vec4 = full.work_vec4.max(groups);
     full
@@ -640,7 +692,7 @@ pub(crate) fn record_backward_with(
     to_u32("the input's element count", v.numel())?;
     ctx.check_size("grad_output", dy.byte_len())?;
     let plan = match preset_sums {
-        None => plan(&spec),
+        None => plan_with(&spec, &ctx.caps(), false),
         Some(_) => plan_preset_sums(&spec, v.groups()),
     };
     let work_bytes = 16 * plan.work_vec4 as u64;
@@ -751,6 +803,43 @@ mod tests {
     }
 
     #[test]
+    fn rows_of_whole_vectors_take_the_subgroup_row_kernel_where_subgroups_exist() {
+        use BackwardKernel::*;
+        let caps = Caps {
+            subgroups: true,
+            subgroup_max: 32,
+        };
+        let on = |s: &BackwardSpec| -> Vec<(BackwardKernel, u32)> {
+            plan_backward_on(s, &caps)
+                .iter()
+                .map(|d| (d.kernel, d.workgroups))
+                .collect()
+        };
+        // 4096 rows, two per 64-invocation workgroup of 32-wide subgroups;
+        // columns eight per invocation.
+        let v = View::layer_norm(&[4096, 1024], 1024);
+        assert_eq!(
+            on(&spec(v, StatsSource::Batch, true)),
+            [(RowsSubgroup, 2048), (Cols, 128 * 2), (Finalize, 1024)]
+        );
+        // Odd rows: the workgroup kernel and one column per invocation.
+        let odd = View::layer_norm(&[4096, 1023], 1023);
+        assert_eq!(
+            on(&spec(odd, StatsSource::Batch, true)),
+            [(Rows, 4096), (Cols, 128 * 16), (Finalize, 1023)]
+        );
+        let inorm = View::instance_norm(&[8, 64, 128, 128]);
+        assert_eq!(
+            kernels_of_on(&spec(inorm, StatsSource::Batch, true), &caps),
+            [RowsSubgroup, Finalize]
+        );
+    }
+
+    fn kernels_of_on(s: &BackwardSpec, caps: &Caps) -> Vec<BackwardKernel> {
+        plan_backward_on(s, caps).iter().map(|d| d.kernel).collect()
+    }
+
+    #[test]
     fn batch_norm_backward_gets_affine_gradients_from_the_group_sums() {
         use BackwardKernel::*;
         let v = View::batch_norm(&[32, 64, 56, 56], 1);
@@ -804,7 +893,7 @@ mod tests {
     fn column_scratch_stays_a_fraction_of_the_input() {
         for (rows, cols) in [(1usize, 1usize << 24), (33, 100_000), (1 << 20, 64)] {
             let v = View::layer_norm(&[rows, cols], cols);
-            let p = plan(&spec(v, StatsSource::Batch, true));
+            let p = plan_with(&spec(v, StatsSource::Batch, true), &Caps::baseline(), false);
             assert!(
                 p.work_vec4 * 16 <= 2 * rows * 16 + (rows * cols * 4).div_ceil(2),
                 "{rows}x{cols}: {} vec4",

@@ -3,7 +3,7 @@
 
 mod common;
 use common::{assert_close, ctx, normal};
-use gpunorm::backward::{plan_backward, BackwardKernel};
+use gpunorm::backward::{plan_backward_on, BackwardKernel};
 use gpunorm::reference::{self, backward_f64, forward_f64};
 use gpunorm::{
     Affine, BatchNorm, BatchNormConfig, Context, DType, Error, GpuTensor, Gradients, GroupNorm,
@@ -156,18 +156,24 @@ fn reference_backward_of_group_and_instance_norm_matches_finite_differences() {
 
 #[test]
 fn backward_source_validates_with_naga() {
+    // Without the subgroup kernel the source needs no subgroup capability.
+    let without_subgroups = naga::valid::Capabilities::all()
+        - naga::valid::Capabilities::SUBGROUP
+        - naga::valid::Capabilities::SUBGROUP_BARRIER;
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let src = gpunorm::backward::source(dtype);
-        let module = naga::front::wgsl::parse_str(&src)
-            .unwrap_or_else(|e| panic!("backward {dtype}: {}", e.emit_to_string(&src)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("backward {dtype}: {e:?}"));
+        for (subgroups, caps) in [
+            (true, naga::valid::Capabilities::all()),
+            (false, without_subgroups),
+        ] {
+            let src = gpunorm::backward::source(dtype, subgroups);
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("backward {dtype}: {}", e.emit_to_string(&src)));
+            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("backward {dtype} subgroups={subgroups}: {e:?}"));
+        }
     }
-    assert_eq!(BackwardKernel::ALL.len(), 5);
+    assert_eq!(BackwardKernel::ALL.len(), 6);
 }
 
 // ---------------------------------------------------------------------------
@@ -207,7 +213,19 @@ fn check(
     bias: bool,
     terms: usize,
 ) {
-    let ctx = ctx();
+    check_on(ctx(), what, got, want, weight, bias, terms);
+}
+
+/// `check` of gradients computed on `ctx`.
+fn check_on(
+    ctx: &Context,
+    what: &str,
+    got: &Gradients,
+    want: &reference::BackwardReference,
+    weight: bool,
+    bias: bool,
+    terms: usize,
+) {
     let dx = ctx.download(&got.grad_input).unwrap();
     assert_close(
         &format!("{what} grad_input"),
@@ -242,7 +260,17 @@ fn check(
 }
 
 fn layer_norm_case(rows: usize, len: usize, weight: bool, bias: bool, offset: f32) {
-    let ctx = ctx();
+    layer_norm_case_on(ctx(), rows, len, weight, bias, offset);
+}
+
+fn layer_norm_case_on(
+    ctx: &Context,
+    rows: usize,
+    len: usize,
+    weight: bool,
+    bias: bool,
+    offset: f32,
+) {
     let shape = [rows, len];
     let d = inputs(&shape, len, (rows * 7 + len) as u64, offset);
     let mut ln = LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
@@ -262,7 +290,8 @@ fn layer_norm_case(rows: usize, len: usize, weight: bool, bias: bool, offset: f3
         weight.then_some(d.w.as_slice()),
         None,
     );
-    check(
+    check_on(
+        ctx,
         &format!("layer norm {rows}x{len}"),
         &got,
         &want,
@@ -289,6 +318,15 @@ fn layer_norm_backward_without_affine_or_with_weight_only_matches_f64() {
 }
 
 #[test]
+fn layer_norm_backward_column_sums_match_f64_for_every_column_strip() {
+    // Rows of pairs of vectors (two vectors per column-kernel invocation),
+    // of whole vectors only (one), and of odd length (one column).
+    for len in [24, 20, 33] {
+        layer_norm_case(100, len, true, true, 0.5);
+    }
+}
+
+#[test]
 fn layer_norm_backward_of_a_few_very_long_rows_uses_tiles_and_matches_f64() {
     // Rows longer than the row kernel takes with few rows: partials path.
     layer_norm_case(2, 20_000, true, true, 0.0);
@@ -297,6 +335,22 @@ fn layer_norm_backward_of_a_few_very_long_rows_uses_tiles_and_matches_f64() {
 #[test]
 fn layer_norm_backward_with_a_large_offset_matches_f64() {
     layer_norm_case(64, 1024, true, true, 1e4);
+}
+
+#[test]
+fn workgroup_row_kernel_backward_matches_f64_where_subgroups_are_disabled() {
+    // Lavapipe has subgroups, so the default context runs the subgroup row
+    // kernel wherever rows are whole vectors; this one runs the
+    // workgroup-memory kernel (vector and scalar paths) on the same cases.
+    let ctx = Context::with_options(gpunorm::ContextOptions {
+        disable_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    layer_norm_case_on(&ctx, 64, 1024, true, true, 1e4);
+    layer_norm_case_on(&ctx, 300, 8, true, false, 0.0);
+    layer_norm_case_on(&ctx, 7, 33, true, true, 0.0);
+    instance_norm_case_on(&ctx, &[3, 4, 50, 50], Mode::Train, false);
 }
 
 #[test]
@@ -472,7 +526,10 @@ fn group_norm_channels_last_backward_matches_f64() {
 }
 
 fn instance_norm_case(shape: &[usize], mode: Mode, tracked: bool) {
-    let ctx = ctx();
+    instance_norm_case_on(ctx(), shape, mode, tracked);
+}
+
+fn instance_norm_case_on(ctx: &Context, shape: &[usize], mode: Mode, tracked: bool) {
     let c = shape[1];
     let d = inputs(shape, c, 500, 0.0);
     let rm = normal(c, 7, 0.5, 0.5);
@@ -499,7 +556,8 @@ fn instance_norm_case(shape: &[usize], mode: Mode, tracked: bool) {
     let view = View::instance_norm(shape);
     let constants = (mode == Mode::Eval && tracked).then_some((rm.as_slice(), rv.as_slice()));
     let want = reference::backward(&d.x, &d.dy, &view, false, 1e-5, Some(&d.w), constants);
-    check(
+    check_on(
+        ctx,
         &format!("instance norm {shape:?} {mode:?}"),
         &got,
         &want,
@@ -601,15 +659,18 @@ fn record_backward_records_into_the_callers_encoder_and_reports_its_dispatches()
         true,
         view.group_len(),
     );
-    let spec_plan = plan_backward(&gpunorm::backward::BackwardSpec {
-        view,
-        dtype: DType::F32,
-        rms: false,
-        source: gpunorm::engine::StatsSource::Batch,
-        weight: true,
-        grad_weight: true,
-        grad_bias: true,
-    });
+    let spec_plan = plan_backward_on(
+        &gpunorm::backward::BackwardSpec {
+            view,
+            dtype: DType::F32,
+            rms: false,
+            source: gpunorm::engine::StatsSource::Batch,
+            weight: true,
+            grad_weight: true,
+            grad_bias: true,
+        },
+        &ctx.caps(),
+    );
     assert_eq!(spec_plan, dispatches);
 }
 

@@ -1,0 +1,49 @@
+// Backward row kernel on subgroups, for adapters with Features::SUBGROUP:
+// one subgroup per contiguous group of the stats view (SA = 1, SB a
+// multiple of four, BWD_VEC4), several groups per workgroup, sums with
+// subgroupAdd and no workgroup barrier (the forward's rows_subgroup, same
+// slot scheme). The subgroup size is read at run time (8 on lavapipe, 32
+// on NVIDIA, 32 or 64 on AMD): nothing assumes one. Appended to the
+// backward source only for this kernel, so adapters without subgroups
+// never compile it.
+
+var<workgroup> next_slot: atomic<u32>;
+
+@compute @workgroup_size(BWD_SG_WG)
+fn bwd_rows_subgroup(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_size) sg: u32,
+) {
+    // Lane 0 takes the slot; the sum hands it to every lane.
+    var slot = 0u;
+    if (lane == 0u) {
+        slot = atomicAdd(&next_slot, 1u);
+    }
+    slot = subgroupAdd(slot);
+    // A subgroup larger than the workgroup is partial: its lanes are the
+    // workgroup's invocations.
+    let width = min(sg, BWD_SG_WG);
+    let per_wg = BWD_SG_WG / width;
+    let stride = nwg.x * nwg.y * per_wg;
+    let n = bp.sb;
+    let n4 = n / 4u;
+    for (var group = bwd_linear_workgroup(wid, nwg) * per_wg + slot; group < bp.sp * bp.sg; group += stride) {
+        let base = group * n;
+        let base4 = group * n4;
+        let st = stats[group];
+        let c0 = affine_index(base);
+        var acc = vec4<f32>(0.0);
+        for (var j4 = lane; j4 < n4; j4 += width) {
+            acc += terms4(base4 + j4, st, run_weight4(base, c0, 4u * j4));
+        }
+        let s = subgroupAdd(acc);
+        if (lane == 0u && bwd_flag(BF_WRITE_PARTIALS)) {
+            work[bp.partials_offset + group] = s;
+        }
+        for (var j4 = lane; j4 < n4; j4 += width) {
+            store_dx4(base4 + j4, grad_input4(base4 + j4, s, st, run_weight4(base, c0, 4u * j4)));
+        }
+    }
+}
