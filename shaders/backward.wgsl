@@ -287,7 +287,7 @@ fn bwd_cols(
         let d = load_dy(i);
         acc += vec2<f32>(d, d * xhat);
     }
-    write_column(l, block, acc.x, acc.y);
+    write_column(l, block, vec4<f32>(0.0, 0.0, acc.x, acc.y));
 }
 
 // bwd_cols with runs of whole vectors (BWD_VEC4): one invocation owns four
@@ -316,7 +316,7 @@ fn cols4(w: u32, lid: u32) {
         sum_dy_xhat += d * xhat;
     }
     for (var k = 0u; k < 4u; k++) {
-        write_column(l + k, block, sum_dy[k], sum_dy_xhat[k]);
+        write_column(l + k, block, vec4<f32>(0.0, 0.0, sum_dy[k], sum_dy_xhat[k]));
     }
 }
 
@@ -355,23 +355,26 @@ fn cols8(w: u32, lid: u32) {
         sum_dy_xhat_hi += d_hi * xhat_hi;
     }
     for (var k = 0u; k < 4u; k++) {
-        write_column(l + k, block, sum_dy[k], sum_dy_xhat[k]);
-        write_column(l + 4u + k, block, sum_dy_hi[k], sum_dy_xhat_hi[k]);
+        write_column(l + k, block, vec4<f32>(0.0, 0.0, sum_dy[k], sum_dy_xhat[k]));
+        write_column(l + 4u + k, block, vec4<f32>(0.0, 0.0, sum_dy_hi[k], sum_dy_xhat_hi[k]));
     }
 }
 
-// Stores column l's sums over row block `block`: the gradients themselves
-// with one block, else its partial.
-fn write_column(l: u32, block: u32, sum_dy: f32, sum_dy_xhat: f32) {
+// Stores the sums s = (Σg, Σg·x̂, Σdy, Σdy·x̂) of column l over row block
+// `block`: with one block the results themselves (the column's group sums
+// with BF_WRITE_GSUM, and its gradients), else its partial.
+fn write_column(l: u32, block: u32, s: vec4<f32>) {
     if (bp.tiles == 1u) {
+        if (bwd_flag(BF_WRITE_GSUM)) {
+            work[l] = s;
+        }
         if (bwd_flag(BF_GRAD_WEIGHT)) {
-            grad_weight[l] = sum_dy_xhat;
+            grad_weight[l] = s.w;
         }
         if (bwd_flag(BF_GRAD_BIAS)) {
-            grad_bias[l] = sum_dy;
+            grad_bias[l] = s.z;
         }
     } else {
-        work[bp.partials_offset + l * bp.group_stride + block * bp.tile_stride] =
-            vec4<f32>(0.0, 0.0, sum_dy, sum_dy_xhat);
+        work[bp.partials_offset + l * bp.group_stride + block * bp.tile_stride] = s;
     }
 }

@@ -67,6 +67,11 @@ pub const COLS_MIN_ROWS: usize = 32;
 /// Most row blocks of the column kernel: enough workgroups to fill a GPU for
 /// rows of a few hundred columns, few partials per column to merge.
 pub const COLS_MAX_BLOCKS: usize = 256;
+/// Invocations the channel-column kernel aims for (it takes more row blocks
+/// when channels are few): enough to fill a GPU.
+pub const CHANNEL_INVOCATIONS: usize = 16384;
+/// Rows each invocation of the channels-last grad-input kernel writes.
+pub const CHANNEL_DX_ROWS: usize = 16;
 
 /// One backward entry point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -84,17 +89,23 @@ pub enum BackwardKernel {
     GradInput,
     /// Column sums for an affine index per column.
     Cols,
+    /// Channels-last statistics: per-channel sums over row blocks.
+    ChannelCols,
+    /// Channels-last statistics: grad_input from per-channel coefficients.
+    ChannelGradInput,
 }
 
 impl BackwardKernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [BackwardKernel; 6] = [
+    pub const ALL: [BackwardKernel; 8] = [
         BackwardKernel::Rows,
         BackwardKernel::RowsSubgroup,
         BackwardKernel::Partials,
         BackwardKernel::Finalize,
         BackwardKernel::GradInput,
         BackwardKernel::Cols,
+        BackwardKernel::ChannelCols,
+        BackwardKernel::ChannelGradInput,
     ];
 
     /// WGSL entry point name.
@@ -106,6 +117,8 @@ impl BackwardKernel {
             BackwardKernel::Finalize => "bwd_finalize",
             BackwardKernel::GradInput => "bwd_dx",
             BackwardKernel::Cols => "bwd_cols",
+            BackwardKernel::ChannelCols => "bwd_channel_cols",
+            BackwardKernel::ChannelGradInput => "bwd_channel_dx",
         }
     }
 }
@@ -152,6 +165,7 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
         io_source(dtype),
         include_str!("../shaders/backward_common.wgsl"),
         include_str!("../shaders/backward.wgsl"),
+        include_str!("../shaders/backward_channels.wgsl"),
         subgroup_kernel,
     ]
     .join("\n")
@@ -285,6 +299,19 @@ fn col_blocks(rows: usize) -> usize {
     (rows / COLS_MIN_ROWS).clamp(1, COLS_MAX_BLOCKS)
 }
 
+/// Whether the statistics are per channel of channels-last rows (SP = 1,
+/// SB = 1, γ per channel: BatchNorm over [N, ..., C] or (N, C)) with rows of
+/// whole vectors: the `Channel*` kernels, which find each channel's
+/// statistics once per strip of rows instead of per element.
+fn uses_channel_columns(v: &View) -> bool {
+    v.p == 1 && v.b == 1 && v.g.is_multiple_of(4) && affine_is_channel(v)
+}
+
+/// Strips of two vectors (eight channels) of a channels-last row.
+fn channel_strips(v: &View) -> usize {
+    (v.g / 4).div_ceil(2)
+}
+
 /// Whether the subgroup row kernel takes a backward the row kernel takes.
 fn uses_subgroup_rows(v: &View, caps: &Caps) -> bool {
     caps.subgroups && v.b.is_multiple_of(4)
@@ -352,6 +379,55 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
     // Per-group sums, grad_input, and the affine gradients when the affine
     // index is the channel.
     let channel_grads = if per_channel { grad_flags } else { 0 };
+    let rows = v.p * v.a;
+    let cols = v.g * v.b;
+    if uses_channel_columns(v) {
+        let batch = spec.source == StatsSource::Batch;
+        let strips = channel_strips(v);
+        if batch || channel_grads != 0 {
+            let blocks =
+                (rows / COLS_MIN_ROWS).clamp(1, COLS_MAX_BLOCKS.max(CHANNEL_INVOCATIONS / strips));
+            let mut c = base;
+            c.flags |= channel_grads;
+            if batch {
+                c.flags |= BF_WRITE_GSUM;
+            }
+            c.tiles = blocks as u32;
+            c.rows_per_block = rows.div_ceil(blocks) as u32;
+            c.group_stride = blocks as u32;
+            c.tile_stride = 1;
+            push(
+                BackwardKernel::ChannelCols,
+                (blocks * strips).div_ceil(BWD_WG as usize),
+                c,
+            );
+            if blocks > 1 {
+                work_vec4 = work_vec4.max(groups + blocks * cols);
+                let mut f = c;
+                f.flags |= BF_LOOP_P;
+                f.rg = cols as u32;
+                f.rb = 1;
+                f.n_groups = cols as u32;
+                push(BackwardKernel::Finalize, cols, f);
+            }
+        }
+        let blocks = rows.div_ceil(CHANNEL_DX_ROWS);
+        let mut d = base;
+        if !batch {
+            d.flags |= BF_RUNNING;
+        }
+        d.tiles = blocks as u32;
+        d.rows_per_block = CHANNEL_DX_ROWS as u32;
+        push(
+            BackwardKernel::ChannelGradInput,
+            (blocks * strips).div_ceil(BWD_WG as usize),
+            d,
+        );
+        return Plan {
+            steps,
+            work_vec4: work_vec4.max(groups),
+        };
+    }
     match spec.source {
         StatsSource::Batch if uses_rows(v, spec.dtype) && !tiled => {
             let mut p = base;
@@ -402,8 +478,6 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         }
     }
     if params_wanted && !per_channel {
-        let rows = v.p * v.a;
-        let cols = v.g * v.b;
         if v.affine_div.max(1) == 1 {
             // One affine index per column: coalesced column sums.
             let blocks = col_blocks(rows);
@@ -670,7 +744,12 @@ pub(crate) fn record_backward(
 /// The grad_input-only plan of a backward whose per-group sums are given.
 fn plan_preset_sums(spec: &BackwardSpec, groups: usize) -> Plan {
     let mut full = plan_with(spec, &Caps::baseline(), true);
-    full.steps.retain(|s| s.kernel == BackwardKernel::GradInput);
+    full.steps.retain(|s| {
+        matches!(
+            s.kernel,
+            BackwardKernel::GradInput | BackwardKernel::ChannelGradInput
+        )
+    });
     full.work_vec4 = full.work_vec4.max(groups);
     full
 }
@@ -854,6 +933,41 @@ mod tests {
         assert_eq!(
             kernels_of(&spec(v, StatsSource::Running, false)),
             [GradInput]
+        );
+    }
+
+    #[test]
+    fn channels_last_batch_norm_backward_takes_the_channel_strip_kernels() {
+        use BackwardKernel::*;
+        let v = View::batch_norm(&[32, 56, 56, 64], 3);
+        let plan = plan_backward(&spec(v, StatsSource::Batch, true));
+        // 8 strips of 8 channels; 2048 row blocks of 49 rows; rows of 16 for
+        // grad_input.
+        assert_eq!(
+            plan.iter()
+                .map(|d| (d.kernel, d.workgroups))
+                .collect::<Vec<_>>(),
+            [
+                (ChannelCols, 2048 * 8 / 64),
+                (Finalize, 64),
+                (ChannelGradInput, (100_352 / 16) * 8 / 64)
+            ]
+        );
+        assert_eq!(
+            kernels_of(&spec(v, StatsSource::Running, false)),
+            [ChannelGradInput]
+        );
+        // (N, C) BatchNorm1d is channels-last too; 6 channels are not whole
+        // vectors.
+        let bn1d = View::batch_norm(&[300, 16], 1);
+        assert_eq!(
+            kernels_of(&spec(bn1d, StatsSource::Batch, true)),
+            [ChannelCols, Finalize, ChannelGradInput]
+        );
+        let odd = View::batch_norm(&[4, 10, 10, 6], 3);
+        assert_eq!(
+            kernels_of(&spec(odd, StatsSource::Batch, true)),
+            [Partials, Finalize, GradInput]
         );
     }
 

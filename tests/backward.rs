@@ -173,7 +173,7 @@ fn backward_source_validates_with_naga() {
                 .unwrap_or_else(|e| panic!("backward {dtype} subgroups={subgroups}: {e:?}"));
         }
     }
-    assert_eq!(BackwardKernel::ALL.len(), 6);
+    assert_eq!(BackwardKernel::ALL.len(), 8);
 }
 
 // ---------------------------------------------------------------------------
@@ -393,9 +393,22 @@ fn batch_norm_case(
     mode: Mode,
     running: bool,
 ) {
+    batch_norm_case_at(what, shape, config, axis, mode, running, 1.0);
+}
+
+/// batch_norm_case with x drawn around `offset`.
+fn batch_norm_case_at(
+    what: &str,
+    shape: &[usize],
+    config: BatchNormConfig,
+    axis: usize,
+    mode: Mode,
+    running: bool,
+    offset: f32,
+) {
     let ctx = ctx();
     let c = shape[axis];
-    let d = inputs(shape, c, shape.iter().sum::<usize>() as u64, 1.0);
+    let d = inputs(shape, c, shape.iter().sum::<usize>() as u64, offset);
     let rm = normal(c, 5, 0.5, 0.5);
     let rv: Vec<f32> = normal(c, 6, 0.0, 1.0).iter().map(|a| 0.5 + a * a).collect();
     let eps = config.eps as f64;
@@ -469,6 +482,38 @@ fn batch_norm_channels_last_backward_matches_f64() {
             true,
         );
     }
+}
+
+#[test]
+fn channels_last_backward_of_whole_vector_channels_matches_f64() {
+    // Channel counts of whole vectors take the per-channel strip kernels:
+    // eight channels per strip, an odd vector count (12 channels), one row
+    // block (few rows) and many, train and eval, a large common offset.
+    for (shape, offset) in [
+        (&[4usize, 10, 10, 8][..], 1.0f32),
+        (&[2, 3, 3, 12], 1.0),
+        (&[8, 20, 20, 16], 1e3),
+    ] {
+        for mode in [Mode::Train, Mode::Eval] {
+            batch_norm_case_at(
+                &format!("channels-last batch norm {shape:?} {mode:?}"),
+                shape,
+                BatchNormConfig::keras(),
+                3,
+                mode,
+                true,
+                offset,
+            );
+        }
+    }
+    batch_norm_case(
+        "batch norm 1d (N, C)",
+        &[300, 16],
+        BatchNormConfig::torch_1d(),
+        1,
+        Mode::Train,
+        true,
+    );
 }
 
 fn group_norm_case(what: &str, shape: &[usize], groups: usize, config: GroupNormConfig) {
@@ -974,8 +1019,9 @@ fn half_batch_norm(dtype: DType, shape: &[usize], mode: Mode) -> f64 {
 fn half_batch_norm_train_and_eval_backward_match_f64_within_2_ulp() {
     for dtype in HALVES {
         // [3, 5, 7]: odd channels of 21 elements, odd total; [4, 3, 40, 40]:
-        // channels of several tiles.
-        for shape in [&[3, 5, 7][..], &[4, 3, 40, 40], &[6, 4]] {
+        // channels of several tiles; (N, C) with whole vectors of channels:
+        // the channels-last kernels.
+        for shape in [&[3, 5, 7][..], &[4, 3, 40, 40], &[6, 4], &[40, 12]] {
             for mode in [Mode::Train, Mode::Eval] {
                 let u = half_batch_norm(dtype, shape, mode);
                 eprintln!("batch norm {dtype} {shape:?} {mode:?}: {u:.3} ulp");
