@@ -118,14 +118,31 @@ fn bwd_partials(
         // group's, read once.
         let st = stats[group];
         if (BWD_VEC4) {
-            // Runs are whole vectors, and so are tiles and the group.
-            let w4 = vec4<f32>(weight_at(g));
-            for (var k = 0u; k < BWD_PER_THREAD / 4u; k++) {
-                let j = start + 4u * (lid + k * BWD_WG);
+            // Runs are whole vectors, and so are tiles and the group. With
+            // one γ for the group, Σg = γ·Σdy: only Σdy and Σdy·x̂ are
+            // summed, lane-wise, and reduced once at the end.
+            var sum_dy = vec4<f32>(0.0);
+            var sum_dy_xhat = vec4<f32>(0.0);
+            // Each invocation reads two neighbouring vectors (32 bytes) at
+            // a time: CPUs that run WGSL stream such pieces faster (see
+            // bwd_cols). The tile is a multiple of eight elements, and so
+            // is the group unless it is the last piece.
+            for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
+                let j = start + 8u * (lid + k * BWD_WG);
                 if (j < end) {
-                    acc += terms4(reduction_index(p, g, j) / 4u, st, w4);
+                    let i4 = reduction_index(p, g, j) / 4u;
+                    let d = load_dy4(i4);
+                    sum_dy += d;
+                    sum_dy_xhat += d * (((load_x4(i4) - st.x) - st.y) * st.z);
+                }
+                if (j + 4u < end) {
+                    let i4 = reduction_index(p, g, j + 4u) / 4u;
+                    let d = load_dy4(i4);
+                    sum_dy += d;
+                    sum_dy_xhat += d * (((load_x4(i4) - st.x) - st.y) * st.z);
                 }
             }
+            acc = sums_with_weight(hsum(sum_dy), hsum(sum_dy_xhat), weight_of_group(g));
         } else {
             for (var k = 0u; k < BWD_PER_THREAD; k++) {
                 let j = start + lid + k * BWD_WG;
@@ -207,8 +224,12 @@ fn bwd_dx(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let first = (bwd_linear_workgroup(wid, nwg) * BWD_WG + lid) * BWD_DX_PER_THREAD;
     let running = BWD_RUNNING;
+    if (BWD_VEC4 && BWD_AFFINE == 1u) {
+        dx_runs(bwd_linear_workgroup(wid, nwg), lid);
+        return;
+    }
+    let first = (bwd_linear_workgroup(wid, nwg) * BWD_WG + lid) * BWD_DX_PER_THREAD;
     if (BWD_VEC4) {
         // Runs are whole vectors (BWD_DX_PER_THREAD = 4): the invocation's
         // four elements share one statistics group, found and read once.
@@ -244,6 +265,43 @@ fn bwd_dx(
             v1 = grad_input_value(i + 1u, s1);
         }
         store_dx(i, v0, v1, second);
+    }
+}
+
+// bwd_dx for runs of whole vectors with one γ per run (BatchNorm,
+// InstanceNorm): workgroup w writes block w % tiles of run w / tiles, up to
+// BWD_WG·BWD_DX_RUN_VEC4 vectors, neighbouring invocations on neighbouring
+// vectors. The run's statistics group, sums and γ are found once and
+// folded into grad_input = a·dy + b·(x − shift) + c (dx_coefficients), so
+// per element the kernel only reads x and dy and writes dx.
+fn dx_runs(w: u32, lid: u32) {
+    let run = w / bp.tiles;
+    let block = w - run * bp.tiles;
+    if (run >= bp.total / bp.sb) {
+        return;
+    }
+    let base = run * bp.sb;
+    let group = stats_group(base);
+    var s = vec4<f32>(0.0);
+    if (!BWD_RUNNING) {
+        s = work[group];
+    }
+    let k = dx_coefficients(stats[group], s, weight_of_group(affine_index(base)));
+    let a = vec4<f32>(k.x);
+    let b = vec4<f32>(k.y);
+    let c = vec4<f32>(k.z);
+    let shift = vec4<f32>(k.w);
+    let n4 = bp.sb / 4u;
+    let base4 = run * n4;
+    // Two neighbouring vectors at a time (32 bytes; see bwd_partials).
+    for (var q = 0u; q < BWD_DX_RUN_VEC4; q += 2u) {
+        let j4 = (block * BWD_DX_RUN_VEC4 + q) * BWD_WG + 2u * lid;
+        if (j4 < n4) {
+            store_dx4(base4 + j4, dx_from(base4 + j4, a, b, c, shift));
+        }
+        if (j4 + 1u < n4) {
+            store_dx4(base4 + j4 + 1u, dx_from(base4 + j4 + 1u, a, b, c, shift));
+        }
     }
 }
 

@@ -87,17 +87,13 @@ fn bwd_channel_cols(
 // the channel's).
 fn write_channel_quad(v4: u32, block: u32, w: vec4<f32>, sum_dy: vec4<f32>, sum_dy_xhat: vec4<f32>) {
     for (var k = 0u; k < 4u; k++) {
-        let s = vec4<f32>(w[k] * sum_dy[k], w[k] * sum_dy_xhat[k], sum_dy[k], sum_dy_xhat[k]);
-        write_column(4u * v4 + k, block, s);
+        write_column(4u * v4 + k, block, sums_with_weight(sum_dy[k], sum_dy_xhat[k], w[k]));
     }
 }
 
-// grad_input = a·dy + b·(x − shift) + c per channel, the coefficients
-// found once per strip from the channel's statistics and group sums
-// (work[c]; not read in eval mode, BF_RUNNING, where b = c = 0):
-// rstd·((g − Σg/n) − x̂·Σg·x̂/n) with x̂ = ((x − shift) − dmean)·rstd,
-// regrouped. x − shift is exact for values near the channel's, as in the
-// forward, so a large common offset costs no digits.
+// grad_input = a·dy + b·(x − shift) + c per channel (dx_coefficients),
+// the coefficients found once per strip from the channel's statistics,
+// group sums (work[c]; not read in eval mode) and γ.
 @compute @workgroup_size(BWD_WG)
 fn bwd_channel_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -115,50 +111,26 @@ fn bwd_channel_dx(
     let r1 = min(r0 + bp.rows_per_block, bp.rows);
     for (var r = r0; r < r1; r++) {
         let row = r * cols4;
-        store_dx4(row + strip.y, channel_dx(row + strip.y, k0));
-        store_dx4(row + strip.z, channel_dx(row + strip.z, k1));
+        store_dx4(row + strip.y, dx_from(row + strip.y, k0[0], k0[1], k0[2], k0[3]));
+        store_dx4(row + strip.z, dx_from(row + strip.z, k1[0], k1[1], k1[2], k1[3]));
     }
 }
 
-// grad_input of four channels as a·dy + b·(x − shift) + c.
-struct ChannelCoefficients {
-    a: vec4<f32>,
-    b: vec4<f32>,
-    c: vec4<f32>,
-    shift: vec4<f32>,
-}
-
-fn channel_coefficients(v4: u32) -> ChannelCoefficients {
-    let q = channel_quad(v4);
-    var k: ChannelCoefficients;
-    k.a = q.rstd * q.weight;
-    k.shift = q.shift;
-    if (BWD_RUNNING) {
-        k.b = vec4<f32>(0.0);
-        k.c = vec4<f32>(0.0);
-        return k;
-    }
-    let inv_n = 1.0 / f32(bp.sa * bp.sb);
-    var mean_g = vec4<f32>(0.0);
-    var mean_gx = vec4<f32>(0.0);
+// dx_coefficients of the four channels of vector v4, transposed: rows a,
+// b, c and shift, one column per channel.
+fn channel_coefficients(v4: u32) -> mat4x4<f32> {
+    var k: mat4x4<f32>;
     for (var j = 0u; j < 4u; j++) {
-        let s = work[4u * v4 + j];
-        mean_g[j] = s.x * inv_n;
-        mean_gx[j] = s.y * inv_n;
+        let c = 4u * v4 + j;
+        var s = vec4<f32>(0.0);
+        if (!BWD_RUNNING) {
+            s = work[c];
+        }
+        let kc = dx_coefficients(stats[c], s, weight_of_group(c));
+        k[0][j] = kc.x;
+        k[1][j] = kc.y;
+        k[2][j] = kc.z;
+        k[3][j] = kc.w;
     }
-    if (BWD_RMS) {
-        mean_g = vec4<f32>(0.0);
-    }
-    let r2 = q.rstd * q.rstd * mean_gx;
-    k.b = -r2;
-    k.c = r2 * q.dmean - q.rstd * mean_g;
     return k;
-}
-
-fn channel_dx(i4: u32, k: ChannelCoefficients) -> vec4<f32> {
-    let g = k.a * load_dy4(i4);
-    if (BWD_RUNNING) {
-        return g;
-    }
-    return g + k.b * (load_x4(i4) - k.shift) + k.c;
 }

@@ -150,6 +150,23 @@ fn run_weight4(base: u32, c0: u32, j: u32) -> vec4<f32> {
     return weight4_of(base + j);
 }
 
+// γ of affine index c, or 1 without γ.
+fn weight_of_group(c: u32) -> f32 {
+    if (BWD_WEIGHT) {
+        return weight_at(c);
+    }
+    return 1.0;
+}
+
+// (Σg, Σg·x̂, Σdy, Σdy·x̂) of elements that share one γ, w.
+fn sums_with_weight(sum_dy: f32, sum_dy_xhat: f32, w: f32) -> vec4<f32> {
+    return vec4<f32>(w * sum_dy, w * sum_dy_xhat, sum_dy, sum_dy_xhat);
+}
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
 fn bwd_flag(f: u32) -> bool {
     return (bp.flags & f) != 0u;
 }
@@ -233,4 +250,34 @@ fn grad_input4(i4: u32, s: vec4<f32>, st: vec4<f32>, w: vec4<f32>) -> vec4<f32> 
         mean_g = 0.0;
     }
     return st.z * ((g - mean_g) - xhat * (s.y * inv_n));
+}
+
+// grad_input regrouped for elements that share statistics st, group sums
+// s = (Σg, Σg·x̂, ., .) and γ w: (a, b, c, shift) with
+// grad_input = a·dy + b·(x − shift) + c. From
+// rstd·((g − Σg/n) − x̂·Σg·x̂/n) with x̂ = ((x − shift) − dmean)·rstd;
+// x − shift is exact for values near the group's, as in the forward, so a
+// large common offset costs no digits. Eval mode (BWD_RUNNING): b = c = 0.
+fn dx_coefficients(st: vec4<f32>, s: vec4<f32>, w: f32) -> vec4<f32> {
+    let a = st.z * w;
+    if (BWD_RUNNING) {
+        return vec4<f32>(a, 0.0, 0.0, st.x);
+    }
+    let inv_n = 1.0 / f32(bp.sa * bp.sb);
+    var mean_g = s.x * inv_n;
+    if (BWD_RMS) {
+        mean_g = 0.0;
+    }
+    let r2 = st.z * st.z * (s.y * inv_n);
+    return vec4<f32>(a, -r2, r2 * st.y - st.z * mean_g, st.x);
+}
+
+// grad_input of the elements 4·i4 .. 4·i4 + 3 from coefficients (a, b, c,
+// shift) of dx_coefficients (each a scalar or one per element).
+fn dx_from(i4: u32, a: vec4<f32>, b: vec4<f32>, c: vec4<f32>, shift: vec4<f32>) -> vec4<f32> {
+    let g = a * load_dy4(i4);
+    if (BWD_RUNNING) {
+        return g;
+    }
+    return g + b * (load_x4(i4) - shift) + c;
 }

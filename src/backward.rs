@@ -13,8 +13,16 @@
 //!   and writes its `grad_input` (with f16/bf16 storage only for groups of
 //!   even length: a packed word must never span two workgroups; odd groups
 //!   take the tiled path below).
-//! - Other groups (BatchNorm, channels-last GroupNorm): `Partials` over
-//!   tiles, `Finalize` to per-group sums, elementwise `GradInput`.
+//!   On adapters with subgroups, groups of whole vectors take
+//!   `RowsSubgroup` instead: one group per subgroup, no workgroup barrier.
+//! - Channels-last statistics (BatchNorm over `[N, ..., C]` or `(N, C)`,
+//!   channels in whole vectors): `ChannelCols` sums each channel over row
+//!   blocks (merged by `Finalize`), `ChannelGradInput` writes grad_input;
+//!   each invocation loads its eight channels' statistics once.
+//! - Other groups (BatchNorm channels-first, channels-last GroupNorm):
+//!   `Partials` over tiles, `Finalize` to per-group sums, elementwise
+//!   `GradInput` (by runs, with the run's coefficients found once, when runs
+//!   are whole vectors with one γ each).
 //! - Eval mode with running statistics: `grad_input = g·rstd` elementwise.
 //! - Affine gradients: when the affine index is the statistics channel
 //!   (BatchNorm, InstanceNorm) they come out of the group sums, summed over
@@ -60,6 +68,9 @@ pub const BWD_FINALIZE_WG: u32 = 64;
 /// Consecutive elements each grad-input invocation writes (as the forward's
 /// normalize pass).
 pub const BWD_DX_PER_THREAD: u32 = 4;
+/// Vectors each grad-input invocation writes when it works by runs
+/// ([`dx_by_runs`]).
+pub const BWD_DX_RUN_VEC4: u32 = 4;
 /// Fewest rows a block of the column kernel sums (unless the tensor has fewer
 /// rows): keeps the column partials (one vec4 per column and block) at most
 /// 1/8 of the input's bytes.
@@ -134,6 +145,28 @@ fn vec4_runs(p: &BwdParams) -> bool {
     p.sb.is_multiple_of(4)
 }
 
+/// Whether grad_input is written run by run (runs of whole vectors with one
+/// γ per run, `BWD_AFFINE` 1: BatchNorm, InstanceNorm), each workgroup one
+/// block of one run, so that the run's coefficients are found once.
+fn dx_by_runs(p: &BwdParams) -> bool {
+    vec4_runs(p) && p.affine_div == p.sb
+}
+
+/// The grad-input step for parameters `d`: its workgroups, with `d.tiles`
+/// set to the blocks per run when it works by runs.
+fn grad_input_step(mut d: BwdParams) -> (usize, BwdParams) {
+    let total = d.total as usize;
+    if dx_by_runs(&d) {
+        let run = d.sb as usize;
+        let per_block = (BWD_WG * BWD_DX_RUN_VEC4) as usize;
+        let blocks = (run / 4).div_ceil(per_block);
+        d.tiles = blocks as u32;
+        ((total / run) * blocks, d)
+    } else {
+        (total.div_ceil((BWD_WG * BWD_DX_PER_THREAD) as usize), d)
+    }
+}
+
 fn io_source(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => include_str!("../shaders/backward_io_f32.wgsl"),
@@ -151,7 +184,8 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
          const BWD_SG_WG: u32 = {BWD_SG_WG}u;\n\
          const BWD_PER_THREAD: u32 = {BWD_PER_THREAD}u;\n\
          const BWD_FINALIZE_WG: u32 = {BWD_FINALIZE_WG}u;\n\
-         const BWD_DX_PER_THREAD: u32 = {BWD_DX_PER_THREAD}u;\n"
+         const BWD_DX_PER_THREAD: u32 = {BWD_DX_PER_THREAD}u;\n\
+         const BWD_DX_RUN_VEC4: u32 = {BWD_DX_RUN_VEC4}u;\n"
     );
     let subgroup_kernel = if subgroups {
         include_str!("../shaders/backward_rows_subgroup.wgsl")
@@ -368,7 +402,6 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         cols: (v.g * v.b) as u32,
         rows_per_block: 1,
     };
-    let dx_workgroups = v.numel().div_ceil((BWD_WG * BWD_DX_PER_THREAD) as usize);
     let mut push = |kernel, workgroups: usize, params: BwdParams| {
         steps.push(Step {
             kernel,
@@ -474,7 +507,8 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
             if !batch {
                 d.flags |= BF_RUNNING;
             }
-            push(BackwardKernel::GradInput, dx_workgroups, d);
+            let (workgroups, d) = grad_input_step(d);
+            push(BackwardKernel::GradInput, workgroups, d);
         }
     }
     if params_wanted && !per_channel {

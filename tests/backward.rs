@@ -444,6 +444,17 @@ fn batch_norm_train_backward_over_channels_of_several_tiles_matches_f64() {
         Mode::Train,
         true,
     );
+    // grad_input by runs is regrouped around a value of the channel: a
+    // large common offset costs no digits.
+    batch_norm_case_at(
+        "batch norm 2d train, offset 1e3",
+        &[8, 3, 40, 40],
+        BatchNormConfig::torch_2d(),
+        1,
+        Mode::Train,
+        true,
+        1e3,
+    );
 }
 
 #[test]
