@@ -109,7 +109,7 @@ fn normalize(
 // (p, a, g): the statistics group and, when the affine index is the group,
 // γ and β are the same for the whole workgroup, found once with a few
 // uniform divisions instead of per element. Invocation lid handles the vec4
-// groups lid, lid + NORMALIZE_WG, ... of its block (run_vec4 of them).
+// pairs 2·lid, 2·lid + 2·NORMALIZE_WG, ... of its block (run_vec4 vectors).
 @compute @workgroup_size(NORMALIZE_WG)
 fn normalize_runs(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -128,7 +128,10 @@ fn normalize_runs(
     let st = scratch[p * params.g + g];
     let n4 = params.b / 4u;
     let base4 = run * n4;
-    let first = block * params.run_vec4 * NORMALIZE_WG + lid;
+    // Invocations take two neighbouring vectors per step (run_vec4 is
+    // even): CPUs that run WGSL stream 32-byte pieces much faster than
+    // 16-byte ones (lavapipe).
+    let first = block * params.run_vec4 * NORMALIZE_WG + 2u * lid;
     if (AFFINE_MODE == AFFINE_PER_RUN) {
         // One γ and β per run (BatchNorm, InstanceNorm).
         var scale = st.z;
@@ -140,18 +143,23 @@ fn normalize_runs(
         if (HAS_BIAS) {
             offset = offset + bias_at(g);
         }
-        for (var k = 0u; k < params.run_vec4; k++) {
+        for (var k = 0u; k < params.run_vec4; k += 2u) {
             let j4 = first + k * NORMALIZE_WG;
             if (j4 < n4) {
                 store_y4(base4 + j4, (load_x4(base4 + j4) - st.x) * scale + offset);
             }
+            if (j4 + 1u < n4) {
+                store_y4(base4 + j4 + 1u, (load_x4(base4 + j4 + 1u) - st.x) * scale + offset);
+            }
         }
     } else {
-        for (var k = 0u; k < params.run_vec4; k++) {
-            let j4 = first + k * NORMALIZE_WG;
-            if (j4 < n4) {
-                let xn = ((load_x4(base4 + j4) - st.x) - st.y) * st.z;
-                store_y4(base4 + j4, affine4(xn, g, g * n4 + j4));
+        for (var k = 0u; k < params.run_vec4; k += 2u) {
+            for (var h = 0u; h < 2u; h++) {
+                let j4 = first + k * NORMALIZE_WG + h;
+                if (j4 < n4) {
+                    let xn = ((load_x4(base4 + j4) - st.x) - st.y) * st.z;
+                    store_y4(base4 + j4, affine4(xn, g, g * n4 + j4));
+                }
             }
         }
     }

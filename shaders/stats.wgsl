@@ -77,12 +77,21 @@ fn partials(
     if (params.b % 4u == 0u) {
         // Aligned groups of four share a run of the group: one vector load
         // each (tile starts, ends and chunk bounds are multiples of four).
+        // Each invocation reads two neighbouring vectors per step: CPUs that
+        // run WGSL stream 32-byte pieces much faster than 16-byte ones
+        // (lavapipe; as the backward's partials).
         var sum = vec4<f32>(0.0);
         var sq = vec4<f32>(0.0);
-        for (var k = 0u; k < STATS_PER_THREAD / 4u; k++) {
-            let j = start + 4u * (lid + k * STATS_WG);
+        for (var k = 0u; k < STATS_PER_THREAD / 8u; k++) {
+            let j = start + 8u * (lid + k * STATS_WG);
             if (j < end) {
                 let v = load_x4((element_index(p, g, j) - params.chunk_base) >> 2u) - shift;
+                sum += v;
+                sq += v * v;
+                count += 4u;
+            }
+            if (j + 4u < end) {
+                let v = load_x4((element_index(p, g, j + 4u) - params.chunk_base) >> 2u) - shift;
                 sum += v;
                 sq += v * v;
                 count += 4u;

@@ -113,7 +113,8 @@ impl Chunks {
 
 /// How `normalize_runs` covers the tensor: each run of B contiguous
 /// elements (one statistics group, one (p, a, g)) gets `blocks` workgroups,
-/// each invocation `vec4` aligned groups of four.
+/// each invocation `vec4` aligned groups of four (an even count: the
+/// kernel takes two neighbouring vectors per step).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunGrid {
     pub blocks: usize,
@@ -139,9 +140,10 @@ impl RunGrid {
         let wg = kernels::NORMALIZE_WG as usize;
         let n4 = view.b / 4;
         let blocks = n4.div_ceil(wg * per_lane_max).max(1);
+        // Even: the kernel takes two neighbouring vectors per step.
         RunGrid {
             blocks,
-            vec4: n4.div_ceil(wg * blocks).max(1),
+            vec4: n4.div_ceil(wg * blocks).max(1).next_multiple_of(2),
         }
     }
 }
