@@ -842,10 +842,15 @@ pub(crate) fn record_backward_with(
         timestamp_writes: None,
     });
     for step in &plan.steps {
-        let bind_group = cache.set.bind_group(
+        let uniform = kernels::uniform_buffer(
             &ctx.device,
             "gpunorm backward",
             bytemuck::bytes_of(&step.params.uniform()),
+        );
+        let bind_group = cache.set.bind_group(
+            &ctx.device,
+            "gpunorm backward",
+            &uniform,
             [
                 x.binding(),
                 dy.binding(),

@@ -441,15 +441,81 @@ pub(crate) fn check_limits(ctx: &Context, spec: &ForwardSpec, x: &GpuTensor) -> 
     Ok(())
 }
 
-/// Records the dispatches of one forward pass into `encoder`. The caller has
-/// validated shapes, dtypes and sizes ([`check_limits`]).
+/// The bind groups a forward recorded (one per chunk) and what they bind.
+/// A layer keeps its last ones, and a forward of the same spec over the same
+/// buffers reuses them: their uniform holds only what the spec and the
+/// adapter's limits determine. So a steady layer recorded into the caller's
+/// encoder every frame creates no buffer and no bind group.
+#[derive(Debug, Clone)]
+pub(crate) struct ForwardBindings {
+    key: BindingKey,
+    /// The parameters of each chunk: they depend on the spec alone, so a
+    /// forward of the same spec over other buffers (a new output) binds them
+    /// again instead of creating new ones.
+    uniforms: Vec<wgpu::Buffer>,
+    groups: Vec<wgpu::BindGroup>,
+}
+
+impl ForwardBindings {
+    /// The bind groups, one per chunk.
+    #[cfg(test)]
+    pub(crate) fn groups(&self) -> &[wgpu::BindGroup] {
+        &self.groups
+    }
+
+    /// The parameter uniforms, one per chunk.
+    #[cfg(test)]
+    pub(crate) fn uniforms(&self) -> &[wgpu::Buffer] {
+        &self.uniforms
+    }
+}
+
+/// What a forward's bind groups depend on: the spec, whether statistics were
+/// preset, and each binding's buffer, offset and length (the key holds the
+/// buffers, so their ids cannot be reused while it lives).
+#[derive(Debug, Clone, PartialEq)]
+struct BindingKey {
+    spec: ForwardSpec,
+    preset: bool,
+    buffers: Vec<(wgpu::Buffer, u64, u64)>,
+}
+
+impl BindingKey {
+    fn of(ctx: &Context, spec: &ForwardSpec, bufs: &ForwardBuffers<'_>, preset: bool) -> Self {
+        let tensor = |t: Option<&GpuTensor>, slot: usize| match t {
+            Some(t) => (t.buffer().as_ref().clone(), t.offset(), t.byte_len()),
+            None => (ctx.dummies[slot].clone(), 0, 0),
+        };
+        let whole = |b: &wgpu::Buffer| (b.clone(), 0, b.size());
+        BindingKey {
+            spec: *spec,
+            preset,
+            buffers: vec![
+                tensor(Some(bufs.x), 1),
+                tensor(Some(bufs.y), 2),
+                tensor(bufs.weight, 3),
+                tensor(bufs.bias, 4),
+                tensor(bufs.running_mean, 5),
+                tensor(bufs.running_var, 6),
+                whole(bufs.counter.unwrap_or(&ctx.dummies[7])),
+                whole(bufs.scratch),
+            ],
+        }
+    }
+}
+
+/// Records the dispatches of one forward pass into `encoder`, reusing
+/// `previous` bind groups when they bind the same. The caller has validated
+/// shapes, dtypes and sizes ([`check_limits`]). Returns the dispatches and
+/// the bind groups used (none for an empty plan).
 pub(crate) fn record_forward(
     ctx: &Context,
     encoder: &mut wgpu::CommandEncoder,
     spec: &ForwardSpec,
     bufs: &ForwardBuffers<'_>,
-) -> Vec<Dispatch> {
-    record_forward_with(ctx, encoder, spec, bufs, None)
+    previous: Option<&ForwardBindings>,
+) -> (Vec<Dispatch>, Option<ForwardBindings>) {
+    record_forward_with(ctx, encoder, spec, bufs, None, previous)
 }
 
 /// Statistics of one group merged elsewhere (SyncBatchNorm): the count,
@@ -474,7 +540,7 @@ pub(crate) fn record_forward_preset(
     bufs: &ForwardBuffers<'_>,
     preset: &[PresetStat],
 ) -> Vec<Dispatch> {
-    record_forward_with(ctx, encoder, spec, bufs, Some(preset))
+    record_forward_with(ctx, encoder, spec, bufs, Some(preset), None).0
 }
 
 /// The dispatches of a forward with preset statistics.
@@ -521,15 +587,85 @@ fn record_forward_with(
     spec: &ForwardSpec,
     bufs: &ForwardBuffers<'_>,
     preset: Option<&[PresetStat]>,
-) -> Vec<Dispatch> {
+    previous: Option<&ForwardBindings>,
+) -> (Vec<Dispatch>, Option<ForwardBindings>) {
     let chunks = chunks_for(ctx, spec);
     let plan = match preset {
         None => plan_forward_chunked(spec, &chunks, &ctx.caps()),
         Some(_) => plan_preset(spec, &chunks),
     };
     if plan.is_empty() {
-        return plan;
+        return (plan, None);
     }
+    let v = &spec.view;
+    if let Some(stats) = preset {
+        write_preset(ctx, v, bufs.scratch, stats);
+    }
+    let key = BindingKey::of(ctx, spec, bufs, preset.is_some());
+    let bindings = match previous {
+        Some(p) if p.key == key => p.clone(),
+        _ => {
+            let uniforms = match previous {
+                Some(p) if p.key.spec == key.spec && p.key.preset == key.preset => {
+                    p.uniforms.clone()
+                }
+                _ => forward_uniforms(ctx, spec, &chunks, preset.is_some()),
+            };
+            ForwardBindings {
+                groups: forward_bind_groups(ctx, bufs, &chunks, &uniforms),
+                uniforms,
+                key,
+            }
+        }
+    };
+    let variant = kernels::Variant {
+        weight: bufs.weight.is_some(),
+        bias: bufs.bias.is_some(),
+        rms: spec.rms,
+        affine: kernels::AffineMode::of(v.affine_div, v.b),
+    };
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("gpunorm forward"),
+        timestamp_writes: None,
+    });
+    for dispatch in &plan {
+        let pipeline = ctx
+            .pipelines
+            .get(&ctx.device, dispatch.kernel, variant, bufs.x.dtype());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bindings.groups[dispatch.chunk as usize], &[]);
+        let (gx, gy) = kernels::grid(dispatch.workgroups);
+        pass.dispatch_workgroups(gx, gy, 1);
+    }
+    (plan, Some(bindings))
+}
+
+/// Writes preset statistics to the scratch: scratch[group] = (shift, ..)
+/// and one partial per group after the groups.
+fn write_preset(ctx: &Context, v: &View, scratch: &wgpu::Buffer, stats: &[PresetStat]) {
+    let groups = v.groups();
+    let mut data = vec![[0f32; 4]; 2 * groups];
+    for (group, st) in stats.iter().enumerate().take(groups) {
+        data[group] = [st.shift, 0.0, 0.0, 0.0];
+        data[groups + group] = [
+            st.count as f32,
+            (st.mean - st.shift as f64) as f32,
+            st.m2 as f32,
+            0.0,
+        ];
+    }
+    ctx.queue
+        .write_buffer(scratch, 0, bytemuck::cast_slice(&data));
+}
+
+/// The parameter uniforms of a forward, one per chunk (`preset`: the
+/// statistics were written by [`write_preset`]).
+fn forward_uniforms(
+    ctx: &Context,
+    spec: &ForwardSpec,
+    chunks: &Chunks,
+    preset: bool,
+) -> Vec<wgpu::Buffer> {
     let v = &spec.view;
     let mut flags = 0;
     let mut set = |cond: bool, f: u32| {
@@ -538,8 +674,8 @@ fn record_forward_with(
         }
     };
     // With preset statistics the counter is bumped by its own dispatch.
-    set(spec.bump_counter && preset.is_none(), FLAG_BUMP_COUNTER);
-    set(chunks.count > 1 || preset.is_some(), FLAG_SHIFT_IN_SCRATCH);
+    set(spec.bump_counter && !preset, FLAG_BUMP_COUNTER);
+    set(chunks.count > 1 || preset, FLAG_SHIFT_IN_SCRATCH);
     let (keep, take) = match spec.update {
         Some(u) => {
             set(true, FLAG_UPDATE_RUNNING);
@@ -550,30 +686,16 @@ fn record_forward_with(
         None => (1.0, 0.0),
     };
     let numel = v.numel();
-    let runs = if uses_normalize_columns(v, &chunks) {
+    let runs = if uses_normalize_columns(v, chunks) {
         RunGrid::columns(v)
     } else {
         RunGrid::of(v)
     };
-    let (tiles, merge_tiles) = match preset {
-        None => (tiles_for(v, &chunks), merge_tiles_for(v, &chunks)),
-        Some(stats) => {
-            // scratch[group] = (shift, ..) and one partial per group.
-            let groups = v.groups();
-            let mut data = vec![[0f32; 4]; 2 * groups];
-            for (group, st) in stats.iter().enumerate().take(groups) {
-                data[group] = [st.shift, 0.0, 0.0, 0.0];
-                data[groups + group] = [
-                    st.count as f32,
-                    (st.mean - st.shift as f64) as f32,
-                    st.m2 as f32,
-                    0.0,
-                ];
-            }
-            ctx.queue
-                .write_buffer(bufs.scratch, 0, bytemuck::cast_slice(&data));
-            (1, 1)
-        }
+    let (tiles, merge_tiles) = if preset {
+        // write_preset's one partial per group.
+        (1, 1)
+    } else {
+        (tiles_for(v, chunks), merge_tiles_for(v, chunks))
     };
     let base = Params {
         p: v.p as u32,
@@ -601,8 +723,7 @@ fn record_forward_with(
         div_agb: fast_divisor((v.a * v.g * v.b) as u32),
         div_affine: fast_divisor(v.affine_div.max(1) as u32),
     };
-    // One bind group per chunk: the same buffers, x and y bound to the chunk.
-    let bind_groups: Vec<wgpu::BindGroup> = (0..chunks.count)
+    (0..chunks.count)
         .map(|c| {
             let (lo, hi) = chunks.range(c, numel);
             let params = Params {
@@ -611,29 +732,28 @@ fn record_forward_with(
                 chunk_index: c as u32,
                 ..base
             };
-            forward_bind_group(ctx, bufs, &params, lo, hi)
+            kernels::uniform_buffer(&ctx.device, "gpunorm forward", bytemuck::bytes_of(&params))
         })
-        .collect();
-    let variant = kernels::Variant {
-        weight: bufs.weight.is_some(),
-        bias: bufs.bias.is_some(),
-        rms: spec.rms,
-        affine: kernels::AffineMode::of(v.affine_div, v.b),
-    };
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("gpunorm forward"),
-        timestamp_writes: None,
-    });
-    for dispatch in &plan {
-        let pipeline = ctx
-            .pipelines
-            .get(&ctx.device, dispatch.kernel, variant, bufs.x.dtype());
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bind_groups[dispatch.chunk as usize], &[]);
-        let (gx, gy) = kernels::grid(dispatch.workgroups);
-        pass.dispatch_workgroups(gx, gy, 1);
-    }
-    plan
+        .collect()
+}
+
+/// The bind groups of a forward, one per chunk: the same buffers, x and y
+/// bound to the chunk, with the chunk's uniform.
+fn forward_bind_groups(
+    ctx: &Context,
+    bufs: &ForwardBuffers<'_>,
+    chunks: &Chunks,
+    uniforms: &[wgpu::Buffer],
+) -> Vec<wgpu::BindGroup> {
+    let numel = bufs.x.numel();
+    uniforms
+        .iter()
+        .enumerate()
+        .map(|(c, uniform)| {
+            let (lo, hi) = chunks.range(c, numel);
+            forward_bind_group(ctx, bufs, uniform, lo, hi)
+        })
+        .collect()
 }
 
 /// The bind group of one chunk: parameters, x and y bound to elements
@@ -641,14 +761,14 @@ fn record_forward_with(
 fn forward_bind_group(
     ctx: &Context,
     bufs: &ForwardBuffers<'_>,
-    params: &Params,
+    uniform: &wgpu::Buffer,
     lo: usize,
     hi: usize,
 ) -> wgpu::BindGroup {
     ctx.pipelines.set().bind_group(
         &ctx.device,
         "gpunorm forward",
-        bytemuck::bytes_of(params),
+        uniform,
         [
             bufs.x.binding_elements(lo, hi),
             bufs.y.binding_elements(lo, hi),

@@ -292,6 +292,17 @@ pub fn grid(workgroups: u32) -> (u32, u32) {
     }
 }
 
+/// The uniform buffer holding one dispatch's `params` (binding 0 of
+/// [`PipelineSet::bind_group`]). It is never written again, so bind groups
+/// with the same parameters may share it.
+pub(crate) fn uniform_buffer(device: &wgpu::Device, label: &str, params: &[u8]) -> wgpu::Buffer {
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: params,
+        usage: wgpu::BufferUsages::UNIFORM,
+    })
+}
+
 /// A bind group layout of one uniform (binding 0) and eight storage
 /// buffers (bindings 1..=8, writable where `writable[i - 1]`), and the
 /// pipelines built on it: each built once per (key, dtype) on first use
@@ -338,20 +349,16 @@ impl<K: Copy + Eq + std::hash::Hash> PipelineSet<K> {
         }
     }
 
-    /// A bind group of this set's layout: a uniform holding `params`
-    /// (binding 0) and the eight storage bindings 1..=8 in order.
+    /// A bind group of this set's layout: `uniform` (binding 0, from
+    /// [`uniform_buffer`]) and the eight storage bindings 1..=8 in
+    /// order.
     pub(crate) fn bind_group(
         &self,
         device: &wgpu::Device,
         label: &str,
-        params: &[u8],
+        uniform: &wgpu::Buffer,
         storage: [wgpu::BindingResource<'_>; 8],
     ) -> wgpu::BindGroup {
-        let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: params,
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
         let entries: Vec<wgpu::BindGroupEntry> = std::iter::once(uniform.as_entire_binding())
             .chain(storage)
             .enumerate()

@@ -244,3 +244,53 @@ impl LayerNorm {
 crate::norm::impl_backward!(LayerNorm, |s| s.0.saved.as_ref(), &s.0.affine);
 
 crate::norm::impl_backward!(RmsNorm, |s| s.0.saved.as_ref(), &s.0.affine);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ForwardBindings;
+    use crate::DType;
+
+    fn recorded(
+        ctx: &Context,
+        ln: &mut LayerNorm,
+        x: &GpuTensor,
+        y: &GpuTensor,
+    ) -> ForwardBindings {
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        ln.record(ctx, &mut encoder, x, y).unwrap();
+        ctx.queue().submit([encoder.finish()]);
+        ln.0.saved.as_ref().unwrap().bindings.clone().unwrap()
+    }
+
+    #[test]
+    fn recording_the_same_buffers_again_reuses_the_bind_groups() {
+        let ctx = Context::new().unwrap();
+        let mut ln = LayerNorm::new(&ctx, &[8], RowNormConfig::torch_layer_norm()).unwrap();
+        let values: Vec<f32> = (0..16).map(|i| (i * i % 7) as f32).collect();
+        let x = ctx.upload(&values, &[2, 8]).unwrap();
+        let y = ctx.zeros(&[2, 8], DType::F32).unwrap();
+        let first = recorded(&ctx, &mut ln, &x, &y);
+        let again = recorded(&ctx, &mut ln, &x, &y);
+        assert_eq!(again.groups(), first.groups());
+        // Another output: new bind groups on the same parameters, and the
+        // same result.
+        let y2 = ctx.zeros(&[2, 8], DType::F32).unwrap();
+        let other = recorded(&ctx, &mut ln, &x, &y2);
+        assert_ne!(other.groups(), first.groups());
+        assert_eq!(other.uniforms(), first.uniforms());
+        assert_eq!(ctx.download(&y2).unwrap(), ctx.download(&y).unwrap());
+        // New γ: new bind groups; another shape: new parameters.
+        ln.set_weight(Some(ctx.upload(&[2.0; 8], &[8]).unwrap()))
+            .unwrap();
+        assert_ne!(recorded(&ctx, &mut ln, &x, &y2).groups(), other.groups());
+        let doubled: Vec<f32> = ctx.download(&y).unwrap().iter().map(|v| 2.0 * v).collect();
+        assert_eq!(ctx.download(&y2).unwrap(), doubled);
+        let x3 = ctx.upload(&values[..8], &[1, 8]).unwrap();
+        let y3 = ctx.zeros(&[1, 8], DType::F32).unwrap();
+        assert_ne!(
+            recorded(&ctx, &mut ln, &x3, &y3).uniforms(),
+            first.uniforms()
+        );
+    }
+}

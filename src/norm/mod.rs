@@ -220,6 +220,10 @@ pub(crate) struct Saved {
     pub scratch: Arc<wgpu::Buffer>,
     /// The forward's input (a cheap clone sharing its buffer).
     pub x: GpuTensor,
+    /// The forward's bind groups, for the next forward to reuse when it
+    /// binds the same (they keep the buffers they bind, the output
+    /// included, alive until the next forward replaces them).
+    pub bindings: Option<engine::ForwardBindings>,
 }
 
 /// Refuses an output that aliases a tensor the pass reads.
@@ -309,11 +313,13 @@ pub(crate) fn record_layer(
         counter: running.and_then(|r| r.counter.as_deref()),
         scratch: &scratch,
     };
-    let dispatches = engine::record_forward(ctx, encoder, &spec, &bufs);
+    let previous = saved.as_ref().and_then(|s| s.bindings.as_ref());
+    let (dispatches, bindings) = engine::record_forward(ctx, encoder, &spec, &bufs, previous);
     *saved = Some(Saved {
         spec,
         scratch,
         x: x.clone(),
+        bindings,
     });
     Ok(dispatches)
 }

@@ -119,7 +119,7 @@ impl BatchNorm {
                 counter: None,
                 scratch: &scratch,
             };
-            engine::record_forward(ctx, encoder, &spec, &bufs);
+            engine::record_forward(ctx, encoder, &spec, &bufs, None);
             Ok(())
         })?;
         let bytes = pollster::block_on(ctx.read_buffer(&scratch, 0, 16 * channels as u64))?;
@@ -206,6 +206,7 @@ impl BatchNorm {
             spec,
             scratch,
             x: x.clone(),
+            bindings: None,
         });
         Ok(y)
     }
