@@ -611,6 +611,12 @@ pub(crate) struct BackwardCache {
     /// Placeholders for absent weight / gradients (distinct buffers, so no
     /// two writable bindings of one dispatch alias).
     dummies: [wgpu::Buffer; 3],
+    /// The scratch of the backward passes, shared by all of them and grown
+    /// as needed: each pass writes every slot it reads before reading it,
+    /// and passes run in the order they were recorded and submitted, so
+    /// none sees another's values (a fresh buffer per pass also cost
+    /// wgpu's zero-fill each time).
+    work: std::sync::Mutex<Option<wgpu::Buffer>>,
 }
 
 impl std::fmt::Debug for BackwardCache {
@@ -630,12 +636,26 @@ impl BackwardCache {
             })
         });
         BackwardCache {
+            work: std::sync::Mutex::new(None),
             set: kernels::PipelineSet::new(
                 device,
                 "gpunorm backward",
                 [false, false, false, false, true, true, true, true],
             ),
             dummies,
+        }
+    }
+
+    /// The shared scratch, at least `bytes` long.
+    fn work_buffer(&self, ctx: &Context, bytes: u64) -> Result<wgpu::Buffer> {
+        let mut work = self.work.lock().unwrap_or_else(|e| e.into_inner());
+        match work.as_ref() {
+            Some(buffer) if buffer.size() >= bytes => Ok(buffer.clone()),
+            _ => {
+                let buffer = ctx.create_buffer("gpunorm backward scratch", bytes)?;
+                *work = Some(buffer.clone());
+                Ok(buffer)
+            }
         }
     }
 
@@ -810,7 +830,12 @@ pub(crate) fn record_backward_with(
     };
     let work_bytes = 16 * plan.work_vec4 as u64;
     to_u32("the backward scratch", plan.work_vec4)?;
-    let work = ctx.create_buffer("gpunorm backward scratch", work_bytes)?;
+    let work = match preset_sums {
+        // The preset sums are written by the queue before the next submit,
+        // so they need a buffer no other recorded pass uses.
+        Some(_) => ctx.create_buffer("gpunorm backward scratch", work_bytes)?,
+        None => ctx.backward.work_buffer(ctx, work_bytes)?,
+    };
     // Gradients of parameters have the parameter's shape (and dtype, f32).
     let param = |t: &Option<GpuTensor>| -> Result<Option<GpuTensor>> {
         t.as_ref()

@@ -731,6 +731,51 @@ fn record_backward_records_into_the_callers_encoder_and_reports_its_dispatches()
 }
 
 #[test]
+fn backward_passes_recorded_into_one_encoder_share_the_scratch_safely() {
+    // The backward scratch is one buffer per context: two layers' passes
+    // (the second smaller, so the buffer is not regrown between them)
+    // recorded in one encoder must each see only their own sums.
+    let ctx = ctx();
+    let mut encoder = ctx
+        .device()
+        .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+    let ln_shape = [300, 64];
+    let a = inputs(&ln_shape, 64, 7, 0.5);
+    let mut ln = LayerNorm::new(ctx, &[64], RowNormConfig::torch_layer_norm()).unwrap();
+    ln.set_weight(Some(up(ctx, &a.w, &[64]))).unwrap();
+    let ln_x = up(ctx, &a.x, &ln_shape);
+    let ln_y = ctx.zeros(&ln_shape, DType::F32).unwrap();
+    ln.record(ctx, &mut encoder, &ln_x, &ln_y).unwrap();
+    let (ln_grads, _) = ln
+        .record_backward(ctx, &mut encoder, &up(ctx, &a.dy, &ln_shape))
+        .unwrap();
+    let bn_shape = [4, 3, 10, 10];
+    let b = inputs(&bn_shape, 3, 8, 1.0);
+    let mut bn = BatchNorm::new(ctx, 3, BatchNormConfig::torch_2d()).unwrap();
+    let bn_x = up(ctx, &b.x, &bn_shape);
+    let bn_y = ctx.zeros(&bn_shape, DType::F32).unwrap();
+    bn.record(ctx, &mut encoder, &bn_x, &bn_y, Mode::Train)
+        .unwrap();
+    let (bn_grads, _) = bn
+        .record_backward(ctx, &mut encoder, &up(ctx, &b.dy, &bn_shape))
+        .unwrap();
+    ctx.submit_and_wait(encoder).unwrap();
+    let ln_view = View::layer_norm(&ln_shape, 64);
+    let want = reference::backward(&a.x, &a.dy, &ln_view, false, 1e-5, Some(&a.w), None);
+    check("layer norm, first pass", &ln_grads, &want, true, true, 300);
+    let bn_view = View::batch_norm(&bn_shape, 1);
+    let want = reference::backward(&b.x, &b.dy, &bn_view, false, 1e-5, None, None);
+    check(
+        "batch norm, second pass",
+        &bn_grads,
+        &want,
+        true,
+        true,
+        bn_view.group_len(),
+    );
+}
+
+#[test]
 fn a_later_forward_replaces_the_saved_state() {
     let ctx = ctx();
     let mut ln = LayerNorm::new(ctx, &[6], RowNormConfig::torch_layer_norm()).unwrap();
