@@ -165,18 +165,26 @@ fn normalize_runs(
     }
 }
 
-// Short runs (channels-last, P = 1): rows of L = G·B columns with L/4
-// dividing NORMALIZE_WG (the host checks). Invocation lid always owns the
-// same four columns, lid % (L/4), so it loads their statistics and γ, β once
-// and folds them into y = (x − shift)·scale + offset; the loop over its rows
-// (lid / (L/4), then every NORMALIZE_WG/(L/4) rows, run_vec4 times from the
-// workgroup's first row) is loads, one multiply-add and stores.
+// Short runs (channels-last): each p is A rows of L = G·B columns, with L/4
+// dividing NORMALIZE_WG (the host checks). Workgroup w covers block
+// w % run_blocks of the rows of p = w / run_blocks. Invocation lid always
+// owns the same four columns, lid % (L/4), so it loads their statistics (of
+// p) and γ, β once and folds them into y = (x − shift)·scale + offset; the
+// loop over its rows (lid / (L/4), then every NORMALIZE_WG/(L/4) rows,
+// run_vec4 times from the block's first row) is loads, one multiply-add
+// and stores.
 @compute @workgroup_size(NORMALIZE_WG)
 fn normalize_columns(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    let w = linear_workgroup(wid, nwg);
+    let p = w / params.run_blocks;
+    if (p >= params.p) {
+        return;
+    }
+    let block = w - p * params.run_blocks;
     let l4 = (params.g * params.b) / 4u;
     let q4 = lid % l4;
     let rows_per_step = NORMALIZE_WG / l4;
@@ -186,7 +194,7 @@ fn normalize_columns(
     for (var i = 0u; i < 4u; i++) {
         let q = 4u * q4 + i;
         let g = fast_div(q, params.div_b);
-        let st = scratch[g];
+        let st = scratch[p * params.g + g];
         var s = st.z;
         var o = -st.y * st.z;
         let c = fast_div(q, params.div_affine);
@@ -201,12 +209,12 @@ fn normalize_columns(
         scale[i] = s;
         offset[i] = o;
     }
-    let first_row = linear_workgroup(wid, nwg) * params.run_vec4 * rows_per_step + lid / l4;
+    let first_row = block * params.run_vec4 * rows_per_step + lid / l4;
     let rows = params.a;
     for (var k = 0u; k < params.run_vec4; k++) {
         let row = first_row + k * rows_per_step;
         if (row < rows) {
-            let t = row * l4 + q4;
+            let t = (p * rows + row) * l4 + q4;
             store_y4(t, (load_x4(t) - shift) * scale + offset);
         }
     }

@@ -122,8 +122,8 @@ pub struct RunGrid {
 }
 
 impl RunGrid {
-    /// The grid of `normalize_columns`: rows per workgroup step, steps per
-    /// invocation (in `vec4`), workgroups (in `blocks`).
+    /// The grid of `normalize_columns`: steps per invocation (in `vec4`),
+    /// workgroups per p (in `blocks`).
     pub fn columns(view: &View) -> RunGrid {
         let l4 = view.g * view.b / 4;
         let rows_per_step = kernels::NORMALIZE_WG as usize / l4;
@@ -157,12 +157,11 @@ pub fn uses_runs(view: &View, chunks: &Chunks) -> bool {
 }
 
 /// Whether the normalize pass goes by fixed columns: short runs
-/// (channels-last), P = 1, one binding, rows of L = G·B elements whose
-/// vec4 count divides the workgroup.
+/// (channels-last), one binding, rows of L = G·B elements whose vec4 count
+/// divides the workgroup.
 pub fn uses_normalize_columns(view: &View, chunks: &Chunks) -> bool {
     let l = view.g * view.b;
     !chunks.split()
-        && view.p == 1
         && view.b < 4
         && l.is_multiple_of(4)
         && (kernels::NORMALIZE_WG as usize).is_multiple_of(l / 4)
@@ -174,7 +173,7 @@ fn normalize_dispatches(view: &View, chunks: &Chunks) -> Vec<Dispatch> {
     if uses_normalize_columns(view, chunks) {
         return vec![Dispatch {
             kernel: Kernel::NormalizeColumns,
-            workgroups: RunGrid::columns(view).blocks as u32,
+            workgroups: (view.p * RunGrid::columns(view).blocks) as u32,
             chunk: 0,
         }];
     }
@@ -876,6 +875,20 @@ mod tests {
             kernels_of(&eval, &whole, &SUBGROUPS),
             [Kernel::EvalStats, Kernel::NormalizeRuns]
         );
+    }
+
+    #[test]
+    fn channels_last_group_norm_normalizes_by_columns_per_sample() {
+        let v = View::group_norm_channels_last(&[32, 56, 56, 64], 32);
+        let whole = Chunks::whole(v.numel());
+        let plan = plan_forward_chunked(
+            &spec(v, StatsSource::Batch, false, DType::F32),
+            &whole,
+            &SUBGROUPS,
+        );
+        let last = plan.last().unwrap();
+        assert_eq!(last.kernel, Kernel::NormalizeColumns);
+        assert_eq!(last.workgroups as usize, 32 * RunGrid::columns(&v).blocks);
     }
 
     #[test]

@@ -315,3 +315,28 @@ fn channels_last_batch_norm_matches_f64_in_train_and_eval() {
     let want = reference::normalize(&x, &view, &stats, 1e-3, Some(&w), Some(&b));
     assert_close("eval", &y, &want, 1e-5, 1e-5);
 }
+
+#[test]
+fn channels_last_group_norm_matches_f64() {
+    // Keras's GroupNormalization layout: 4 samples of 6x6 positions, 16
+    // channels in 8 groups of 2: column partials and the fixed-column
+    // normalize with statistics per sample.
+    let ctx = ctx();
+    let shape = [4, 6, 6, 16];
+    let x = normal(4 * 6 * 6 * 16, 73, 20.0, 3.0);
+    let w: Vec<f32> = (0..16).map(|c| 0.5 + c as f32 * 0.1).collect();
+    let b: Vec<f32> = (0..16).map(|c| c as f32 - 8.0).collect();
+    let mut gn = gpunorm::GroupNorm::new(ctx, 8, 16, gpunorm::GroupNormConfig::keras()).unwrap();
+    gn.set_affine(gpunorm::Affine {
+        weight: Some(ctx.upload(&w, &[16]).unwrap()),
+        bias: Some(ctx.upload(&b, &[16]).unwrap()),
+    })
+    .unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let view = View::group_norm_channels_last(&shape, 8);
+    let y = ctx
+        .download(&gn.forward(ctx, &xt).unwrap())
+        .unwrap();
+    let want = reference::forward(&x, &view, false, 1e-3, Some(&w), Some(&b));
+    assert_close("group norm channels-last", &y, &want, 1e-5, 1e-5);
+}
