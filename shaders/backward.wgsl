@@ -56,19 +56,29 @@ fn bwd_rows(
     let st = stats[group];
     let c0 = affine_index(base);
     if (BWD_VEC4) {
-        // Whole vectors: the group starts at a multiple of four.
+        // Whole vectors: the group starts at a multiple of four. It is
+        // summed channel by channel (group_channel_len4), each channel's
+        // sums written as its partial with BF_WRITE_PARTIALS.
         let n4 = n / 4u;
         let base4 = base / 4u;
-        var acc4 = vec4<f32>(0.0);
-        for (var j4 = lid; j4 < n4; j4 += BWD_WG) {
-            acc4 += terms4(base4 + j4, st, run_weight4(base, c0, 4u * j4));
+        let d4 = group_channel_len4(n4);
+        let channels = n4 / d4;
+        var s4 = vec4<f32>(0.0);
+        for (var ch = 0u; ch < channels; ch++) {
+            var acc4 = vec4<f32>(0.0);
+            for (var j4 = ch * d4 + lid; j4 < (ch + 1u) * d4; j4 += BWD_WG) {
+                acc4 += terms4(base4 + j4, st, group_weight4(base, c0, ch, j4));
+            }
+            let sc = workgroup_sum4(lid, acc4, BWD_WG);
+            if (lid == 0u && bwd_flag(BF_WRITE_PARTIALS)) {
+                work[bp.partials_offset + group * channels + ch] = sc;
+            }
+            s4 += sc;
         }
-        let s4 = workgroup_sum4(lid, acc4, BWD_WG);
-        if (lid == 0u && bwd_flag(BF_WRITE_PARTIALS)) {
-            work[bp.partials_offset + group] = s4;
-        }
-        for (var j4 = lid; j4 < n4; j4 += BWD_WG) {
-            store_dx4(base4 + j4, grad_input4(base4 + j4, s4, st, run_weight4(base, c0, 4u * j4)));
+        for (var ch = 0u; ch < channels; ch++) {
+            for (var j4 = ch * d4 + lid; j4 < (ch + 1u) * d4; j4 += BWD_WG) {
+                store_dx4(base4 + j4, grad_input4(base4 + j4, s4, st, group_weight4(base, c0, ch, j4)));
+            }
         }
         return;
     }
@@ -149,6 +159,22 @@ fn bwd_partials(
                 if (j < end) {
                     acc += terms_with(reduction_index(p, g, j), st, g);
                 }
+            }
+        }
+    } else if (BWD_VEC4 && bp.rb % 4u == 0u) {
+        // Any reduction view whose runs are whole vectors (the [1, R, K, D]
+        // view of channels-first GroupNorm's affine gradients): four
+        // aligned elements share their statistics group and are loaded
+        // together, two vectors per step (32-byte pieces, as above).
+        for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
+            let j = start + 8u * (lid + k * BWD_WG);
+            if (j < end) {
+                let i = reduction_index(p, g, j);
+                acc += terms4(i / 4u, stats[stats_group(i)], weight4_of(i));
+            }
+            if (j + 4u < end) {
+                let i = reduction_index(p, g, j + 4u);
+                acc += terms4(i / 4u, stats[stats_group(i)], weight4_of(i));
             }
         }
     } else {

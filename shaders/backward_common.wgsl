@@ -68,9 +68,10 @@ override BWD_WEIGHT: bool = false;
 override BWD_RMS: bool = false;
 override BWD_RUNNING: bool = false;
 // Affine layout of the stats view: 0 one parameter per element
-// (affine_div = 1), 1 one per run (affine_div = SB), 2 anything else (by
-// division). bwd_rows, bwd_partials and bwd_dx use it to find the index once
-// per run instead of per element.
+// (affine_div = 1), 1 one per run (affine_div = SB), 3 one per a multiple of
+// four elements (channels-first GroupNorm: affine_div = H·W), 2 anything
+// else (by division). bwd_rows, bwd_partials and bwd_dx use it to find the
+// index once per run, or once per vector, instead of per element.
 override BWD_AFFINE: u32 = 2u;
 // Runs of the stats view (SB) are multiples of four: four consecutive
 // elements from a multiple of four share their statistics group, and
@@ -128,7 +129,8 @@ fn weight4_of(i: u32) -> vec4<f32> {
         // One parameter per element: c is a multiple of four, as i is.
         return weight[c >> 2u];
     }
-    if (BWD_AFFINE == 1u) {
+    if (BWD_AFFINE == 1u || BWD_AFFINE == 3u) {
+        // The four share a parameter (i and affine_div are multiples of four).
         return vec4<f32>(weight_at(c));
     }
     return vec4<f32>(weight_at(c), weight_at(affine_index(i + 1u)),
@@ -165,6 +167,27 @@ fn sums_with_weight(sum_dy: f32, sum_dy_xhat: f32, w: f32) -> vec4<f32> {
 
 fn hsum(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
+}
+
+// Vectors per channel of a contiguous group of n4 vectors (the row
+// kernels): with one parameter per run or per a multiple of four elements
+// (BWD_AFFINE 1 or 3) a channel is affine_div elements, whose γ and
+// gradient sums are the channel's; otherwise the whole group is one
+// "channel" with a parameter per vector (group_weight4).
+fn group_channel_len4(n4: u32) -> u32 {
+    if (BWD_AFFINE == 1u || BWD_AFFINE == 3u) {
+        return bp.affine_div / 4u;
+    }
+    return n4;
+}
+
+// γ of vector j4 of a group starting at `base` (first affine index c0),
+// which lies in channel ch of group_channel_len4.
+fn group_weight4(base: u32, c0: u32, ch: u32, j4: u32) -> vec4<f32> {
+    if (BWD_AFFINE == 1u || BWD_AFFINE == 3u) {
+        return vec4<f32>(weight_of_group(c0 + ch));
+    }
+    return run_weight4(base, c0, 4u * j4);
 }
 
 fn bwd_flag(f: u32) -> bool {

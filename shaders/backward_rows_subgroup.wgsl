@@ -34,16 +34,25 @@ fn bwd_rows_subgroup(
         let base4 = group * n4;
         let st = stats[group];
         let c0 = affine_index(base);
-        var acc = vec4<f32>(0.0);
-        for (var j4 = lane; j4 < n4; j4 += width) {
-            acc += terms4(base4 + j4, st, run_weight4(base, c0, 4u * j4));
+        // Channel by channel, as bwd_rows.
+        let d4 = group_channel_len4(n4);
+        let channels = n4 / d4;
+        var s = vec4<f32>(0.0);
+        for (var ch = 0u; ch < channels; ch++) {
+            var acc = vec4<f32>(0.0);
+            for (var j4 = ch * d4 + lane; j4 < (ch + 1u) * d4; j4 += width) {
+                acc += terms4(base4 + j4, st, group_weight4(base, c0, ch, j4));
+            }
+            let sc = subgroupAdd(acc);
+            if (lane == 0u && bwd_flag(BF_WRITE_PARTIALS)) {
+                work[bp.partials_offset + group * channels + ch] = sc;
+            }
+            s += sc;
         }
-        let s = subgroupAdd(acc);
-        if (lane == 0u && bwd_flag(BF_WRITE_PARTIALS)) {
-            work[bp.partials_offset + group] = s;
-        }
-        for (var j4 = lane; j4 < n4; j4 += width) {
-            store_dx4(base4 + j4, grad_input4(base4 + j4, s, st, run_weight4(base, c0, 4u * j4)));
+        for (var ch = 0u; ch < channels; ch++) {
+            for (var j4 = ch * d4 + lane; j4 < (ch + 1u) * d4; j4 += width) {
+                store_dx4(base4 + j4, grad_input4(base4 + j4, s, st, group_weight4(base, c0, ch, j4)));
+            }
         }
     }
 }

@@ -328,6 +328,20 @@ fn uses_rows(v: &View, dtype: DType) -> bool {
             || v.groups() >= kernels::ROWS_MIN_FOR_LONG as usize)
 }
 
+/// Channels per group when the row kernels can sum each channel of a
+/// contiguous group on its own (channels-first GroupNorm: a group is whole
+/// channels of H·W elements, H·W a multiple of four, `BWD_AFFINE` 3), so
+/// the affine gradients need no second read of the input.
+fn row_channels(v: &View) -> Option<usize> {
+    let d = v.affine_div.max(1);
+    (v.a == 1
+        && d > 1
+        && d.is_multiple_of(4)
+        && v.b.is_multiple_of(d)
+        && v.affine_len == v.g * (v.b / d))
+        .then_some(v.b / d)
+}
+
 /// Row blocks of the column kernel for `rows` rows.
 fn col_blocks(rows: usize) -> usize {
     (rows / COLS_MIN_ROWS).clamp(1, COLS_MAX_BLOCKS)
@@ -412,6 +426,8 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
     // Per-group sums, grad_input, and the affine gradients when the affine
     // index is the channel.
     let channel_grads = if per_channel { grad_flags } else { 0 };
+    // Whether the affine gradients already come out of the group sums.
+    let mut grads_done = false;
     let rows = v.p * v.a;
     let cols = v.g * v.b;
     if uses_channel_columns(v) {
@@ -463,9 +479,22 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
     }
     match spec.source {
         StatsSource::Batch if uses_rows(v, spec.dtype) && !tiled => {
+            // The row kernels write each channel's sums as its partial when
+            // groups are whole channels; Finalize sums them over samples.
+            let channels_per_group = if per_channel {
+                Some(1)
+            } else {
+                row_channels(v)
+            };
+            let row_grads = if channels_per_group.is_some() {
+                grad_flags
+            } else {
+                0
+            };
             let mut p = base;
-            if channel_grads != 0 {
+            if row_grads != 0 {
                 p.flags |= BF_WRITE_PARTIALS;
+                grads_done = true;
             }
             if uses_subgroup_rows(v, caps) {
                 // Enough workgroups for the largest subgroup size; with
@@ -475,11 +504,13 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
             } else {
                 push(BackwardKernel::Rows, groups, p);
             }
-            work_vec4 = work_vec4.max(2 * groups);
-            if channel_grads != 0 {
+            let channels = v.g * channels_per_group.unwrap_or(1);
+            work_vec4 = work_vec4.max(groups + v.p * channels);
+            if row_grads != 0 {
                 let mut f = base;
-                f.flags |= BF_LOOP_P | channel_grads;
-                push(BackwardKernel::Finalize, v.g, f);
+                f.flags |= BF_LOOP_P | row_grads;
+                f.rg = channels as u32;
+                push(BackwardKernel::Finalize, channels, f);
             }
         }
         source => {
@@ -511,7 +542,7 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
             push(BackwardKernel::GradInput, workgroups, d);
         }
     }
-    if params_wanted && !per_channel {
+    if params_wanted && !per_channel && !grads_done {
         if v.affine_div.max(1) == 1 {
             // One affine index per column: coalesced column sums.
             let blocks = col_blocks(rows);
@@ -685,7 +716,8 @@ struct Specialization {
     weight: bool,
     rms: bool,
     running: bool,
-    /// 0: one parameter per element, 1: one per run of SB, 2: other.
+    /// 0: one parameter per element, 1: one per run of SB, 3: one per a
+    /// multiple of four elements, 2: other.
     affine: u8,
     /// Runs of SB are whole vectors ([`vec4_runs`]).
     vec4: bool,
@@ -697,6 +729,8 @@ impl Specialization {
             0
         } else if p.affine_div == p.sb {
             1
+        } else if p.affine_div.is_multiple_of(4) {
+            3
         } else {
             2
         };
@@ -1036,11 +1070,22 @@ mod tests {
     }
 
     #[test]
-    fn group_norm_with_several_channels_per_group_reduces_an_affine_view() {
+    fn group_norm_affine_gradients_come_from_the_rows_for_channels_of_whole_vectors() {
         use BackwardKernel::*;
+        // 8 channels of 32x32 per group: per-channel partials from the row
+        // kernel, summed over samples for each of the 256 channels.
         let v = View::group_norm(&[8, 256, 32, 32], 32);
         assert_eq!(
-            kernels_of(&spec(v, StatsSource::Batch, true)),
+            plan_backward(&spec(v, StatsSource::Batch, true))
+                .iter()
+                .map(|d| (d.kernel, d.workgroups))
+                .collect::<Vec<_>>(),
+            [(Rows, 8 * 32), (Finalize, 256)]
+        );
+        // Channels of 9x9: not whole vectors, so an affine view is reduced.
+        let odd = View::group_norm(&[8, 256, 9, 9], 32);
+        assert_eq!(
+            kernels_of(&spec(odd, StatsSource::Batch, true)),
             [Rows, Partials, Finalize]
         );
         let inorm = View::instance_norm(&[8, 64, 128, 128]);

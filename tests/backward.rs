@@ -351,6 +351,13 @@ fn workgroup_row_kernel_backward_matches_f64_where_subgroups_are_disabled() {
     layer_norm_case_on(&ctx, 300, 8, true, false, 0.0);
     layer_norm_case_on(&ctx, 7, 33, true, true, 0.0);
     instance_norm_case_on(&ctx, &[3, 4, 50, 50], Mode::Train, false);
+    group_norm_case_on(
+        &ctx,
+        "group norm, workgroup rows",
+        &[2, 8, 64, 64],
+        2,
+        GroupNormConfig::torch(),
+    );
 }
 
 #[test]
@@ -528,7 +535,16 @@ fn channels_last_backward_of_whole_vector_channels_matches_f64() {
 }
 
 fn group_norm_case(what: &str, shape: &[usize], groups: usize, config: GroupNormConfig) {
-    let ctx = ctx();
+    group_norm_case_on(ctx(), what, shape, groups, config);
+}
+
+fn group_norm_case_on(
+    ctx: &Context,
+    what: &str,
+    shape: &[usize],
+    groups: usize,
+    config: GroupNormConfig,
+) {
     let keras = config.convention == gpunorm::Convention::Keras;
     let c = if keras {
         shape[shape.len() - 1]
@@ -551,7 +567,7 @@ fn group_norm_case(what: &str, shape: &[usize], groups: usize, config: GroupNorm
         View::group_norm(shape, groups)
     };
     let want = reference::backward(&d.x, &d.dy, &view, false, eps, Some(&d.w), None);
-    check(what, &got, &want, true, true, view.numel() / c);
+    check_on(ctx, what, &got, &want, true, true, view.numel() / c);
 }
 
 #[test]

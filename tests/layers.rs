@@ -334,9 +334,7 @@ fn channels_last_group_norm_matches_f64() {
     .unwrap();
     let xt = ctx.upload(&x, &shape).unwrap();
     let view = View::group_norm_channels_last(&shape, 8);
-    let y = ctx
-        .download(&gn.forward(ctx, &xt).unwrap())
-        .unwrap();
+    let y = ctx.download(&gn.forward(ctx, &xt).unwrap()).unwrap();
     let want = reference::forward(&x, &view, false, 1e-3, Some(&w), Some(&b));
     assert_close("group norm channels-last", &y, &want, 1e-5, 1e-5);
 }
