@@ -1,18 +1,27 @@
-// Backward kernels for channels-last statistics (SP = 1, SB = 1: BatchNorm
-// over [N, ..., C] and BatchNorm1d over (N, C)): the tensor is R = SA rows
-// of L = SG channels, element (r, c) at r·L + c, and channel c is both its
-// statistics group and its affine index. L is a multiple of four (the host
-// checks), so a row is whole vectors.
+// Backward kernels for channels-last statistics: each p of the stats view
+// is SA rows of L = SG·SB channels, element (p, r, c) at (p·SA + r)·L + c,
+// channel c in statistics group p·SG + c / SB and with affine index c
+// (affine_div = 1). This is BatchNorm over [N, ..., C] or (N, C) (SP = 1,
+// SB = 1) and Keras's GroupNormalization over [N, ..., C] (SP = N, groups
+// of SB channels). L is a multiple of four (the host checks), so a row is
+// whole vectors.
 //
 // Each invocation owns a strip of two vectors (eight channels; the last
 // strip of an odd vector count repeats its one vector) over a block of
-// rows, and loads the strip's statistics, γ and sums once: per row it only
-// reads x and dy and writes dx. Invocations are numbered block-major, so
-// neighbouring invocations read neighbouring strips of one row, and each
-// reads 32 contiguous bytes of a row (CPUs that run WGSL stream longer
-// pieces much faster, see bwd_cols).
+// rows of one p, and loads the strip's statistics, γ and sums once: per row
+// it only reads x and dy (and writes dx). Invocations are numbered
+// (p, block)-major, so neighbouring invocations read neighbouring strips of
+// one row, and each reads 32 contiguous bytes of a row (CPUs that run WGSL
+// stream longer pieces much faster, see bwd_cols).
+//
+// bwd_channel_cols writes the sums of channel c over block b of p as the
+// partial work[partials_offset + (p·L + c)·tiles + b]; the host merges
+// them into each group's sums (over the group's channels and blocks) and
+// into dγ and dβ (over every p and block) with bwd_finalize. With one p,
+// one channel per group and one block (BatchNorm, few rows) it writes the
+// results directly.
 
-// Statistics of the four channels 4·v4 .. 4·v4 + 3.
+// Statistics of the four channels 4·v4 .. 4·v4 + 3 of p.
 struct ChannelQuad {
     shift: vec4<f32>,
     dmean: vec4<f32>,
@@ -21,10 +30,15 @@ struct ChannelQuad {
     weight: vec4<f32>,
 }
 
-fn channel_quad(v4: u32) -> ChannelQuad {
+// Statistics group of channel c of p.
+fn channel_group(p: u32, c: u32) -> u32 {
+    return p * bp.sg + fast_div(c, bp.div_sb);
+}
+
+fn channel_quad(p: u32, v4: u32) -> ChannelQuad {
     var q: ChannelQuad;
     for (var k = 0u; k < 4u; k++) {
-        let st = stats[4u * v4 + k];
+        let st = stats[channel_group(p, 4u * v4 + k)];
         q.shift[k] = st.x;
         q.dmean[k] = st.y;
         q.rstd[k] = st.z;
@@ -36,19 +50,18 @@ fn channel_quad(v4: u32) -> ChannelQuad {
     return q;
 }
 
-// The strip of invocation `inv`: (row block, first vector, second vector),
-// or a block ≥ bp.tiles past the end.
-fn channel_strip(inv: u32) -> vec3<u32> {
+// The strip of invocation `inv`: (p, row block, first vector, second
+// vector), p ≥ SP past the end.
+fn channel_strip(inv: u32) -> vec4<u32> {
     let cols4 = bp.cols / 4u;
     let strips = (cols4 + 1u) / 2u;
-    let block = inv / strips;
-    let v0 = 2u * (inv - block * strips);
-    return vec3<u32>(block, v0, min(v0 + 1u, cols4 - 1u));
+    let pb = inv / strips;
+    let p = pb / bp.tiles;
+    let v0 = 2u * (inv - pb * strips);
+    return vec4<u32>(p, pb - p * bp.tiles, v0, min(v0 + 1u, cols4 - 1u));
 }
 
-// Per channel (Σg, Σg·x̂, Σdy, Σdy·x̂) over a block of rows: the channel's
-// group sums and gradients with one block (write_column), else partials
-// merged by bwd_finalize.
+// Per channel (Σg, Σg·x̂, Σdy, Σdy·x̂) over a block of rows of one p.
 @compute @workgroup_size(BWD_WG)
 fn bwd_channel_cols(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -56,44 +69,53 @@ fn bwd_channel_cols(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let strip = channel_strip(bwd_linear_workgroup(wid, nwg) * BWD_WG + lid);
-    if (strip.x >= bp.tiles) {
+    let p = strip.x;
+    if (p >= bp.sp) {
         return;
     }
     let cols4 = bp.cols / 4u;
-    let q0 = channel_quad(strip.y);
-    let q1 = channel_quad(strip.z);
-    let r0 = strip.x * bp.rows_per_block;
-    let r1 = min(r0 + bp.rows_per_block, bp.rows);
+    let q0 = channel_quad(p, strip.z);
+    let q1 = channel_quad(p, strip.w);
+    let r0 = strip.y * bp.rows_per_block;
+    let r1 = min(r0 + bp.rows_per_block, bp.sa);
     var dy0 = vec4<f32>(0.0);
     var dyx0 = vec4<f32>(0.0);
     var dy1 = vec4<f32>(0.0);
     var dyx1 = vec4<f32>(0.0);
     for (var r = r0; r < r1; r++) {
-        let row = r * cols4;
-        let d0 = load_dy4(row + strip.y);
+        let row = (p * bp.sa + r) * cols4;
+        let d0 = load_dy4(row + strip.z);
         dy0 += d0;
-        dyx0 += d0 * (((load_x4(row + strip.y) - q0.shift) - q0.dmean) * q0.rstd);
-        let d1 = load_dy4(row + strip.z);
+        dyx0 += d0 * (((load_x4(row + strip.z) - q0.shift) - q0.dmean) * q0.rstd);
+        let d1 = load_dy4(row + strip.w);
         dy1 += d1;
-        dyx1 += d1 * (((load_x4(row + strip.z) - q1.shift) - q1.dmean) * q1.rstd);
+        dyx1 += d1 * (((load_x4(row + strip.w) - q1.shift) - q1.dmean) * q1.rstd);
     }
-    write_channel_quad(strip.y, strip.x, q0.weight, dy0, dyx0);
-    if (strip.z != strip.y) {
-        write_channel_quad(strip.z, strip.x, q1.weight, dy1, dyx1);
+    write_channel_quad(p, strip.z, strip.y, q0.weight, dy0, dyx0);
+    if (strip.w != strip.z) {
+        write_channel_quad(p, strip.w, strip.y, q1.weight, dy1, dyx1);
     }
 }
 
-// write_column for the four channels of vector v4 (Σg = γ·Σdy, as γ is
-// the channel's).
-fn write_channel_quad(v4: u32, block: u32, w: vec4<f32>, sum_dy: vec4<f32>, sum_dy_xhat: vec4<f32>) {
+// Stores the sums of the four channels of vector v4 of p over row block
+// `block` (Σg = γ·Σdy, as γ is the channel's): the partials, or with one
+// p, one channel per group and one block the results themselves.
+fn write_channel_quad(p: u32, v4: u32, block: u32, w: vec4<f32>, sum_dy: vec4<f32>, sum_dy_xhat: vec4<f32>) {
+    let direct = bp.tiles == 1u && bp.sp == 1u && bp.sb == 1u;
     for (var k = 0u; k < 4u; k++) {
-        write_column(4u * v4 + k, block, sums_with_weight(sum_dy[k], sum_dy_xhat[k], w[k]));
+        let c = 4u * v4 + k;
+        let s = sums_with_weight(sum_dy[k], sum_dy_xhat[k], w[k]);
+        if (direct) {
+            write_column(c, 0u, s);
+        } else {
+            work[bp.partials_offset + (p * bp.cols + c) * bp.tiles + block] = s;
+        }
     }
 }
 
 // grad_input = a·dy + b·(x − shift) + c per channel (dx_coefficients),
 // the coefficients found once per strip from the channel's statistics,
-// group sums (work[c]; not read in eval mode) and γ.
+// its group's sums (work[group]; not read in eval mode) and its γ.
 @compute @workgroup_size(BWD_WG)
 fn bwd_channel_dx(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -101,32 +123,34 @@ fn bwd_channel_dx(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let strip = channel_strip(bwd_linear_workgroup(wid, nwg) * BWD_WG + lid);
-    if (strip.x >= bp.tiles) {
+    let p = strip.x;
+    if (p >= bp.sp) {
         return;
     }
     let cols4 = bp.cols / 4u;
-    let k0 = channel_coefficients(strip.y);
-    let k1 = channel_coefficients(strip.z);
-    let r0 = strip.x * bp.rows_per_block;
-    let r1 = min(r0 + bp.rows_per_block, bp.rows);
+    let k0 = channel_coefficients(p, strip.z);
+    let k1 = channel_coefficients(p, strip.w);
+    let r0 = strip.y * bp.rows_per_block;
+    let r1 = min(r0 + bp.rows_per_block, bp.sa);
     for (var r = r0; r < r1; r++) {
-        let row = r * cols4;
-        store_dx4(row + strip.y, dx_from(row + strip.y, k0[0], k0[1], k0[2], k0[3]));
-        store_dx4(row + strip.z, dx_from(row + strip.z, k1[0], k1[1], k1[2], k1[3]));
+        let row = (p * bp.sa + r) * cols4;
+        store_dx4(row + strip.z, dx_from(row + strip.z, k0[0], k0[1], k0[2], k0[3]));
+        store_dx4(row + strip.w, dx_from(row + strip.w, k1[0], k1[1], k1[2], k1[3]));
     }
 }
 
-// dx_coefficients of the four channels of vector v4, transposed: rows a,
-// b, c and shift, one column per channel.
-fn channel_coefficients(v4: u32) -> mat4x4<f32> {
+// dx_coefficients of the four channels of vector v4 of p, transposed: rows
+// a, b, c and shift, one column per channel.
+fn channel_coefficients(p: u32, v4: u32) -> mat4x4<f32> {
     var k: mat4x4<f32>;
     for (var j = 0u; j < 4u; j++) {
         let c = 4u * v4 + j;
+        let group = channel_group(p, c);
         var s = vec4<f32>(0.0);
         if (!BWD_RUNNING) {
-            s = work[c];
+            s = work[group];
         }
-        let kc = dx_coefficients(stats[c], s, weight_of_group(c));
+        let kc = dx_coefficients(stats[group], s, weight_of_group(c));
         k[0][j] = kc.x;
         k[1][j] = kc.y;
         k[2][j] = kc.z;

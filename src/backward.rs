@@ -347,17 +347,21 @@ fn col_blocks(rows: usize) -> usize {
     (rows / COLS_MIN_ROWS).clamp(1, COLS_MAX_BLOCKS)
 }
 
-/// Whether the statistics are per channel of channels-last rows (SP = 1,
-/// SB = 1, γ per channel: BatchNorm over [N, ..., C] or (N, C)) with rows of
-/// whole vectors: the `Channel*` kernels, which find each channel's
-/// statistics once per strip of rows instead of per element.
+/// Whether the statistics are channels-last: each p is several rows of
+/// L = SG·SB channels with γ per channel (BatchNorm over [N, ..., C] or
+/// (N, C); Keras's GroupNormalization), rows of whole vectors. The
+/// `Channel*` kernels then find each channel's statistics once per strip of
+/// rows instead of per element.
 fn uses_channel_columns(v: &View) -> bool {
-    v.p == 1 && v.b == 1 && v.g.is_multiple_of(4) && affine_is_channel(v)
+    v.a > 1
+        && v.affine_div.max(1) == 1
+        && v.affine_len == v.g * v.b
+        && (v.g * v.b).is_multiple_of(4)
 }
 
 /// Strips of two vectors (eight channels) of a channels-last row.
 fn channel_strips(v: &View) -> usize {
-    (v.g / 4).div_ceil(2)
+    (v.g * v.b / 4).div_ceil(2)
 }
 
 /// Whether the subgroup row kernel takes a backward the row kernel takes.
@@ -433,34 +437,52 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
     if uses_channel_columns(v) {
         let batch = spec.source == StatsSource::Batch;
         let strips = channel_strips(v);
-        if batch || channel_grads != 0 {
-            let blocks =
-                (rows / COLS_MIN_ROWS).clamp(1, COLS_MAX_BLOCKS.max(CHANNEL_INVOCATIONS / strips));
+        let samples = v.p;
+        if batch || grad_flags != 0 {
+            let cap = (COLS_MAX_BLOCKS.max(CHANNEL_INVOCATIONS / strips) / samples).max(1);
+            let blocks = (v.a / COLS_MIN_ROWS).clamp(1, cap);
             let mut c = base;
-            c.flags |= channel_grads;
+            c.flags |= grad_flags;
             if batch {
                 c.flags |= BF_WRITE_GSUM;
             }
             c.tiles = blocks as u32;
-            c.rows_per_block = rows.div_ceil(blocks) as u32;
-            c.group_stride = blocks as u32;
-            c.tile_stride = 1;
+            c.rows_per_block = v.a.div_ceil(blocks) as u32;
             push(
                 BackwardKernel::ChannelCols,
-                (blocks * strips).div_ceil(BWD_WG as usize),
+                (samples * blocks * strips).div_ceil(BWD_WG as usize),
                 c,
             );
-            if blocks > 1 {
-                work_vec4 = work_vec4.max(groups + blocks * cols);
-                let mut f = c;
-                f.flags |= BF_LOOP_P;
-                f.rg = cols as u32;
-                f.rb = 1;
-                f.n_groups = cols as u32;
-                push(BackwardKernel::Finalize, cols, f);
+            // The kernel writes the results itself with one p, one channel
+            // per group and one block; otherwise partials per (p, channel,
+            // block), merged per group (over its channels and blocks) and
+            // per channel (over every p and block).
+            let one_channel_groups = v.p == 1 && v.b == 1;
+            if !(one_channel_groups && blocks == 1) {
+                work_vec4 = work_vec4.max(groups + samples * cols * blocks);
+                let mut per_channel = base;
+                per_channel.flags |= BF_LOOP_P | grad_flags;
+                per_channel.rg = cols as u32;
+                per_channel.tiles = blocks as u32;
+                per_channel.group_stride = blocks as u32;
+                if one_channel_groups {
+                    // A group is a channel: one merge gives both.
+                    if batch {
+                        per_channel.flags |= BF_WRITE_GSUM;
+                    }
+                } else if batch {
+                    let mut per_group = base;
+                    per_group.flags |= BF_WRITE_GSUM;
+                    per_group.tiles = (v.b * blocks) as u32;
+                    per_group.group_stride = per_group.tiles;
+                    push(BackwardKernel::Finalize, groups, per_group);
+                }
+                if grad_flags != 0 || (one_channel_groups && batch) {
+                    push(BackwardKernel::Finalize, cols, per_channel);
+                }
             }
         }
-        let blocks = rows.div_ceil(CHANNEL_DX_ROWS);
+        let blocks = v.a.div_ceil(CHANNEL_DX_ROWS);
         let mut d = base;
         if !batch {
             d.flags |= BF_RUNNING;
@@ -469,7 +491,7 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         d.rows_per_block = CHANNEL_DX_ROWS as u32;
         push(
             BackwardKernel::ChannelGradInput,
-            (blocks * strips).div_ceil(BWD_WG as usize),
+            (samples * blocks * strips).div_ceil(BWD_WG as usize),
             d,
         );
         return Plan {
@@ -1061,6 +1083,12 @@ mod tests {
         assert_eq!(
             kernels_of(&spec(bn1d, StatsSource::Batch, true)),
             [ChannelCols, Finalize, ChannelGradInput]
+        );
+        // Keras's GroupNormalization: per-group and per-channel merges.
+        let gn = View::group_norm_channels_last(&[32, 56, 56, 64], 32);
+        assert_eq!(
+            kernels_of(&spec(gn, StatsSource::Batch, true)),
+            [ChannelCols, Finalize, Finalize, ChannelGradInput]
         );
         let odd = View::batch_norm(&[4, 10, 10, 6], 3);
         assert_eq!(

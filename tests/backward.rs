@@ -595,6 +595,20 @@ fn group_norm_channels_last_backward_matches_f64() {
         6,
         GroupNormConfig::keras(),
     );
+    // Whole vectors of channels: the channels-last strip kernels, with many
+    // row blocks per sample (groups of 2 channels) and groups of 8.
+    group_norm_case(
+        "keras group norm, row blocks",
+        &[4, 24, 24, 16],
+        8,
+        GroupNormConfig::keras(),
+    );
+    group_norm_case(
+        "keras group norm, groups of 8",
+        &[2, 10, 10, 32],
+        4,
+        GroupNormConfig::keras(),
+    );
 }
 
 fn instance_norm_case(shape: &[usize], mode: Mode, tracked: bool) {
