@@ -44,5 +44,5 @@ fn store_dx(i: u32, v0: f32, v1: f32, second: bool) {
 
 // Writes grad_input 4·i4 .. 4·i4 + 3 (two whole words).
 fn store_dx4(i4: u32, v: vec4<f32>) {
-    dx_buf[i4] = vec2<u32>(f16_bits(v.x) | (f16_bits(v.y) << 16u), f16_bits(v.z) | (f16_bits(v.w) << 16u));
+    dx_buf[i4] = pack_f16x4(v);
 }

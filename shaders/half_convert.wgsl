@@ -10,34 +10,57 @@ fn bf16_pair(w: u32) -> vec2<f32> {
     return vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u));
 }
 
-// f32 -> f16 bits: round to nearest even, overflow to ±inf, NaN stays NaN.
-fn f16_bits(v: f32) -> u32 {
-    let b = bitcast<u32>(v);
-    let sign = (b >> 16u) & 0x8000u;
-    let a = b & 0x7fffffffu;
-    if (a > 0x7f800000u) {
-        return sign | 0x7e00u;
-    }
+// f32 -> f16 bits of four values: round to nearest even, overflow to ±inf,
+// NaN stays NaN. Branch-free (every case computed, one selected), so CPUs
+// that run WGSL keep the four lanes in vector registers: with a branch per
+// value lavapipe masked and ran each case lane by lane.
+fn f16_bits4(v: vec4<f32>) -> vec4<u32> {
+    let b = bitcast<vec4<u32>>(v);
+    let sign = (b >> vec4<u32>(16u)) & vec4<u32>(0x8000u);
+    let a = b & vec4<u32>(0x7fffffffu);
+    // Normal: rebias the exponent (127 -> 15) and drop 13 mantissa bits
+    // (wraps for values below the normal range, which select() discards).
+    let m = a - vec4<u32>(0x38000000u);
+    var r = (m + vec4<u32>(0xfffu) + ((m >> vec4<u32>(13u)) & vec4<u32>(1u))) >> vec4<u32>(13u);
+    // Below 2^-14: an f16 subnormal, i.e. round(|v| / 2^-24) (round is
+    // ties-to-even in WGSL; scaling by 2^24 is exact). Larger values, inf
+    // and NaN are clamped to 2^-14 first (on the bits), so the conversion
+    // always sees a small finite value; select() discards them.
+    let small = bitcast<vec4<f32>>(min(a, vec4<u32>(0x38800000u)));
+    let subnormal = vec4<u32>(round(small * 16777216.0));
+    r = select(r, subnormal, a < vec4<u32>(0x38800000u));
     // 65520 (0x477ff000) is halfway between 65504 and 65536: ties to even is inf.
-    if (a >= 0x477ff000u) {
-        return sign | 0x7c00u;
-    }
-    if (a < 0x38800000u) {
-        // Below 2^-14: an f16 subnormal, i.e. round(|v| / 2^-24) (round is
-        // ties-to-even in WGSL; scaling by 2^24 is exact).
-        return sign | u32(round(bitcast<f32>(a) * 16777216.0));
-    }
-    // Normal: rebias the exponent (127 -> 15) and drop 13 mantissa bits.
-    let m = a - 0x38000000u;
-    return sign | ((m + 0xfffu + ((m >> 13u) & 1u)) >> 13u);
+    r = select(r, vec4<u32>(0x7c00u), a >= vec4<u32>(0x477ff000u));
+    r = select(r, vec4<u32>(0x7e00u), a > vec4<u32>(0x7f800000u));
+    return sign | r;
 }
 
-// f32 -> bf16 bits: round to nearest even (overflow carries into ±inf),
-// NaN stays NaN (quieted).
+// f16_bits4 of one value.
+fn f16_bits(v: f32) -> u32 {
+    return f16_bits4(vec4<f32>(v)).x;
+}
+
+// f32 -> bf16 bits of four values: round to nearest even (overflow carries
+// into ±inf), NaN stays NaN (quieted). Branch-free, as f16_bits4.
+fn bf16_bits4(v: vec4<f32>) -> vec4<u32> {
+    let b = bitcast<vec4<u32>>(v);
+    let nan = ((b >> vec4<u32>(16u)) | vec4<u32>(0x0040u)) & vec4<u32>(0xffffu);
+    let rounded = ((b + vec4<u32>(0x7fffu) + ((b >> vec4<u32>(16u)) & vec4<u32>(1u))) >> vec4<u32>(16u)) & vec4<u32>(0xffffu);
+    return select(rounded, nan, (b & vec4<u32>(0x7fffffffu)) > vec4<u32>(0x7f800000u));
+}
+
+// bf16_bits4 of one value.
 fn bf16_bits(v: f32) -> u32 {
-    let b = bitcast<u32>(v);
-    if ((b & 0x7fffffffu) > 0x7f800000u) {
-        return ((b >> 16u) | 0x0040u) & 0xffffu;
-    }
-    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
+    return bf16_bits4(vec4<f32>(v)).x;
+}
+
+// Four values as two words of halves (element 2k in the low half).
+fn pack_f16x4(v: vec4<f32>) -> vec2<u32> {
+    let h = f16_bits4(v);
+    return vec2<u32>(h.x | (h.y << 16u), h.z | (h.w << 16u));
+}
+
+fn pack_bf16x4(v: vec4<f32>) -> vec2<u32> {
+    let h = bf16_bits4(v);
+    return vec2<u32>(h.x | (h.y << 16u), h.z | (h.w << 16u));
 }

@@ -18,7 +18,7 @@ fn load_x4(i4: u32) -> vec4<f32> {
 }
 
 fn store_y4(i4: u32, v: vec4<f32>) {
-    y_buf[i4] = vec2<u32>(bf16_bits(v.x) | (bf16_bits(v.y) << 16u), bf16_bits(v.z) | (bf16_bits(v.w) << 16u));
+    y_buf[i4] = pack_bf16x4(v);
 }
 
 fn load_x(i: u32) -> f32 {

@@ -22,7 +22,7 @@ fn load_x4(i4: u32) -> vec4<f32> {
 }
 
 fn store_y4(i4: u32, v: vec4<f32>) {
-    y_buf[i4] = vec2<u32>(f16_bits(v.x) | (f16_bits(v.y) << 16u), f16_bits(v.z) | (f16_bits(v.w) << 16u));
+    y_buf[i4] = pack_f16x4(v);
 }
 
 // f16_bits is in half_convert.wgsl (shared with the backward).

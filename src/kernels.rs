@@ -450,6 +450,139 @@ impl PipelineCache {
 mod tests {
     use super::*;
 
+    /// Runs half_convert.wgsl on `bits` (f32 bit patterns, a multiple of
+    /// four of them): per value its f16 and bf16 bits from the scalar and
+    /// from the four-lane functions.
+    fn convert_on_device(bits: &[u32]) -> [Vec<u32>; 4] {
+        use wgpu::util::DeviceExt;
+        let ctx = crate::Context::new().unwrap();
+        let device = ctx.device();
+        let src = format!(
+            "{HALF_CONVERT}
+@group(0) @binding(0) var<storage, read> input: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> output: array<vec4<u32>>;
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
+    let n4 = arrayLength(&input);
+    let i = id.x;
+    if (i >= n4) {{
+        return;
+    }}
+    let v = bitcast<vec4<f32>>(input[i]);
+    output[i] = vec4<u32>(f16_bits(v.x), f16_bits(v.y), f16_bits(v.z), f16_bits(v.w));
+    output[n4 + i] = f16_bits4(v);
+    output[2u * n4 + i] = vec4<u32>(bf16_bits(v.x), bf16_bits(v.y), bf16_bits(v.z), bf16_bits(v.w));
+    output[3u * n4 + i] = bf16_bits4(v);
+}}"
+        );
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: None,
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: None,
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let input = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(bits),
+            usage: wgpu::BufferUsages::STORAGE,
+        });
+        let out_bytes = 16 * bits.len() as u64;
+        let output = ctx.create_buffer("conversions", out_bytes).unwrap();
+        let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: input.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: output.as_entire_binding(),
+                },
+            ],
+        });
+        let mut encoder = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups((bits.len() as u32 / 4).div_ceil(64), 1, 1);
+        }
+        ctx.submit_and_wait(encoder).unwrap();
+        let bytes = pollster::block_on(ctx.read_buffer(&output, 0, out_bytes)).unwrap();
+        let all: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+        let n = bits.len();
+        std::array::from_fn(|k| all[k * n..(k + 1) * n].to_vec())
+    }
+
+    #[test]
+    fn half_conversions_round_to_nearest_even_like_the_half_crate() {
+        // Every f16 value, the midpoints to its neighbours and one f32 ulp
+        // either side of them (the rounding boundaries), both signs, plus
+        // infinities, NaNs and pseudo-random bit patterns.
+        let mut bits = Vec::new();
+        for h in 0u16..0x7c00 {
+            let v = half::f16::from_bits(h).to_f32();
+            let mid = ((v as f64 + half::f16::from_bits(h + 1).to_f64()) / 2.0) as f32;
+            for x in [v, mid] {
+                let b = x.to_bits();
+                bits.extend([b, b.wrapping_sub(1), b + 1]);
+            }
+        }
+        bits.extend([
+            0x7f80_0000,
+            0x7fc0_0000,
+            0x7f80_0001,
+            0x7fff_ffff,
+            0x477f_f000,
+            0x477f_efff,
+        ]);
+        let mut state = 0x2545_f491_u32;
+        for _ in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            bits.push(state);
+        }
+        let positive = bits.len();
+        bits.extend_from_within(..positive);
+        for b in &mut bits[positive..] {
+            *b |= 0x8000_0000;
+        }
+        bits.resize(bits.len().next_multiple_of(4), 0);
+        let [f16_scalar, f16_vec, bf16_scalar, bf16_vec] = convert_on_device(&bits);
+        for (i, &b) in bits.iter().enumerate() {
+            let v = f32::from_bits(b);
+            let f16_want = half::f16::from_f32(v);
+            let bf16_want = half::bf16::from_f32(v);
+            for (what, got) in [("f16_bits", f16_scalar[i]), ("f16_bits4", f16_vec[i])] {
+                let got = half::f16::from_bits(got as u16);
+                assert!(
+                    got.to_bits() == f16_want.to_bits() || (got.is_nan() && f16_want.is_nan()),
+                    "{what}({v:e} = {b:#010x}): {:#06x}, want {:#06x}",
+                    got.to_bits(),
+                    f16_want.to_bits()
+                );
+            }
+            for (what, got) in [("bf16_bits", bf16_scalar[i]), ("bf16_bits4", bf16_vec[i])] {
+                let got = half::bf16::from_bits(got as u16);
+                assert!(
+                    got.to_bits() == bf16_want.to_bits() || (got.is_nan() && bf16_want.is_nan()),
+                    "{what}({v:e} = {b:#010x}): {:#06x}, want {:#06x}",
+                    got.to_bits(),
+                    bf16_want.to_bits()
+                );
+            }
+        }
+    }
+
     #[test]
     fn affine_mode_follows_the_parameter_layout() {
         assert_eq!(AffineMode::of(1, 1024), AffineMode::PerElement);
