@@ -191,10 +191,12 @@ fn bwd_partials(
     }
 }
 
-// Merges partials. Without BF_LOOP_P one workgroup per reduction group;
-// with it one workgroup per index w < RG looping over p < RP (the affine
-// gradients of index w sum every p). BF_WRITE_GSUM stores each group's sums
-// at work[group]; BF_GRAD_WEIGHT/BF_GRAD_BIAS write Σdy·x̂ and Σdy of w.
+// Merges partials. Without BF_LOOP_P one output per reduction group; with
+// it one output per index w < RG summing over p < RP (the affine gradients
+// of index w sum every p). BF_WRITE_GSUM stores each group's sums at
+// work[group]; BF_GRAD_WEIGHT/BF_GRAD_BIAS write Σdy·x̂ and Σdy of w. A
+// workgroup per output reduces its partials as a tree; bwd_finalize_serial
+// (BF_SERIAL) merges few partials per output in one invocation.
 @compute @workgroup_size(BWD_FINALIZE_WG)
 fn bwd_finalize(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -202,25 +204,14 @@ fn bwd_finalize(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let w = bwd_linear_workgroup(wid, nwg);
-    let loop_p = bwd_flag(BF_LOOP_P);
-    var n_loop = 1u;
-    if (loop_p) {
-        if (w >= bp.rg) {
-            return;
-        }
-        n_loop = bp.rp;
-    } else if (w >= bp.n_groups) {
-        return;
-    }
+    let n_loop = finalize_loops(w);
     var total = vec4<f32>(0.0);
     for (var i = 0u; i < n_loop; i++) {
-        var group = w;
-        if (loop_p) {
-            group = i * bp.rg + w;
-        }
+        let group = finalize_group(i, w);
+        let first = bp.partials_offset + group * bp.group_stride;
         var acc = vec4<f32>(0.0);
         for (var t = lid; t < bp.tiles; t += BWD_FINALIZE_WG) {
-            acc += work[bp.partials_offset + group * bp.group_stride + t * bp.tile_stride];
+            acc += work[first + t * bp.tile_stride];
         }
         let s = workgroup_sum4(lid, acc, BWD_FINALIZE_WG);
         if (lid == 0u && bwd_flag(BF_WRITE_GSUM)) {
@@ -229,12 +220,63 @@ fn bwd_finalize(
         total += s;
     }
     if (lid == 0u) {
-        if (bwd_flag(BF_GRAD_WEIGHT)) {
-            grad_weight[w] = total.w;
+        finalize_gradients(w, total);
+    }
+}
+
+// bwd_finalize with one invocation per output, merging its partials in
+// order: no barrier. The host picks it when outputs have few partials
+// (src/backward.rs, FINALIZE_SERIAL_MAX); lavapipe paid about 10 µs of
+// barriers per workgroup of the tree version.
+@compute @workgroup_size(BWD_FINALIZE_WG)
+fn bwd_finalize_serial(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = bwd_linear_workgroup(wid, nwg) * BWD_FINALIZE_WG + lid;
+    let n_loop = finalize_loops(w);
+    var total = vec4<f32>(0.0);
+    for (var i = 0u; i < n_loop; i++) {
+        let group = finalize_group(i, w);
+        let first = bp.partials_offset + group * bp.group_stride;
+        var s = vec4<f32>(0.0);
+        for (var t = 0u; t < bp.tiles; t++) {
+            s += work[first + t * bp.tile_stride];
         }
-        if (bwd_flag(BF_GRAD_BIAS)) {
-            grad_bias[w] = total.z;
+        if (bwd_flag(BF_WRITE_GSUM)) {
+            work[group] = s;
         }
+        total += s;
+    }
+    if (n_loop > 0u) {
+        finalize_gradients(w, total);
+    }
+}
+
+// Reduction groups finalize output w merges: RP with BF_LOOP_P, else one;
+// none past the last output.
+fn finalize_loops(w: u32) -> u32 {
+    if (bwd_flag(BF_LOOP_P)) {
+        return select(0u, bp.rp, w < bp.rg);
+    }
+    return select(0u, 1u, w < bp.n_groups);
+}
+
+// The i-th reduction group of finalize output w.
+fn finalize_group(i: u32, w: u32) -> u32 {
+    if (bwd_flag(BF_LOOP_P)) {
+        return i * bp.rg + w;
+    }
+    return w;
+}
+
+fn finalize_gradients(w: u32, total: vec4<f32>) {
+    if (bwd_flag(BF_GRAD_WEIGHT)) {
+        grad_weight[w] = total.w;
+    }
+    if (bwd_flag(BF_GRAD_BIAS)) {
+        grad_bias[w] = total.z;
     }
 }
 

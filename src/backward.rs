@@ -241,6 +241,29 @@ const BF_LOOP_P: u32 = 16;
 const BF_GRAD_WEIGHT: u32 = 32;
 const BF_GRAD_BIAS: u32 = 64;
 const BF_WRITE_PARTIALS: u32 = 128;
+/// Host-side only: the finalize step runs `bwd_finalize_serial`.
+const BF_SERIAL: u32 = 256;
+
+/// Most partials one finalize output merges serially, one invocation per
+/// output; with more, a workgroup per output merges them in a tree. Few
+/// partials per output are the common case (column sums, GroupNorm
+/// groups), and there a workgroup per output spent its time at barriers:
+/// lavapipe paid ~10 µs per workgroup, 20 ms for Keras GroupNorm's 2304
+/// outputs.
+const FINALIZE_SERIAL_MAX: u32 = 256;
+
+/// The finalize step for `outputs` outputs with parameters `f`: serial
+/// (one invocation per output, [`FINALIZE_SERIAL_MAX`]) or a workgroup per
+/// output. Returns its workgroups and parameters.
+fn finalize_step(outputs: usize, mut f: BwdParams) -> (usize, BwdParams) {
+    let merged = if f.flags & BF_LOOP_P != 0 { f.rp } else { 1 };
+    if f.tiles.saturating_mul(merged) <= FINALIZE_SERIAL_MAX {
+        f.flags |= BF_SERIAL;
+        (outputs.div_ceil(BWD_FINALIZE_WG as usize), f)
+    } else {
+        (outputs, f)
+    }
+}
 
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
@@ -421,6 +444,11 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         rows_per_block: 1,
     };
     let mut push = |kernel, workgroups: usize, params: BwdParams| {
+        let (workgroups, params) = if kernel == BackwardKernel::Finalize {
+            finalize_step(workgroups, params)
+        } else {
+            (workgroups, params)
+        };
         steps.push(Step {
             kernel,
             workgroups,
@@ -720,11 +748,16 @@ impl BackwardCache {
         dtype: DType,
     ) -> Arc<wgpu::ComputePipeline> {
         let special = Specialization::of(params);
+        let entry_point = if kernel == BackwardKernel::Finalize && special.serial {
+            "bwd_finalize_serial"
+        } else {
+            kernel.entry_point()
+        };
         self.set.get(
             device,
             (kernel, special),
             dtype,
-            kernel.entry_point(),
+            entry_point,
             &special.constants(),
             || source(dtype, kernel == BackwardKernel::RowsSubgroup),
         )
@@ -743,6 +776,8 @@ struct Specialization {
     affine: u8,
     /// Runs of SB are whole vectors ([`vec4_runs`]).
     vec4: bool,
+    /// A finalize step merges serially (`bwd_finalize_serial`).
+    serial: bool,
 }
 
 impl Specialization {
@@ -762,6 +797,7 @@ impl Specialization {
             running: p.flags & BF_RUNNING != 0,
             affine,
             vec4: vec4_runs(p),
+            serial: p.flags & BF_SERIAL != 0,
         }
     }
 
@@ -1015,17 +1051,22 @@ mod tests {
                 .collect()
         };
         // 4096 rows, two per 64-invocation workgroup of 32-wide subgroups;
-        // columns eight per invocation.
+        // columns eight per invocation; 128 row blocks per column, merged
+        // serially, one invocation per column.
         let v = View::layer_norm(&[4096, 1024], 1024);
         assert_eq!(
             on(&spec(v, StatsSource::Batch, true)),
-            [(RowsSubgroup, 2048), (Cols, 128 * 2), (Finalize, 1024)]
+            [(RowsSubgroup, 2048), (Cols, 128 * 2), (Finalize, 1024 / 64)]
         );
         // Odd rows: the workgroup kernel and one column per invocation.
         let odd = View::layer_norm(&[4096, 1023], 1023);
         assert_eq!(
             on(&spec(odd, StatsSource::Batch, true)),
-            [(Rows, 4096), (Cols, 128 * 16), (Finalize, 1023)]
+            [
+                (Rows, 4096),
+                (Cols, 128 * 16),
+                (Finalize, 1023usize.div_ceil(64) as u32)
+            ]
         );
         let inorm = View::instance_norm(&[8, 64, 128, 128]);
         assert_eq!(
@@ -1108,7 +1149,7 @@ mod tests {
                 .iter()
                 .map(|d| (d.kernel, d.workgroups))
                 .collect::<Vec<_>>(),
-            [(Rows, 8 * 32), (Finalize, 256)]
+            [(Rows, 8 * 32), (Finalize, 256 / 64)]
         );
         // Channels of 9x9: not whole vectors, so an affine view is reduced.
         let odd = View::group_norm(&[8, 256, 9, 9], 32);
