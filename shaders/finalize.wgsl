@@ -2,10 +2,11 @@
 //
 // `finalize`: merges the partials of a group (Chan) into the group's
 // statistics vec4(shift, dmean, rstd, var) at scratch[group]. Without a
-// running-stat update one workgroup handles one group. With an update, one
-// workgroup handles one running channel g and loops over p (P = 1 for
+// running-stat update one workgroup (`finalize_serial`: one invocation)
+// handles one group. With an update, one handles one running channel g
+// and loops over p (P = 1 for
 // BatchNorm; P = N for a tracked InstanceNorm, whose update averages the
-// instances' mean and variance as torch does), then invocation 0 updates
+// instances' mean and variance as torch does), then updates
 // running_mean/running_var[g]. No float atomics are needed: each running
 // channel is written by exactly one invocation.
 //
@@ -25,24 +26,10 @@ fn finalize(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let w = linear_workgroup(wid, nwg);
-    let update = has_flag(FLAG_UPDATE_RUNNING);
-    var first_group = w;
-    var group_step = 1u;
-    var n_loop = 1u;
-    if (update) {
-        if (w >= params.g) {
-            return;
-        }
-        first_group = w;
-        group_step = params.g;
-        n_loop = params.p;
-    } else if (w >= params.n_groups) {
-        return;
-    }
-    var mean_sum = 0.0;
-    var var_sum = 0.0;
+    let n_loop = finalize_loops(w);
+    var sums = vec2<f32>(0.0);
     for (var i = 0u; i < n_loop; i++) {
-        let group = first_group + i * group_step;
+        let group = finalize_group(i, w);
         var acc = vec3<f32>(0.0, 0.0, 0.0);
         for (var t = lid; t < params.merge_tiles; t += FINALIZE_WG) {
             acc = chan_merge(acc, scratch[params.partials_offset + group * params.merge_tiles + t].xyz);
@@ -56,33 +43,91 @@ fn finalize(
             workgroupBarrier();
         }
         if (lid == 0u) {
-            let s = wg_sum[0];
-            let p = group / params.g;
-            let g = group % params.g;
-            let shift = group_shift(p, g);
-            let variance = s.z / s.x;
-            let rstd = 1.0 / sqrt(variance + params.eps);
-            scratch[group] = vec4<f32>(shift, s.y, rstd, variance);
-            mean_sum += shift + s.y;
-            if (has_flag(FLAG_UNBIASED)) {
-                var_sum += s.z / (s.x - 1.0);
-            } else {
-                var_sum += variance;
-            }
+            sums += store_group_stats(group, wg_sum[0]);
         }
         workgroupBarrier();
     }
-    if (update && lid == 0u) {
-        let n = f32(params.p);
-        var keep = params.keep;
-        var take = params.take;
-        if (has_flag(FLAG_CUMULATIVE)) {
-            take = 1.0 / batch_count();
-            keep = 1.0 - take;
-        }
-        running_mean[w] = keep * running_mean[w] + take * (mean_sum / n);
-        running_var[w] = keep * running_var[w] + take * (var_sum / n);
+    if (lid == 0u) {
+        update_running(w, sums);
     }
+}
+
+// finalize with one invocation per output merging its partials in order:
+// no barrier. The host takes it when outputs have few partials
+// (engine::FINALIZE_SERIAL_MAX); lavapipe paid about 10 µs of barriers per
+// workgroup of the tree version.
+@compute @workgroup_size(FINALIZE_WG)
+fn finalize_serial(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = linear_workgroup(wid, nwg) * FINALIZE_WG + lid;
+    let n_loop = finalize_loops(w);
+    if (n_loop == 0u) {
+        return;
+    }
+    var sums = vec2<f32>(0.0);
+    for (var i = 0u; i < n_loop; i++) {
+        let group = finalize_group(i, w);
+        var acc = vec3<f32>(0.0, 0.0, 0.0);
+        for (var t = 0u; t < params.merge_tiles; t++) {
+            acc = chan_merge(acc, scratch[params.partials_offset + group * params.merge_tiles + t].xyz);
+        }
+        sums += store_group_stats(group, acc);
+    }
+    update_running(w, sums);
+}
+
+// Groups output w merges: with a running-stat update, running channel w's
+// P groups (none past the last channel); else group w alone.
+fn finalize_loops(w: u32) -> u32 {
+    if (has_flag(FLAG_UPDATE_RUNNING)) {
+        return select(0u, params.p, w < params.g);
+    }
+    return select(0u, 1u, w < params.n_groups);
+}
+
+// The i-th group of output w.
+fn finalize_group(i: u32, w: u32) -> u32 {
+    if (has_flag(FLAG_UPDATE_RUNNING)) {
+        return w + i * params.g;
+    }
+    return w;
+}
+
+// Writes the statistics of `group` from its merged (count, mean − shift,
+// M2) and returns its contribution to the running update: (mean, the
+// biased or unbiased variance).
+fn store_group_stats(group: u32, s: vec3<f32>) -> vec2<f32> {
+    let p = group / params.g;
+    let g = group % params.g;
+    let shift = group_shift(p, g);
+    let variance = s.z / s.x;
+    let rstd = 1.0 / sqrt(variance + params.eps);
+    scratch[group] = vec4<f32>(shift, s.y, rstd, variance);
+    if (has_flag(FLAG_UNBIASED)) {
+        return vec2<f32>(shift + s.y, s.z / (s.x - 1.0));
+    }
+    return vec2<f32>(shift + s.y, variance);
+}
+
+// With FLAG_UPDATE_RUNNING, updates running channel w from the sums of its
+// P groups' means and variances (torch averages a tracked InstanceNorm's
+// instances).
+fn update_running(w: u32, sums: vec2<f32>) {
+    if (!has_flag(FLAG_UPDATE_RUNNING)) {
+        return;
+    }
+    let n = f32(params.p);
+    var keep = params.keep;
+    var take = params.take;
+    if (has_flag(FLAG_CUMULATIVE)) {
+        take = 1.0 / batch_count();
+        keep = 1.0 - take;
+    }
+    running_mean[w] = keep * running_mean[w] + take * (sums.x / n);
+    running_var[w] = keep * running_var[w] + take * (sums.y / n);
 }
 
 @compute @workgroup_size(FINALIZE_WG)

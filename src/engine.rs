@@ -156,13 +156,14 @@ pub fn uses_runs(view: &View, chunks: &Chunks) -> bool {
     !chunks.split() && view.b.is_multiple_of(4) && view.b >= kernels::RUNS_MIN_LEN as usize
 }
 
-/// Whether the normalize pass goes by fixed columns: short runs
-/// (channels-last), one binding, rows of L = G·B elements whose vec4 count
-/// divides the workgroup.
+/// Whether the normalize pass goes by fixed columns: runs too short for
+/// `normalize_runs` (channels-last, with several rows per p unless runs are
+/// under four elements), one binding, rows of L = G·B elements whose vec4
+/// count divides the workgroup.
 pub fn uses_normalize_columns(view: &View, chunks: &Chunks) -> bool {
     let l = view.g * view.b;
     !chunks.split()
-        && view.b < 4
+        && (view.b < 4 || (view.a > 1 && view.b < kernels::RUNS_MIN_LEN as usize))
         && l.is_multiple_of(4)
         && (kernels::NORMALIZE_WG as usize).is_multiple_of(l / 4)
 }
@@ -331,7 +332,19 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             } else {
                 plan.extend(per_chunk(Kernel::Partials, &|_| v.groups() * tiles));
             }
-            plan.push(d(Kernel::Finalize, finalize_wg, 0));
+            // Each output merges its groups' partials (P groups per running
+            // channel with an update): serially when they are few.
+            let groups_per_output = if spec.update.is_some() { v.p } else { 1 };
+            let merged = merge_tiles_for(v, chunks) as usize * groups_per_output;
+            if merged <= kernels::FINALIZE_SERIAL_MAX as usize {
+                plan.push(d(
+                    Kernel::FinalizeSerial,
+                    finalize_wg.div_ceil(kernels::FINALIZE_WG as usize),
+                    0,
+                ));
+            } else {
+                plan.push(d(Kernel::Finalize, finalize_wg, 0));
+            }
             plan.extend(normalize_dispatches(v, chunks));
             plan
         }
@@ -847,7 +860,11 @@ mod tests {
         );
         assert_eq!(
             kernels_of(&long, &whole, &SUBGROUPS),
-            [Kernel::Partials, Kernel::Finalize, Kernel::NormalizeRuns]
+            [
+                Kernel::Partials,
+                Kernel::FinalizeSerial,
+                Kernel::NormalizeRuns
+            ]
         );
     }
 
@@ -856,11 +873,17 @@ mod tests {
         let nchw = View::batch_norm(&[32, 64, 56, 56], 1);
         let nhwc = View::batch_norm(&[32, 56, 56, 64], 3);
         let whole = Chunks::whole(nchw.numel());
+        // 25 tiles per channel: merged by one invocation per channel.
         let train = spec(nchw, StatsSource::Batch, true, DType::F32);
         assert_eq!(
             kernels_of(&train, &whole, &SUBGROUPS),
-            [Kernel::Partials, Kernel::Finalize, Kernel::NormalizeRuns]
+            [
+                Kernel::Partials,
+                Kernel::FinalizeSerial,
+                Kernel::NormalizeRuns
+            ]
         );
+        // 6272 column blocks per channel: a workgroup per channel.
         let train = spec(nhwc, StatsSource::Batch, true, DType::F32);
         assert_eq!(
             kernels_of(&train, &whole, &SUBGROUPS),

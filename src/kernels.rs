@@ -58,6 +58,11 @@ pub const ROWS_MAX_LEN: u32 = 16384;
 /// Rows above which the row kernel is used whatever their length: there is
 /// then enough parallelism across rows.
 pub const ROWS_MIN_FOR_LONG: u32 = 64;
+/// Most partials one finalize output merges in one invocation
+/// ([`Kernel::FinalizeSerial`]); with more, a workgroup per output merges
+/// them as a tree. lavapipe paid about 10 µs of barriers per workgroup of
+/// the tree, which dominated views with many small groups.
+pub const FINALIZE_SERIAL_MAX: u32 = 256;
 /// Largest workgroup count per grid dimension that WebGPU guarantees.
 pub const MAX_GRID_DIM: u32 = 65535;
 
@@ -76,6 +81,9 @@ pub enum Kernel {
     Shifts,
     /// Chan merge of partials to statistics, running-stat update.
     Finalize,
+    /// Finalize with one invocation per output, for outputs with few
+    /// partials ([`FINALIZE_SERIAL_MAX`]): no barrier.
+    FinalizeSerial,
     /// Statistics from running mean/var (eval mode).
     EvalStats,
     /// Fused normalize-scale-shift.
@@ -92,7 +100,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 11] = [
+    pub const ALL: [Kernel; 12] = [
         Kernel::NormalizeColumns,
         Kernel::PartialsColumns,
         Kernel::NormalizeRuns,
@@ -101,6 +109,7 @@ impl Kernel {
         Kernel::BumpCounter,
         Kernel::Shifts,
         Kernel::Finalize,
+        Kernel::FinalizeSerial,
         Kernel::EvalStats,
         Kernel::Normalize,
         Kernel::Rows,
@@ -111,7 +120,9 @@ impl Kernel {
             Kernel::Partials | Kernel::PartialsColumns | Kernel::BumpCounter | Kernel::Shifts => {
                 include_str!("../shaders/stats.wgsl")
             }
-            Kernel::Finalize | Kernel::EvalStats => include_str!("../shaders/finalize.wgsl"),
+            Kernel::Finalize | Kernel::FinalizeSerial | Kernel::EvalStats => {
+                include_str!("../shaders/finalize.wgsl")
+            }
             Kernel::Normalize | Kernel::NormalizeRuns | Kernel::NormalizeColumns => {
                 include_str!("../shaders/normalize.wgsl")
             }
@@ -128,6 +139,7 @@ impl Kernel {
             Kernel::BumpCounter => "bump_counter",
             Kernel::Shifts => "shifts",
             Kernel::Finalize => "finalize",
+            Kernel::FinalizeSerial => "finalize_serial",
             Kernel::EvalStats => "eval_stats",
             Kernel::Normalize => "normalize",
             Kernel::NormalizeRuns => "normalize_runs",

@@ -338,3 +338,27 @@ fn channels_last_group_norm_matches_f64() {
     let want = reference::forward(&x, &view, false, 1e-3, Some(&w), Some(&b));
     assert_close("group norm channels-last", &y, &want, 1e-5, 1e-5);
 }
+
+#[test]
+fn batch_norm_with_many_partials_per_channel_matches_f64() {
+    // 20·16·16 = 5120 rows of 4 channels: 320 column blocks per channel,
+    // more than one invocation merges (kernels::FINALIZE_SERIAL_MAX), so
+    // the finalize pass reduces them in a workgroup tree.
+    let ctx = ctx();
+    let shape = [20, 16, 16, 4];
+    let x = normal(20 * 16 * 16 * 4, 79, 5.0, 2.0);
+    let mut bn = BatchNorm::new(ctx, 4, BatchNormConfig::keras()).unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let view = View::batch_norm(&shape, 3);
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let want = reference::forward(&x, &view, false, 1e-3, None, None);
+    assert_close("train", &y, &want, 1e-5, 1e-5);
+    let stats = reference::group_stats(&x, &view, false);
+    let (rm, rv, _) = running(&bn);
+    let want_rm: Vec<f64> = stats.iter().map(|s| 0.01 * s.0).collect();
+    let want_rv: Vec<f64> = stats.iter().map(|s| 0.99 + 0.01 * s.1).collect();
+    assert_close("moving_mean", &rm, &want_rm, 1e-6, 1e-5);
+    assert_close("moving_variance", &rv, &want_rv, 1e-6, 1e-5);
+}
