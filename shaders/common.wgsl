@@ -63,11 +63,13 @@ override HAS_BIAS: bool = false;
 override IS_RMS: bool = false;
 // Where the parameters of four consecutive elements are (affine4):
 // AFFINE_PER_ELEMENT (affine_div = 1), AFFINE_PER_RUN (affine_div = B, a
-// multiple of four) or AFFINE_GENERAL.
+// multiple of four), AFFINE_PER_QUAD (affine_div another multiple of four)
+// or AFFINE_GENERAL.
 override AFFINE_MODE: u32 = 2u;
 const AFFINE_PER_ELEMENT: u32 = 0u;
 const AFFINE_PER_RUN: u32 = 1u;
 const AFFINE_GENERAL: u32 = 2u;
+const AFFINE_PER_QUAD: u32 = 3u;
 
 const FLAG_UPDATE_RUNNING: u32 = 8u;
 const FLAG_CUMULATIVE: u32 = 16u;
@@ -211,6 +213,17 @@ fn affine4(v: vec4<f32>, g: u32, k4: u32) -> vec4<f32> {
         }
         if (HAS_BIAS) {
             r = r + bias_at(g);
+        }
+        return r;
+    }
+    if (AFFINE_MODE == AFFINE_PER_QUAD) {
+        // The four share a parameter: k and affine_div are multiples of four.
+        let c = fast_div(k, params.div_affine);
+        if (HAS_WEIGHT) {
+            r = r * weight_at(c);
+        }
+        if (HAS_BIAS) {
+            r = r + bias_at(c);
         }
         return r;
     }

@@ -162,6 +162,10 @@ pub enum AffineMode {
     PerRun,
     /// Anything else: each element's parameter index by division.
     General,
+    /// One parameter per a multiple of four elements that is not a run
+    /// (channels-first GroupNorm: a channel of H·W elements, several per
+    /// group): four aligned elements share one, found by one division.
+    PerQuad,
 }
 
 impl AffineMode {
@@ -172,6 +176,8 @@ impl AffineMode {
             AffineMode::PerElement
         } else if affine_div == b && b.is_multiple_of(4) {
             AffineMode::PerRun
+        } else if affine_div.is_multiple_of(4) {
+            AffineMode::PerQuad
         } else {
             AffineMode::General
         }
@@ -241,6 +247,7 @@ impl Variant {
             AffineMode::PerElement => 0.0,
             AffineMode::PerRun => 1.0,
             AffineMode::General => 2.0,
+            AffineMode::PerQuad => 3.0,
         };
         [
             ("HAS_WEIGHT", flag(self.weight)),
@@ -602,7 +609,8 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
         // A run of odd length cannot share one parameter per vec4.
         assert_eq!(AffineMode::of(9, 9), AffineMode::General);
         // GroupNorm: one parameter per channel, several channels per run.
-        assert_eq!(AffineMode::of(64, 512), AffineMode::General);
+        assert_eq!(AffineMode::of(64, 512), AffineMode::PerQuad);
+        assert_eq!(AffineMode::of(81, 324), AffineMode::General);
     }
 
     #[test]
