@@ -50,15 +50,31 @@ fn channel_quad(p: u32, v4: u32) -> ChannelQuad {
     return q;
 }
 
-// The strip of invocation `inv`: (p, row block, first vector, second
-// vector), p ≥ SP past the end.
-fn channel_strip(inv: u32) -> vec4<u32> {
+// The work of one invocation: a strip of two vectors of p's rows r0..r1
+// (the second vector repeats the first in the last strip of an odd count).
+struct ChannelStrip {
+    p: u32,
+    block: u32,
+    v0: u32,
+    v1: u32,
+    r0: u32,
+    r1: u32,
+}
+
+// The strip of invocation `inv` (p ≥ SP past the end), numbered
+// (p, block)-major.
+fn channel_strip(inv: u32) -> ChannelStrip {
     let cols4 = bp.cols / 4u;
     let strips = (cols4 + 1u) / 2u;
     let pb = inv / strips;
-    let p = pb / bp.tiles;
-    let v0 = 2u * (inv - pb * strips);
-    return vec4<u32>(p, pb - p * bp.tiles, v0, min(v0 + 1u, cols4 - 1u));
+    var c: ChannelStrip;
+    c.p = pb / bp.tiles;
+    c.block = pb - c.p * bp.tiles;
+    c.v0 = 2u * (inv - pb * strips);
+    c.v1 = min(c.v0 + 1u, cols4 - 1u);
+    c.r0 = c.block * bp.rows_per_block;
+    c.r1 = min(c.r0 + bp.rows_per_block, bp.sa);
+    return c;
 }
 
 // Per channel (Σg, Σg·x̂, Σdy, Σdy·x̂) over a block of rows of one p.
@@ -68,32 +84,29 @@ fn bwd_channel_cols(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let strip = channel_strip(bwd_linear_workgroup(wid, nwg) * BWD_WG + lid);
-    let p = strip.x;
-    if (p >= bp.sp) {
+    let c = channel_strip(bwd_linear_workgroup(wid, nwg) * BWD_WG + lid);
+    if (c.p >= bp.sp) {
         return;
     }
     let cols4 = bp.cols / 4u;
-    let q0 = channel_quad(p, strip.z);
-    let q1 = channel_quad(p, strip.w);
-    let r0 = strip.y * bp.rows_per_block;
-    let r1 = min(r0 + bp.rows_per_block, bp.sa);
+    let q0 = channel_quad(c.p, c.v0);
+    let q1 = channel_quad(c.p, c.v1);
     var dy0 = vec4<f32>(0.0);
     var dyx0 = vec4<f32>(0.0);
     var dy1 = vec4<f32>(0.0);
     var dyx1 = vec4<f32>(0.0);
-    for (var r = r0; r < r1; r++) {
-        let row = (p * bp.sa + r) * cols4;
-        let d0 = load_dy4(row + strip.z);
+    for (var r = c.r0; r < c.r1; r++) {
+        let row = (c.p * bp.sa + r) * cols4;
+        let d0 = load_dy4(row + c.v0);
         dy0 += d0;
-        dyx0 += d0 * (((load_x4(row + strip.z) - q0.shift) - q0.dmean) * q0.rstd);
-        let d1 = load_dy4(row + strip.w);
+        dyx0 += d0 * (((load_x4(row + c.v0) - q0.shift) - q0.dmean) * q0.rstd);
+        let d1 = load_dy4(row + c.v1);
         dy1 += d1;
-        dyx1 += d1 * (((load_x4(row + strip.w) - q1.shift) - q1.dmean) * q1.rstd);
+        dyx1 += d1 * (((load_x4(row + c.v1) - q1.shift) - q1.dmean) * q1.rstd);
     }
-    write_channel_quad(p, strip.z, strip.y, q0.weight, dy0, dyx0);
-    if (strip.w != strip.z) {
-        write_channel_quad(p, strip.w, strip.y, q1.weight, dy1, dyx1);
+    write_channel_quad(c.p, c.v0, c.block, q0.weight, dy0, dyx0);
+    if (c.v1 != c.v0) {
+        write_channel_quad(c.p, c.v1, c.block, q1.weight, dy1, dyx1);
     }
 }
 
@@ -122,20 +135,17 @@ fn bwd_channel_dx(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let strip = channel_strip(bwd_linear_workgroup(wid, nwg) * BWD_WG + lid);
-    let p = strip.x;
-    if (p >= bp.sp) {
+    let c = channel_strip(bwd_linear_workgroup(wid, nwg) * BWD_WG + lid);
+    if (c.p >= bp.sp) {
         return;
     }
     let cols4 = bp.cols / 4u;
-    let k0 = channel_coefficients(p, strip.z);
-    let k1 = channel_coefficients(p, strip.w);
-    let r0 = strip.y * bp.rows_per_block;
-    let r1 = min(r0 + bp.rows_per_block, bp.sa);
-    for (var r = r0; r < r1; r++) {
-        let row = (p * bp.sa + r) * cols4;
-        store_dx4(row + strip.z, dx_from(row + strip.z, k0[0], k0[1], k0[2], k0[3]));
-        store_dx4(row + strip.w, dx_from(row + strip.w, k1[0], k1[1], k1[2], k1[3]));
+    let k0 = channel_coefficients(c.p, c.v0);
+    let k1 = channel_coefficients(c.p, c.v1);
+    for (var r = c.r0; r < c.r1; r++) {
+        let row = (c.p * bp.sa + r) * cols4;
+        store_dx4(row + c.v0, dx_from(row + c.v0, k0[0], k0[1], k0[2], k0[3]));
+        store_dx4(row + c.v1, dx_from(row + c.v1, k1[0], k1[1], k1[2], k1[3]));
     }
 }
 

@@ -248,7 +248,13 @@ fn grad_input_with(i: u32, s: vec4<f32>, st: vec4<f32>, c: u32) -> f32 {
         return g * st.z;
     }
     let xhat = ((load_x(i) - st.x) - st.y) * st.z;
-    // rstd/n·(n·g − Σg − x̂·Σg·x̂), written with means to keep values small.
+    return grad_from(vec4<f32>(g), vec4<f32>(xhat), s, st).x;
+}
+
+// grad_input from g = dy·γ and x̂ (up to four elements of one group), the
+// group's sums s = (Σg, Σg·x̂, ., .) and statistics st:
+// rstd/n·(n·g − Σg − x̂·Σg·x̂), written with means to keep values small.
+fn grad_from(g: vec4<f32>, xhat: vec4<f32>, s: vec4<f32>, st: vec4<f32>) -> vec4<f32> {
     let inv_n = 1.0 / f32(bp.sa * bp.sb);
     var mean_g = s.x * inv_n;
     if (BWD_RMS) {
@@ -266,13 +272,7 @@ fn grad_input4(i4: u32, s: vec4<f32>, st: vec4<f32>, w: vec4<f32>) -> vec4<f32> 
     if (BWD_RUNNING) {
         return g * st.z;
     }
-    let xhat = ((load_x4(i4) - st.x) - st.y) * st.z;
-    let inv_n = 1.0 / f32(bp.sa * bp.sb);
-    var mean_g = s.x * inv_n;
-    if (BWD_RMS) {
-        mean_g = 0.0;
-    }
-    return st.z * ((g - mean_g) - xhat * (s.y * inv_n));
+    return grad_from(g, ((load_x4(i4) - st.x) - st.y) * st.z, s, st);
 }
 
 // grad_input regrouped for elements that share statistics st, group sums

@@ -7,8 +7,6 @@
 // backward source only for this kernel, so adapters without subgroups
 // never compile it.
 
-var<workgroup> next_slot: atomic<u32>;
-
 @compute @workgroup_size(BWD_SG_WG)
 fn bwd_rows_subgroup(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -16,20 +14,11 @@ fn bwd_rows_subgroup(
     @builtin(subgroup_invocation_id) lane: u32,
     @builtin(subgroup_size) sg: u32,
 ) {
-    // Lane 0 takes the slot; the sum hands it to every lane.
-    var slot = 0u;
-    if (lane == 0u) {
-        slot = atomicAdd(&next_slot, 1u);
-    }
-    slot = subgroupAdd(slot);
-    // A subgroup larger than the workgroup is partial: its lanes are the
-    // workgroup's invocations.
-    let width = min(sg, BWD_SG_WG);
-    let per_wg = BWD_SG_WG / width;
-    let stride = nwg.x * nwg.y * per_wg;
+    let rows = subgroup_rows(lane, sg, BWD_SG_WG, bwd_linear_workgroup(wid, nwg), nwg.x * nwg.y);
+    let width = rows.width;
     let n = bp.sb;
     let n4 = n / 4u;
-    for (var group = bwd_linear_workgroup(wid, nwg) * per_wg + slot; group < bp.sp * bp.sg; group += stride) {
+    for (var group = rows.first; group < bp.sp * bp.sg; group += rows.stride) {
         let base = group * n;
         let base4 = group * n4;
         let st = stats[group];

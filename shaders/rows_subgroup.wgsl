@@ -4,17 +4,13 @@
 // subgroup size is read at run time (8 on lavapipe, 32 on NVIDIA, 32 or 64
 // on AMD): nothing assumes one.
 //
-// A subgroup takes a slot in its workgroup from an atomic counter (subgroups
-// need not be laid out by local index), then walks rows slot, slot + total
-// subgroups, ... Lane `lane` owns the vec4 groups lane, lane + size, ... of
-// its row. The statistics are shifted sums, Σ(x − shift) and Σ(x − shift)²
+// Rows are spread over subgroups by subgroup_rows (subgroup_rows.wgsl).
+// Lane `lane` owns the vec4 groups lane, lane + width, ... of its row. The statistics are shifted sums, Σ(x − shift) and Σ(x − shift)²
 // with shift = the median of the row's first, middle and last elements (a
 // large common offset cancels exactly, SPEC §6, and one outlier cannot pull
 // the shift away from the data), in one read of x; the normalize is a second read.
 // Holding short rows in registers for an exact two-pass variance was tried:
 // lavapipe then kept the array in memory and ran 1.7x slower than two reads.
-
-var<workgroup> next_slot: atomic<u32>;
 
 @compute @workgroup_size(ROWS_SG_WG)
 fn rows_subgroup(
@@ -23,22 +19,12 @@ fn rows_subgroup(
     @builtin(subgroup_invocation_id) lane: u32,
     @builtin(subgroup_size) sg: u32,
 ) {
-    // Lane 0 takes the slot; the sum hands it to every lane (the other
-    // lanes add zero).
-    var slot = 0u;
-    if (lane == 0u) {
-        slot = atomicAdd(&next_slot, 1u);
-    }
-    slot = subgroupAdd(slot);
-    // A subgroup larger than the workgroup is partial: its lanes are the
-    // workgroup's invocations.
-    let width = min(sg, ROWS_SG_WG);
-    let per_wg = ROWS_SG_WG / width;
-    let stride = nwg.x * nwg.y * per_wg;
+    let rows = subgroup_rows(lane, sg, ROWS_SG_WG, linear_workgroup(wid, nwg), nwg.x * nwg.y);
+    let width = rows.width;
     let n4 = params.b / 4u;
     let n = f32(params.b);
     let rms = IS_RMS;
-    for (var row = linear_workgroup(wid, nwg) * per_wg + slot; row < params.n_groups; row += stride) {
+    for (var row = rows.first; row < params.n_groups; row += rows.stride) {
         let base4 = row * n4;
         let g = row - fast_div(row, params.div_g) * params.g;
         var shift = 0.0;

@@ -188,9 +188,13 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
          const BWD_DX_RUN_VEC4: u32 = {BWD_DX_RUN_VEC4}u;\n"
     );
     let subgroup_kernel = if subgroups {
-        include_str!("../shaders/backward_rows_subgroup.wgsl")
+        [
+            kernels::SUBGROUP_ROWS,
+            include_str!("../shaders/backward_rows_subgroup.wgsl"),
+        ]
+        .join("\n")
     } else {
-        ""
+        String::new()
     };
     [
         prelude.as_str(),
@@ -200,7 +204,7 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
         include_str!("../shaders/backward_common.wgsl"),
         include_str!("../shaders/backward.wgsl"),
         include_str!("../shaders/backward_channels.wgsl"),
-        subgroup_kernel,
+        &subgroup_kernel,
     ]
     .join("\n")
 }

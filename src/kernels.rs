@@ -267,6 +267,10 @@ pub(crate) const HALF_CONVERT: &str = include_str!("../shaders/half_convert.wgsl
 /// [`crate::engine::fast_divisor`]), shared by the forward and the backward.
 pub(crate) const FAST_DIV: &str = include_str!("../shaders/fast_div.wgsl");
 
+/// How the subgroup row kernels, forward and backward, spread rows over
+/// subgroups (needs subgroup operations: only their sources include it).
+pub(crate) const SUBGROUP_ROWS: &str = include_str!("../shaders/subgroup_rows.wgsl");
+
 fn io_source(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => include_str!("../shaders/io_f32.wgsl"),
@@ -294,6 +298,11 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
         FAST_DIV,
         io_source(dtype),
         include_str!("../shaders/common.wgsl"),
+        if kernel == Kernel::RowsSubgroup {
+            SUBGROUP_ROWS
+        } else {
+            ""
+        },
         kernel.file(),
     ]
     .join("\n")
