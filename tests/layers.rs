@@ -318,25 +318,51 @@ fn channels_last_batch_norm_matches_f64_in_train_and_eval() {
 
 #[test]
 fn channels_last_group_norm_matches_f64() {
-    // Keras's GroupNormalization layout: 4 samples of 6x6 positions, 16
-    // channels in 8 groups of 2: column partials and the fixed-column
-    // normalize with statistics per sample.
+    // Keras's GroupNormalization layout: samples of HxW positions, channels
+    // in groups of 2 (column partials) or 8 (tiled partials); the
+    // fixed-column normalize with statistics per sample in both.
     let ctx = ctx();
-    let shape = [4, 6, 6, 16];
-    let x = normal(4 * 6 * 6 * 16, 73, 20.0, 3.0);
-    let w: Vec<f32> = (0..16).map(|c| 0.5 + c as f32 * 0.1).collect();
-    let b: Vec<f32> = (0..16).map(|c| c as f32 - 8.0).collect();
-    let mut gn = gpunorm::GroupNorm::new(ctx, 8, 16, gpunorm::GroupNormConfig::keras()).unwrap();
-    gn.set_affine(gpunorm::Affine {
-        weight: Some(ctx.upload(&w, &[16]).unwrap()),
-        bias: Some(ctx.upload(&b, &[16]).unwrap()),
-    })
-    .unwrap();
+    for (shape, groups) in [([4usize, 6, 6, 16], 8usize), ([2, 5, 5, 32], 4)] {
+        let c = shape[3];
+        let x = normal(shape.iter().product(), 73, 20.0, 3.0);
+        let w: Vec<f32> = (0..c).map(|c| 0.5 + c as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..c).map(|c| c as f32 - 8.0).collect();
+        let mut gn =
+            gpunorm::GroupNorm::new(ctx, groups, c, gpunorm::GroupNormConfig::keras()).unwrap();
+        gn.set_affine(gpunorm::Affine {
+            weight: Some(ctx.upload(&w, &[c]).unwrap()),
+            bias: Some(ctx.upload(&b, &[c]).unwrap()),
+        })
+        .unwrap();
+        let xt = ctx.upload(&x, &shape).unwrap();
+        let view = View::group_norm_channels_last(&shape, groups);
+        let y = ctx.download(&gn.forward(ctx, &xt).unwrap()).unwrap();
+        let want = reference::forward(&x, &view, false, 1e-3, Some(&w), Some(&b));
+        assert_close(
+            &format!("group norm channels-last {shape:?}"),
+            &y,
+            &want,
+            1e-5,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn batch_norm_over_small_planes_matches_f64() {
+    // 16 channels of 4x4: runs of 16 too short for normalize_runs, so the
+    // normalize pass goes by fixed columns of 256 elements per row.
+    let ctx = ctx();
+    let shape = [6, 16, 4, 4];
+    let x = normal(6 * 16 * 16, 89, -3.0, 1.5);
+    let mut bn = BatchNorm::new(ctx, 16, BatchNormConfig::torch_2d()).unwrap();
     let xt = ctx.upload(&x, &shape).unwrap();
-    let view = View::group_norm_channels_last(&shape, 8);
-    let y = ctx.download(&gn.forward(ctx, &xt).unwrap()).unwrap();
-    let want = reference::forward(&x, &view, false, 1e-3, Some(&w), Some(&b));
-    assert_close("group norm channels-last", &y, &want, 1e-5, 1e-5);
+    let view = View::batch_norm(&shape, 1);
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let want = reference::forward(&x, &view, false, 1e-5, None, None);
+    assert_close("train", &y, &want, 1e-5, 1e-5);
 }
 
 #[test]
