@@ -157,12 +157,14 @@ fn shifts(
 
 // Partials of views with short runs (B < 4, e.g. channels-last BatchNorm,
 // B = 1): the tensor is P·A rows of L = G·B columns, and the elements of a
-// group are spread across every row. One invocation owns four adjacent
-// columns (one vec4, so neighbouring invocations read neighbouring memory)
-// over a block of COLUMN_ROWS rows, takes their shifted sums, and writes
-// one partial per column: for column q (group
-// g = q / B, b = q % B) at slot b·tiles + block of the group, where tiles is
-// the number of row blocks. No barrier and no workgroup memory.
+// group are spread across every row. One invocation owns a strip of two
+// adjacent vec4 (eight columns; the last strip of an odd count repeats its
+// one vector) over a block of COLUMN_ROWS rows, takes their shifted sums,
+// and writes one partial per column: for column q (group g = q / B,
+// b = q % B) at slot b·tiles + block of the group, where tiles is the
+// number of row blocks. Neighbouring invocations read neighbouring strips,
+// each 32 contiguous bytes of a row (CPUs that run WGSL stream such pieces
+// much faster than 16-byte ones). No barrier and no workgroup memory.
 @compute @workgroup_size(STATS_WG)
 fn partials_columns(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -170,9 +172,9 @@ fn partials_columns(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let inv = linear_workgroup(wid, nwg) * STATS_WG + lid;
-    let l = params.g * params.b;
-    let l4 = l / 4u;
-    let per_p = params.tiles * l4;
+    let l4 = (params.g * params.b) / 4u;
+    let strips = (l4 + 1u) / 2u;
+    let per_p = params.tiles * strips;
     if (inv >= params.p * per_p) {
         return;
     }
@@ -181,33 +183,50 @@ fn partials_columns(
     }
     let p = inv / per_p;
     let r = inv - p * per_p;
-    let block = r / l4;
-    let q4 = r - block * l4;
+    let block = r / strips;
+    let v0 = 2u * (r - block * strips);
+    let v1 = min(v0 + 1u, l4 - 1u);
     let row0 = block * COLUMN_ROWS;
     let rows = min(COLUMN_ROWS, params.a - row0);
-    var groups: vec4<u32>;
+    let shift0 = column_shifts(p, v0);
+    let shift1 = column_shifts(p, v1);
+    var sum0 = vec4<f32>(0.0);
+    var sq0 = vec4<f32>(0.0);
+    var sum1 = vec4<f32>(0.0);
+    var sq1 = vec4<f32>(0.0);
+    for (var i = 0u; i < rows; i++) {
+        let row4 = (p * params.a + row0 + i) * l4;
+        let a = load_x4(row4 + v0) - shift0;
+        sum0 += a;
+        sq0 += a * a;
+        let c = load_x4(row4 + v1) - shift1;
+        sum1 += c;
+        sq1 += c * c;
+    }
+    write_column_partials(p, block, v0, rows, sum0, sq0);
+    if (v1 != v0) {
+        write_column_partials(p, block, v1, rows, sum1, sq1);
+    }
+}
+
+// The shifts (group_shift) of the four columns of vector q4 of p.
+fn column_shifts(p: u32, q4: u32) -> vec4<f32> {
     var shift = vec4<f32>(0.0);
     for (var i = 0u; i < 4u; i++) {
-        groups[i] = (4u * q4 + i) / params.b;
-        shift[i] = group_shift(p, groups[i]);
+        shift[i] = group_shift(p, (4u * q4 + i) / params.b);
     }
-    var sum = vec4<f32>(0.0);
-    var sq = vec4<f32>(0.0);
-    for (var i = 0u; i < rows; i++) {
-        let v = load_x4((p * params.a + row0 + i) * l4 + q4) - shift;
-        sum += v;
-        sq += v * v;
-    }
-    var mean: vec4<f32>;
-    var m2: vec4<f32>;
+    return shift;
+}
+
+// The partials of the four columns of vector q4 of p over row block
+// `block` of `rows` rows, from their shifted sums.
+fn write_column_partials(p: u32, block: u32, q4: u32, rows: u32, sum: vec4<f32>, sq: vec4<f32>) {
     for (var i = 0u; i < 4u; i++) {
+        let q = 4u * q4 + i;
+        let g = q / params.b;
+        let b = q - g * params.b;
         let summary = shifted_summary(rows, sum[i], sq[i]);
-        mean[i] = summary.x;
-        m2[i] = summary.y;
-    }
-    for (var i = 0u; i < 4u; i++) {
-        let b = 4u * q4 + i - groups[i] * params.b;
-        let slot = (p * params.g + groups[i]) * params.merge_tiles + b * params.tiles + block;
-        scratch[params.partials_offset + slot] = vec4<f32>(f32(rows), mean[i], m2[i], 0.0);
+        let slot = (p * params.g + g) * params.merge_tiles + b * params.tiles + block;
+        scratch[params.partials_offset + slot] = vec4<f32>(f32(rows), summary.x, summary.y, 0.0);
     }
 }

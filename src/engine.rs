@@ -125,8 +125,9 @@ impl RunGrid {
     /// The grid of `normalize_columns`: steps per invocation (in `vec4`),
     /// workgroups per p (in `blocks`).
     pub fn columns(view: &View) -> RunGrid {
-        let l4 = view.g * view.b / 4;
-        let rows_per_step = kernels::NORMALIZE_WG as usize / l4;
+        // Strips of two vectors per row (normalize_columns).
+        let strips = (view.g * view.b / 4).div_ceil(2);
+        let rows_per_step = kernels::NORMALIZE_WG as usize / strips;
         let steps = kernels::NORMALIZE_VEC4 as usize;
         RunGrid {
             blocks: view.a.div_ceil(rows_per_step * steps).max(1),
@@ -323,7 +324,8 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
                 plan.extend(per_chunk(Kernel::Shifts, &|_| groups_wg));
             }
             if uses_columns(v, chunks) {
-                let invocations = v.p * tiles * (v.g * v.b / 4);
+                // One invocation per strip of two vec4 per row block.
+                let invocations = v.p * tiles * (v.g * v.b / 4).div_ceil(2);
                 plan.push(d(
                     Kernel::PartialsColumns,
                     invocations.div_ceil(kernels::STATS_WG as usize),
