@@ -2,8 +2,9 @@
 // backward_common.wgsl; src/backward.rs plans which of these run.
 //
 // No float atomics: every sum is a two-stage reduction. A first stage writes
-// per-workgroup partials (vec4 (Σg, Σg·x̂, Σdy, Σdy·x̂)) to `work`, and
-// `bwd_finalize` merges them, one workgroup per output. Each invocation of a
+// partials (vec4 (Σg, Σg·x̂, Σdy, Σdy·x̂)) to `work`, and `bwd_finalize`
+// (a workgroup per output) or `bwd_finalize_serial` (an invocation per
+// output) merges them. Each invocation of a
 // reduction writes a slot no other invocation writes, and every slot a later
 // dispatch reads is written by an earlier one.
 
@@ -33,8 +34,9 @@ fn reduction_index(p: u32, g: u32, j: u32) -> u32 {
 
 // One workgroup per contiguous group of the stats view (SA = 1): sums the
 // group's terms, writes grad_input of the group, and with
-// BF_WRITE_PARTIALS stores the sums as the group's single partial (for the
-// per-channel affine gradients of bwd_finalize). Each invocation handles
+// BF_WRITE_PARTIALS stores each channel's sums as its partial (one channel
+// per group for InstanceNorm, several for GroupNorm; for the per-channel
+// affine gradients of bwd_finalize). Each invocation handles
 // BWD_PACK consecutive elements at a time; with packed storage (BWD_PACK =
 // 2) src/backward.rs uses this kernel only for groups of even length, so a
 // group starts at an even index and no word is shared with another
@@ -135,8 +137,9 @@ fn bwd_partials(
             var sum_dy_xhat = vec4<f32>(0.0);
             // Each invocation reads two neighbouring vectors (32 bytes) at
             // a time: CPUs that run WGSL stream such pieces faster (see
-            // bwd_cols). The tile is a multiple of eight elements, and so
-            // is the group unless it is the last piece.
+            // bwd_cols). Tiles are multiples of eight elements and the
+            // group ends at a multiple of four, so each vector is whole or
+            // past the end.
             for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
                 let j = start + 8u * (lid + k * BWD_WG);
                 if (j < end) {

@@ -69,8 +69,8 @@ override BWD_RMS: bool = false;
 override BWD_RUNNING: bool = false;
 // Affine layout of the stats view: 0 one parameter per element
 // (affine_div = 1), 1 one per run (affine_div = SB), 3 one per a multiple of
-// four elements (channels-first GroupNorm: affine_div = H·W), 2 anything
-// else (by division). bwd_rows, bwd_partials and bwd_dx use it to find the
+// four elements that divides SB (channels-first GroupNorm: affine_div =
+// H·W), 2 anything else (by division). bwd_rows, bwd_partials and bwd_dx use it to find the
 // index once per run, or once per vector, instead of per element.
 override BWD_AFFINE: u32 = 2u;
 // Runs of the stats view (SB) are multiples of four: four consecutive

@@ -776,7 +776,7 @@ struct Specialization {
     rms: bool,
     running: bool,
     /// 0: one parameter per element, 1: one per run of SB, 3: one per a
-    /// multiple of four elements, 2: other.
+    /// multiple of four elements dividing SB, 2: other.
     affine: u8,
     /// Runs of SB are whole vectors ([`vec4_runs`]).
     vec4: bool,
@@ -790,7 +790,9 @@ impl Specialization {
             0
         } else if p.affine_div == p.sb {
             1
-        } else if p.affine_div.is_multiple_of(4) {
+        } else if p.affine_div.is_multiple_of(4) && p.sb.is_multiple_of(p.affine_div) {
+            // Runs are whole channels of a multiple of four elements (the
+            // row kernels sum channel by channel).
             3
         } else {
             2
