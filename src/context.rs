@@ -80,6 +80,10 @@ pub struct Context {
     /// running stats): one per binding slot, so no two writable bindings of
     /// one dispatch alias.
     pub(crate) dummies: [wgpu::Buffer; 9],
+    /// Distinct for every context of the process: what a layer keeps from
+    /// one context (its bind groups) is never reused on another, whose
+    /// wgpu ids may coincide with this one's.
+    pub(crate) uid: u64,
 }
 
 /// Rank of an adapter: lower is better.
@@ -194,7 +198,9 @@ impl Context {
             })
         });
         let subgroups = device.features().contains(wgpu::Features::SUBGROUP);
+        static NEXT_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Context {
+            uid: NEXT_UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             max_storage_binding: limits.max_storage_buffer_binding_size,
             max_buffer: limits.max_buffer_size,
             subgroups,

@@ -484,11 +484,13 @@ impl ForwardBindings {
     }
 }
 
-/// What a forward's bind groups depend on: the spec, whether statistics were
-/// preset, and each binding's buffer, offset and length (the key holds the
-/// buffers, so their ids cannot be reused while it lives).
+/// What a forward's bind groups depend on: the context, the spec, whether
+/// statistics were preset, and each binding's buffer, offset and length
+/// (the key holds the buffers, so their ids cannot be reused while it
+/// lives).
 #[derive(Debug, Clone, PartialEq)]
 struct BindingKey {
+    context: u64,
     spec: ForwardSpec,
     preset: bool,
     buffers: Vec<(wgpu::Buffer, u64, u64)>,
@@ -502,6 +504,7 @@ impl BindingKey {
         };
         let whole = |b: &wgpu::Buffer| (b.clone(), 0, b.size());
         BindingKey {
+            context: ctx.uid,
             spec: *spec,
             preset,
             buffers: vec![
@@ -620,7 +623,11 @@ fn record_forward_with(
         Some(p) if p.key == key => p.clone(),
         _ => {
             let uniforms = match previous {
-                Some(p) if p.key.spec == key.spec && p.key.preset == key.preset => {
+                Some(p)
+                    if p.key.context == key.context
+                        && p.key.spec == key.spec
+                        && p.key.preset == key.preset =>
+                {
                     p.uniforms.clone()
                 }
                 _ => forward_uniforms(ctx, spec, &chunks, preset.is_some()),

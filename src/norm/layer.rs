@@ -292,5 +292,20 @@ mod tests {
             recorded(&ctx, &mut ln, &x3, &y3).uniforms(),
             first.uniforms()
         );
+        // A layer without parameters on another context (whose wgpu ids may
+        // coincide with this one's): neither its bind groups nor its
+        // statistics buffer are reused there.
+        let config = RowNormConfig::torch_layer_norm().elementwise_affine(false);
+        let mut plain = LayerNorm::new(&ctx, &[8], config).unwrap();
+        let here = recorded(&ctx, &mut plain, &x, &y);
+        let other_ctx = Context::new().unwrap();
+        let x_other = other_ctx.upload(&values, &[2, 8]).unwrap();
+        let y_other = other_ctx.zeros(&[2, 8], DType::F32).unwrap();
+        let elsewhere = recorded(&other_ctx, &mut plain, &x_other, &y_other);
+        assert_ne!(elsewhere.uniforms(), here.uniforms());
+        assert_eq!(
+            other_ctx.download(&y_other).unwrap(),
+            ctx.download(&y).unwrap()
+        );
     }
 }

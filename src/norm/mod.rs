@@ -216,6 +216,9 @@ impl Affine {
 /// Statistics a forward pass saved for the backward pass.
 #[derive(Debug, Clone)]
 pub(crate) struct Saved {
+    /// The context the forward ran on ([`Context`]'s uid): its buffers are
+    /// only reused there.
+    pub context: u64,
     pub spec: ForwardSpec,
     pub scratch: Arc<wgpu::Buffer>,
     /// The forward's input (a cheap clone sharing its buffer).
@@ -299,8 +302,8 @@ pub(crate) fn record_layer(
     }
     let chunks = engine::chunks_for(ctx, &spec);
     let bytes = engine::scratch_bytes(&spec.view, &chunks);
-    let scratch = match saved.as_ref().map(|s| s.scratch.clone()) {
-        Some(buffer) if buffer.size() >= bytes => buffer,
+    let scratch = match saved.as_ref() {
+        Some(s) if s.context == ctx.uid && s.scratch.size() >= bytes => s.scratch.clone(),
         _ => Arc::new(ctx.create_buffer("gpunorm statistics", bytes)?),
     };
     let bufs = ForwardBuffers {
@@ -316,6 +319,7 @@ pub(crate) fn record_layer(
     let previous = saved.as_ref().and_then(|s| s.bindings.as_ref());
     let (dispatches, bindings) = engine::record_forward(ctx, encoder, &spec, &bufs, previous);
     *saved = Some(Saved {
+        context: ctx.uid,
         spec,
         scratch,
         x: x.clone(),

@@ -203,6 +203,7 @@ impl BatchNorm {
             Ok(())
         })?;
         self.saved = Some(Saved {
+            context: ctx.uid,
             spec,
             scratch,
             x: x.clone(),
