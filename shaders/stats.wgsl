@@ -1,13 +1,15 @@
 // Partials pass of the statistics engine.
 //
 // One workgroup reduces one tile of one group: up to STATS_WG·STATS_PER_THREAD
-// consecutive elements j of the group (p, g), shifted by the group's first
-// element (zero for RMS). Each invocation sums its values and their squares
-// (see shifted_summary), and the workgroup merges the invocations' summaries
-// with Chan's formula. Output: vec4(count, mean, M2, 0) at
+// consecutive elements j of the group (p, g), shifted by the group's shift
+// (group_shift; zero for RMS). Each invocation sums its values and their
+// squares (invocation_summary). `partials` merges the invocations' summaries
+// with Chan's formula and writes vec4(count, mean, M2, 0) at
 // scratch[partials_offset + group·merge_tiles + chunk_index·tiles + tile]
 // (one chunk unless the tensor is larger than a binding; a tile with no
-// element of the chunk writes zeros).
+// element of the chunk writes zeros); `partials_each` writes every
+// invocation's summary instead (tensors in one binding with mostly full
+// tiles, src/engine.rs).
 //
 // The workgroup with w == 0 also bumps num_batches_tracked when asked, so the
 // finalize pass (the next dispatch) reads the already incremented counter.
@@ -58,6 +60,48 @@ fn partials(
     if (w >= params.n_groups * params.tiles) {
         return;
     }
+    wg_sum[lid] = invocation_summary(w, lid);
+    workgroupBarrier();
+    for (var stride = STATS_WG / 2u; stride > 0u; stride /= 2u) {
+        if (lid < stride) {
+            wg_sum[lid] = chan_merge(wg_sum[lid], wg_sum[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        let group = w / params.tiles;
+        let tile = w % params.tiles;
+        let slot = group * params.merge_tiles + params.chunk_index * params.tiles + tile;
+        scratch[params.partials_offset + slot] = vec4<f32>(wg_sum[0], 0.0);
+    }
+}
+
+// `partials` without the workgroup merge: every invocation writes its own
+// summary, STATS_WG partials per tile (at slot tile·STATS_WG + lid of the
+// group; one chunk only), merged by the finalize pass. The merge tree's
+// barriers were a sixth of BatchNorm's train forward on lavapipe, and the
+// partials stay small (STATS_WG vec4 per 4096 elements). A separate entry
+// point, so that no invocation of a shader with barriers returns early.
+@compute @workgroup_size(STATS_WG)
+fn partials_each(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = linear_workgroup(wid, nwg);
+    if (w >= params.n_groups * params.tiles) {
+        return;
+    }
+    let group = w / params.tiles;
+    let tile = w % params.tiles;
+    let slot = group * params.merge_tiles + tile * STATS_WG + lid;
+    scratch[params.partials_offset + slot] = vec4<f32>(invocation_summary(w, lid), 0.0);
+}
+
+// (count, mean, M2) of invocation lid's elements of tile w (see the
+// header). Workgroup 0's invocation 0 also bumps num_batches_tracked when
+// asked.
+fn invocation_summary(w: u32, lid: u32) -> vec3<f32> {
     if (w == 0u && lid == 0u && params.chunk_index == 0u && has_flag(FLAG_BUMP_COUNTER)) {
         bump_counter_once();
     }
@@ -116,19 +160,7 @@ fn partials(
         mean = summary.x;
         m2 = summary.y;
     }
-    wg_sum[lid] = vec3<f32>(f32(count), mean, m2);
-    workgroupBarrier();
-    for (var stride = STATS_WG / 2u; stride > 0u; stride /= 2u) {
-        if (lid < stride) {
-            wg_sum[lid] = chan_merge(wg_sum[lid], wg_sum[lid + stride]);
-        }
-        workgroupBarrier();
-    }
-    if (lid == 0u) {
-        let s = wg_sum[0];
-        let slot = group * params.merge_tiles + params.chunk_index * params.tiles + tile;
-        scratch[params.partials_offset + slot] = vec4<f32>(s, 0.0);
-    }
+    return vec3<f32>(f32(count), mean, m2);
 }
 
 // Chunked tensors only: one invocation per group copies the group's first

@@ -211,14 +211,30 @@ fn tiles_for(view: &View, chunks: &Chunks) -> u32 {
 }
 
 /// Partials per group: tiles (row blocks for the column kernel, times B
-/// columns) over every chunk.
+/// columns) over every chunk, times STATS_WG when each invocation writes
+/// its own ([`partials_per_invocation`]).
 fn merge_tiles_for(view: &View, chunks: &Chunks) -> u32 {
     let tiles = tiles_for(view, chunks);
     if uses_columns(view, chunks) {
         tiles * view.b as u32
+    } else if partials_per_invocation(view, chunks) {
+        tiles * kernels::STATS_WG
     } else {
         tiles * chunks.count as u32
     }
+}
+
+/// Whether the tiled partials pass writes one partial per invocation
+/// (`Kernel::PartialsEach`, no workgroup merge): a tensor in one binding
+/// whose tiles are mostly full, so that the partials (STATS_WG vec4 per
+/// tile) take at most 16 bytes per 16 elements, a quarter of f32 input.
+/// Small groups (one short tile each) keep the merged partials: there a
+/// partial per invocation would outgrow the input.
+fn partials_per_invocation(view: &View, chunks: &Chunks) -> bool {
+    let tiles = view.groups() * tiles_for(view, chunks) as usize;
+    !chunks.split()
+        && !uses_columns(view, chunks)
+        && tiles * kernels::STATS_WG as usize * 16 <= view.numel()
 }
 
 /// Whether the statistics come from the column partials kernel: runs
@@ -331,6 +347,8 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
                     invocations.div_ceil(kernels::STATS_WG as usize),
                     0,
                 ));
+            } else if partials_per_invocation(v, chunks) {
+                plan.push(d(Kernel::PartialsEach, v.groups() * tiles, 0));
             } else {
                 plan.extend(per_chunk(Kernel::Partials, &|_| v.groups() * tiles));
             }
@@ -859,6 +877,7 @@ mod tests {
             dtype: DType::F16,
             ..odd
         };
+        // (Short groups: merged partials, not one per invocation.)
         assert_eq!(kernels_of(&odd16, &whole, &SUBGROUPS)[0], Kernel::Partials);
         // Two rows of 70,000: spread over many workgroups instead.
         let long = spec(
@@ -870,8 +889,8 @@ mod tests {
         assert_eq!(
             kernels_of(&long, &whole, &SUBGROUPS),
             [
-                Kernel::Partials,
-                Kernel::FinalizeSerial,
+                Kernel::PartialsEach,
+                Kernel::Finalize,
                 Kernel::NormalizeRuns
             ]
         );
@@ -882,12 +901,39 @@ mod tests {
         let nchw = View::batch_norm(&[32, 64, 56, 56], 1);
         let nhwc = View::batch_norm(&[32, 56, 56, 64], 3);
         let whole = Chunks::whole(nchw.numel());
-        // 25 tiles per channel: merged by one invocation per channel.
+        // 25 tiles per channel, a partial per invocation: 1600 partials
+        // per channel, merged by a workgroup per channel.
         let train = spec(nchw, StatsSource::Batch, true, DType::F32);
         assert_eq!(
             kernels_of(&train, &whole, &SUBGROUPS),
             [
-                Kernel::Partials,
+                Kernel::PartialsEach,
+                Kernel::Finalize,
+                Kernel::NormalizeRuns
+            ]
+        );
+        // Their partials take at most a quarter of the f32 input's bytes;
+        // groups of nine elements keep merged partials (one per group).
+        assert!(scratch_bytes(&nchw, &whole) <= nchw.numel() as u64);
+        let nines = View::batch_norm(&[1, 1000, 3, 3], 1);
+        let tiny = spec(nines, StatsSource::Batch, true, DType::F32);
+        let nines_whole = Chunks::whole(nines.numel());
+        assert_eq!(
+            kernels_of(&tiny, &nines_whole, &SUBGROUPS)[0],
+            Kernel::Partials
+        );
+        assert_eq!(scratch_bytes(&nines, &nines_whole), 16 * 2 * 1000);
+        // One tile per channel: 64 partials, merged by one invocation each.
+        let small = spec(
+            View::batch_norm(&[4, 8, 32, 32], 1),
+            StatsSource::Batch,
+            true,
+            DType::F32,
+        );
+        assert_eq!(
+            kernels_of(&small, &whole, &SUBGROUPS),
+            [
+                Kernel::PartialsEach,
                 Kernel::FinalizeSerial,
                 Kernel::NormalizeRuns
             ]

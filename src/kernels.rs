@@ -71,6 +71,9 @@ pub const MAX_GRID_DIM: u32 = 65535;
 pub enum Kernel {
     /// Per-tile (count, mean, M2) partials.
     Partials,
+    /// Per-invocation (count, mean, M2) partials: `Partials` without the
+    /// workgroup merge (tensors in one binding).
+    PartialsEach,
     /// Per-column partials for views with short runs (channels-last).
     PartialsColumns,
     /// Increments num_batches_tracked (empty inputs only).
@@ -100,12 +103,13 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 13] = [
         Kernel::NormalizeColumns,
         Kernel::PartialsColumns,
         Kernel::NormalizeRuns,
         Kernel::RowsSubgroup,
         Kernel::Partials,
+        Kernel::PartialsEach,
         Kernel::BumpCounter,
         Kernel::Shifts,
         Kernel::Finalize,
@@ -117,7 +121,11 @@ impl Kernel {
 
     fn file(self) -> &'static str {
         match self {
-            Kernel::Partials | Kernel::PartialsColumns | Kernel::BumpCounter | Kernel::Shifts => {
+            Kernel::Partials
+            | Kernel::PartialsEach
+            | Kernel::PartialsColumns
+            | Kernel::BumpCounter
+            | Kernel::Shifts => {
                 include_str!("../shaders/stats.wgsl")
             }
             Kernel::Finalize | Kernel::FinalizeSerial | Kernel::EvalStats => {
@@ -135,6 +143,7 @@ impl Kernel {
     pub fn entry_point(self) -> &'static str {
         match self {
             Kernel::Partials => "partials",
+            Kernel::PartialsEach => "partials_each",
             Kernel::PartialsColumns => "partials_columns",
             Kernel::BumpCounter => "bump_counter",
             Kernel::Shifts => "shifts",
