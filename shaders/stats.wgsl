@@ -81,7 +81,9 @@ fn partials(
 // group; one chunk only), merged by the finalize pass. The merge tree's
 // barriers were a sixth of BatchNorm's train forward on lavapipe, and the
 // partials stay small (STATS_WG vec4 per 4096 elements). A separate entry
-// point, so that no invocation of a shader with barriers returns early.
+// point rather than a flag: in the backward, one kernel switching between
+// a serial path (invocations returning early) and a barrier tree gave
+// wrong sums on lavapipe.
 @compute @workgroup_size(STATS_WG)
 fn partials_each(
     @builtin(workgroup_id) wid: vec3<u32>,
