@@ -137,21 +137,6 @@ fn weight4_of(i: u32) -> vec4<f32> {
         weight_at(affine_index(i + 2u)), weight_at(affine_index(i + 3u)));
 }
 
-// weight4_of(base + j) for a run starting at `base` whose first affine
-// index is c0 (j a multiple of four).
-fn run_weight4(base: u32, c0: u32, j: u32) -> vec4<f32> {
-    if (!BWD_WEIGHT) {
-        return vec4<f32>(1.0);
-    }
-    if (BWD_AFFINE == 0u) {
-        return weight[(c0 + j) >> 2u];
-    }
-    if (BWD_AFFINE == 1u) {
-        return vec4<f32>(weight_at(c0));
-    }
-    return weight4_of(base + j);
-}
-
 // γ of affine index c, or 1 without γ.
 fn weight_of_group(c: u32) -> f32 {
     if (BWD_WEIGHT) {
@@ -187,7 +172,11 @@ fn group_weight4(base: u32, c0: u32, ch: u32, j4: u32) -> vec4<f32> {
     if (BWD_AFFINE == 1u || BWD_AFFINE == 3u) {
         return vec4<f32>(weight_of_group(c0 + ch));
     }
-    return run_weight4(base, c0, 4u * j4);
+    if (BWD_WEIGHT && BWD_AFFINE == 0u) {
+        // One parameter per element: c0 and 4·j4 are multiples of four.
+        return weight[(c0 >> 2u) + j4];
+    }
+    return weight4_of(base + 4u * j4);
 }
 
 fn bwd_flag(f: u32) -> bool {
