@@ -70,6 +70,8 @@ const AFFINE_PER_ELEMENT: u32 = 0u;
 const AFFINE_PER_RUN: u32 = 1u;
 const AFFINE_GENERAL: u32 = 2u;
 const AFFINE_PER_QUAD: u32 = 3u;
+// Rows the subgroup row kernel walks at a time (rows_subgroup.wgsl).
+override ROWS_SG_R: u32 = 1u;
 
 const FLAG_UPDATE_RUNNING: u32 = 8u;
 const FLAG_CUMULATIVE: u32 = 16u;
@@ -187,45 +189,52 @@ fn normalize_value(v: f32, st: vec4<f32>, g: u32, b: u32) -> f32 {
     return affine(((v - st.x) - st.y) * st.z, g, b);
 }
 
-// γ·v + β for the four consecutive elements of group g whose g·B + b is
-// 4·k4 (every caller's vec4 path starts at a multiple of four). Callers pass
-// k4 as a plain sum with their vec4 index, so a lane's neighbours read
+// γ and β of four consecutive elements (where a parameter is absent, its
+// slot is unused: apply_affine4 skips it).
+struct Affine4 {
+    weight: vec4<f32>,
+    bias: vec4<f32>,
+}
+
+// The parameters of the four consecutive elements of group g whose g·B + b
+// is 4·k4 (every caller's vec4 path starts at a multiple of four). Callers
+// pass k4 as a plain sum with their vec4 index, so a lane's neighbours read
 // neighbouring parameters and the compiler sees it. Branches depend on
 // pipeline constants only, so they fold away.
-fn affine4(v: vec4<f32>, g: u32, k4: u32) -> vec4<f32> {
+fn affine_params4(g: u32, k4: u32) -> Affine4 {
     let k = 4u * k4;
-    var r = v;
+    var a = Affine4(vec4<f32>(1.0), vec4<f32>(0.0));
     if (AFFINE_MODE == AFFINE_PER_ELEMENT) {
         // Four consecutive, aligned parameters: one vector each.
         if (HAS_WEIGHT) {
-            r = r * weight[k4];
+            a.weight = weight[k4];
         }
         if (HAS_BIAS) {
-            r = r + bias[k4];
+            a.bias = bias[k4];
         }
-        return r;
+        return a;
     }
     if (AFFINE_MODE == AFFINE_PER_RUN) {
         // One parameter per run of B, a multiple of four (BatchNorm,
         // InstanceNorm): the four elements share it.
         if (HAS_WEIGHT) {
-            r = r * weight_at(g);
+            a.weight = vec4<f32>(weight_at(g));
         }
         if (HAS_BIAS) {
-            r = r + bias_at(g);
+            a.bias = vec4<f32>(bias_at(g));
         }
-        return r;
+        return a;
     }
     if (AFFINE_MODE == AFFINE_PER_QUAD) {
         // The four share a parameter: k and affine_div are multiples of four.
         let c = fast_div(k, params.div_affine);
         if (HAS_WEIGHT) {
-            r = r * weight_at(c);
+            a.weight = vec4<f32>(weight_at(c));
         }
         if (HAS_BIAS) {
-            r = r + bias_at(c);
+            a.bias = vec4<f32>(bias_at(c));
         }
-        return r;
+        return a;
     }
     let c = vec4<u32>(
         fast_div(k, params.div_affine),
@@ -234,12 +243,30 @@ fn affine4(v: vec4<f32>, g: u32, k4: u32) -> vec4<f32> {
         fast_div(k + 3u, params.div_affine),
     );
     if (HAS_WEIGHT) {
-        r = r * vec4<f32>(weight_at(c.x), weight_at(c.y), weight_at(c.z), weight_at(c.w));
+        a.weight = vec4<f32>(weight_at(c.x), weight_at(c.y), weight_at(c.z), weight_at(c.w));
     }
     if (HAS_BIAS) {
-        r = r + vec4<f32>(bias_at(c.x), bias_at(c.y), bias_at(c.z), bias_at(c.w));
+        a.bias = vec4<f32>(bias_at(c.x), bias_at(c.y), bias_at(c.z), bias_at(c.w));
+    }
+    return a;
+}
+
+// γ·v + β with the parameters of affine_params4 (an absent one is skipped,
+// not applied as 1 or 0: v + 0 would turn −0 into +0).
+fn apply_affine4(v: vec4<f32>, a: Affine4) -> vec4<f32> {
+    var r = v;
+    if (HAS_WEIGHT) {
+        r = r * a.weight;
+    }
+    if (HAS_BIAS) {
+        r = r + a.bias;
     }
     return r;
+}
+
+// γ·v + β for the four consecutive elements of affine_params4(g, k4).
+fn affine4(v: vec4<f32>, g: u32, k4: u32) -> vec4<f32> {
+    return apply_affine4(v, affine_params4(g, k4));
 }
 
 // y at local index i of the bound chunk.

@@ -1049,6 +1049,7 @@ mod tests {
         let caps = Caps {
             subgroups: true,
             subgroup_max: 32,
+            cpu: false,
         };
         let on = |s: &BackwardSpec| -> Vec<(BackwardKernel, u32)> {
             plan_backward_on(s, &caps)

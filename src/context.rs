@@ -76,6 +76,8 @@ pub struct Context {
     subgroups: bool,
     /// Largest subgroup size the adapter may use (dispatch sizing only).
     subgroup_max: u32,
+    /// The adapter is a CPU (lavapipe): a few workgroups in flight fill it.
+    cpu: bool,
     /// Placeholder buffers bound where an op has no tensor (no weight, no
     /// running stats): one per binding slot, so no two writable bindings of
     /// one dispatch alias.
@@ -167,6 +169,7 @@ impl Context {
         }));
         let mut ctx = Self::build(device, queue, Some(AdapterSummary::from_info(&info)));
         ctx.subgroup_max = info.subgroup_max_size.max(1);
+        ctx.cpu = info.device_type == wgpu::DeviceType::Cpu;
         if options.disable_subgroups {
             ctx.subgroups = false;
         }
@@ -206,6 +209,8 @@ impl Context {
             subgroups,
             // Unknown for a borrowed device: the largest size wgpu allows.
             subgroup_max: 128,
+            // Unknown for a borrowed device: sized for a GPU.
+            cpu: false,
             device,
             queue,
             pipelines,
@@ -235,6 +240,7 @@ impl Context {
         crate::engine::Caps {
             subgroups: self.subgroups,
             subgroup_max: self.subgroup_max,
+            cpu: self.cpu,
         }
     }
 

@@ -251,6 +251,8 @@ pub struct Caps {
     pub subgroups: bool,
     /// The largest subgroup size the adapter may use.
     pub subgroup_max: u32,
+    /// The adapter is a CPU: fewer workgroups in flight fill it.
+    pub cpu: bool,
 }
 
 impl Caps {
@@ -259,6 +261,7 @@ impl Caps {
         Caps {
             subgroups: false,
             subgroup_max: 128,
+            cpu: false,
         }
     }
 }
@@ -266,6 +269,23 @@ impl Caps {
 /// Whether the subgroup row kernel takes a forward the row kernel takes.
 fn uses_subgroup_rows(spec: &ForwardSpec, caps: &Caps) -> bool {
     caps.subgroups && spec.view.b.is_multiple_of(4)
+}
+
+/// Rows the subgroup row kernel walks at a time: [`kernels::ROWS_SG_STEP`]
+/// when every row has the same affine parameters (G = 1: LayerNorm,
+/// RMSNorm) and there are enough rows to keep the adapter busy, else 1.
+pub fn rows_per_step(view: &View, caps: &Caps) -> u32 {
+    let step = kernels::ROWS_SG_STEP as usize;
+    let min_steps = if caps.cpu {
+        kernels::ROWS_SG_MIN_STEPS_CPU
+    } else {
+        kernels::ROWS_SG_MIN_STEPS_GPU
+    };
+    if view.g == 1 && view.groups() >= step * min_steps {
+        kernels::ROWS_SG_STEP
+    } else {
+        1
+    }
 }
 
 /// Whether the single-dispatch row kernel handles this forward.
@@ -321,7 +341,8 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             if uses_subgroup_rows(spec, caps) {
                 // Enough workgroups for the largest subgroup size; with
                 // smaller subgroups the surplus workgroups find no row.
-                let rows_per_wg = (kernels::ROWS_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
+                let steps_per_wg = (kernels::ROWS_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
+                let rows_per_wg = steps_per_wg * rows_per_step(v, caps) as usize;
                 vec![d(Kernel::RowsSubgroup, v.groups().div_ceil(rows_per_wg), 0)]
             } else {
                 vec![d(Kernel::Rows, v.groups(), 0)]
@@ -662,6 +683,7 @@ fn record_forward_with(
         bias: bufs.bias.is_some(),
         rms: spec.rms,
         affine: kernels::AffineMode::of(v.affine_div, v.b),
+        rows_per_step: rows_per_step(v, &ctx.caps()),
     };
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("gpunorm forward"),
@@ -852,7 +874,28 @@ mod tests {
     const SUBGROUPS: Caps = Caps {
         subgroups: true,
         subgroup_max: 32,
+        cpu: false,
     };
+
+    #[test]
+    fn rows_sharing_parameters_are_walked_four_at_a_time_when_there_are_enough() {
+        let cpu = Caps {
+            cpu: true,
+            ..SUBGROUPS
+        };
+        let ln = View::layer_norm(&[64, 1024], 1024);
+        assert_eq!(rows_per_step(&ln, &cpu), kernels::ROWS_SG_STEP);
+        // A GPU wants more subgroups in flight than 64 rows give in steps of 4.
+        assert_eq!(rows_per_step(&ln, &SUBGROUPS), 1);
+        assert_eq!(
+            rows_per_step(&View::layer_norm(&[4096, 1024], 1024), &SUBGROUPS),
+            kernels::ROWS_SG_STEP
+        );
+        assert_eq!(rows_per_step(&View::layer_norm(&[63, 1024], 1024), &cpu), 1);
+        // InstanceNorm: each row has its own channel's γ and β.
+        let instance = View::instance_norm(&[64, 64, 1024]);
+        assert_eq!(rows_per_step(&instance, &cpu), 1);
+    }
 
     #[test]
     fn rows_take_one_dispatch_on_subgroups_or_workgroup_memory() {

@@ -50,6 +50,13 @@ pub const ROWS_CACHE: u32 = 8;
 /// Invocations per workgroup of the subgroup row kernel (a multiple of every
 /// subgroup size: 8 on lavapipe gives 8 rows per workgroup, 32 gives 2).
 pub const ROWS_SG_WG: u32 = 64;
+/// Rows the subgroup row kernel walks at a time when all rows share their
+/// affine parameters (`ROWS_SG_R` in rows_subgroup.wgsl).
+pub const ROWS_SG_STEP: u32 = 4;
+/// Fewest steps of [`ROWS_SG_STEP`] rows that keep an adapter busy: a few
+/// subgroups fill a CPU, a GPU wants thousands in flight.
+pub const ROWS_SG_MIN_STEPS_CPU: usize = 16;
+pub const ROWS_SG_MIN_STEPS_GPU: usize = 1024;
 /// Longest row the single-dispatch row kernel takes when there are few rows;
 /// longer rows with fewer than [`ROWS_MIN_FOR_LONG`] rows go through the
 /// partials/finalize/normalize path, which spreads a row over many
@@ -204,6 +211,9 @@ pub struct Variant {
     pub bias: bool,
     pub rms: bool,
     pub affine: AffineMode,
+    /// Rows the subgroup row kernel walks at a time (`ROWS_SG_R`): 1, or
+    /// [`ROWS_SG_STEP`] when every row has the same affine parameters.
+    pub rows_per_step: u32,
 }
 
 impl Default for Variant {
@@ -213,6 +223,7 @@ impl Default for Variant {
             bias: false,
             rms: false,
             affine: AffineMode::General,
+            rows_per_step: 1,
         }
     }
 }
@@ -246,11 +257,16 @@ impl Variant {
             } else {
                 default.affine
             },
+            rows_per_step: if kernel == Kernel::RowsSubgroup {
+                self.rows_per_step
+            } else {
+                default.rows_per_step
+            },
         }
     }
 
     /// The override constants of this variant.
-    pub fn constants(&self) -> [(&'static str, f64); 4] {
+    pub fn constants(&self) -> [(&'static str, f64); 5] {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         let mode = match self.affine {
             AffineMode::PerElement => 0.0,
@@ -263,6 +279,7 @@ impl Variant {
             ("HAS_BIAS", flag(self.bias)),
             ("IS_RMS", flag(self.rms)),
             ("AFFINE_MODE", mode),
+            ("ROWS_SG_R", self.rows_per_step as f64),
         ]
     }
 }
@@ -638,8 +655,16 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
             bias: true,
             rms: true,
             affine: AffineMode::PerElement,
+            rows_per_step: ROWS_SG_STEP,
         };
         assert_eq!(full.for_kernel(Kernel::RowsSubgroup), full);
+        assert_eq!(
+            full.for_kernel(Kernel::Rows),
+            Variant {
+                rows_per_step: 1,
+                ..full
+            }
+        );
         assert_eq!(
             full.for_kernel(Kernel::Partials),
             Variant {
@@ -649,7 +674,11 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
         );
         assert_eq!(
             full.for_kernel(Kernel::NormalizeRuns),
-            Variant { rms: false, ..full }
+            Variant {
+                rms: false,
+                rows_per_step: 1,
+                ..full
+            }
         );
         assert_eq!(full.for_kernel(Kernel::EvalStats), Variant::default());
     }

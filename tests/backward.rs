@@ -327,6 +327,13 @@ fn layer_norm_backward_column_sums_match_f64_for_every_column_strip() {
 }
 
 #[test]
+fn layer_norm_backward_uses_the_statistics_of_rows_walked_four_at_a_time() {
+    // The forward walks 67 rows four at a time on lavapipe (the last step
+    // repeats row 66): every row's saved statistics must be its own.
+    layer_norm_case(67, 256, true, true, 0.5);
+}
+
+#[test]
 fn layer_norm_backward_of_a_few_very_long_rows_uses_tiles_and_matches_f64() {
     // Rows longer than the row kernel takes with few rows: partials path.
     layer_norm_case(2, 20_000, true, true, 0.0);

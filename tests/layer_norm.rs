@@ -50,6 +50,15 @@ fn layer_norm_large_offset_rows_stay_within_1e_3() {
 }
 
 #[test]
+fn layer_norm_rows_walked_four_at_a_time_with_a_partial_last_step_match_f64() {
+    // With 64 rows or more the subgroup row kernel walks rows four at a time
+    // on lavapipe; 67 rows leave a last step of three (it repeats the last
+    // row), and 9 vectors per row leave lanes idle at each row's end.
+    layer_norm_matches_reference(67, 256, 1.0, 1e-5, 1e-5);
+    layer_norm_matches_reference(65, 36, 0.0, 1e-5, 1e-5);
+}
+
+#[test]
 fn layer_norm_rows_of_70000_use_the_tiled_path_and_match_f64() {
     layer_norm_matches_reference(2, 70_000, 0.0, 1e-5, 1e-5);
 }
@@ -77,25 +86,27 @@ fn layer_norm_constant_row_gives_bias_exactly() {
 #[test]
 fn rms_norm_matches_f64() {
     let ctx = ctx();
-    let (rows, len) = (33, 96);
-    let x = normal(rows * len, 5, 0.5, 2.0);
-    let w = normal(len, 6, 1.0, 0.3);
-    let mut rms = RmsNorm::new(ctx, &[len], RowNormConfig::torch_rms_norm()).unwrap();
-    rms.set_weight(Some(ctx.upload(&w, &[len]).unwrap()))
-        .unwrap();
-    let xt = ctx.upload(&x, &[rows, len]).unwrap();
-    let y = ctx
-        .download(&rms.forward(ctx, &xt, Mode::Train).unwrap())
-        .unwrap();
-    let expected = reference::forward(
-        &x,
-        &View::layer_norm(&[rows, len], len),
-        true,
-        f32::EPSILON as f64,
-        Some(&w),
-        None,
-    );
-    assert_close("rms norm", &y, &expected, 1e-5, 1e-5);
+    // 66 rows: four at a time on lavapipe, with a last step of two.
+    for (rows, len) in [(33, 96), (66, 64)] {
+        let x = normal(rows * len, 5, 0.5, 2.0);
+        let w = normal(len, 6, 1.0, 0.3);
+        let mut rms = RmsNorm::new(ctx, &[len], RowNormConfig::torch_rms_norm()).unwrap();
+        rms.set_weight(Some(ctx.upload(&w, &[len]).unwrap()))
+            .unwrap();
+        let xt = ctx.upload(&x, &[rows, len]).unwrap();
+        let y = ctx
+            .download(&rms.forward(ctx, &xt, Mode::Train).unwrap())
+            .unwrap();
+        let expected = reference::forward(
+            &x,
+            &View::layer_norm(&[rows, len], len),
+            true,
+            f32::EPSILON as f64,
+            Some(&w),
+            None,
+        );
+        assert_close("rms norm", &y, &expected, 1e-5, 1e-5);
+    }
 }
 
 #[test]
