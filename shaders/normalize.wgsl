@@ -109,8 +109,8 @@ fn normalize(
 // (p, a, g): the statistics group and, when the affine index is the group,
 // γ and β are the same for the whole workgroup, found once with a few
 // uniform divisions instead of per element. Invocation lid handles the vec4
-// pairs 2·lid, 2·lid + 2·NORMALIZE_WG, ... of its block (run_vec4 vectors).
-@compute @workgroup_size(NORMALIZE_WG)
+// pairs 2·lid, 2·lid + 2·RUNS_WG, ... of its block (run_vec4 vectors).
+@compute @workgroup_size(RUNS_WG)
 fn normalize_runs(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -131,7 +131,7 @@ fn normalize_runs(
     // Invocations take two neighbouring vectors per step (run_vec4 is
     // even): CPUs that run WGSL stream 32-byte pieces much faster than
     // 16-byte ones (lavapipe).
-    let first = block * params.run_vec4 * NORMALIZE_WG + 2u * lid;
+    let first = block * params.run_vec4 * RUNS_WG + 2u * lid;
     if (AFFINE_MODE == AFFINE_PER_RUN) {
         // One γ and β per run (BatchNorm, InstanceNorm).
         var scale = st.z;
@@ -144,7 +144,7 @@ fn normalize_runs(
             offset = offset + bias_at(g);
         }
         for (var k = 0u; k < params.run_vec4; k += 2u) {
-            let j4 = first + k * NORMALIZE_WG;
+            let j4 = first + k * RUNS_WG;
             if (j4 < n4) {
                 store_y4(base4 + j4, (load_x4(base4 + j4) - st.x) * scale + offset);
             }
@@ -155,7 +155,7 @@ fn normalize_runs(
     } else {
         for (var k = 0u; k < params.run_vec4; k += 2u) {
             for (var h = 0u; h < 2u; h++) {
-                let j4 = first + k * NORMALIZE_WG + h;
+                let j4 = first + k * RUNS_WG + h;
                 if (j4 < n4) {
                     let xn = ((load_x4(base4 + j4) - st.x) - st.y) * st.z;
                     store_y4(base4 + j4, affine4(xn, g, g * n4 + j4));

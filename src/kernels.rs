@@ -37,6 +37,10 @@ pub const NORMALIZE_WG: u32 = 256;
 /// workgroup apart (more work per invocation was measurably faster on
 /// lavapipe, see NOTES.md).
 pub const NORMALIZE_VEC4: u32 = 8;
+/// Invocations per workgroup of the run-by-run normalize kernel, and the
+/// most vec4 each one writes per run.
+pub const RUNS_WG: u32 = 64;
+pub const RUNS_VEC4_MAX: u32 = 16;
 /// Shortest run (B) the run-by-run normalize kernel takes: shorter runs
 /// would leave most of a workgroup idle.
 pub const RUNS_MIN_LEN: u32 = 512;
@@ -314,6 +318,7 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
          const FINALIZE_WG: u32 = {FINALIZE_WG}u;\n\
          const NORMALIZE_WG: u32 = {NORMALIZE_WG}u;\n\
          const NORMALIZE_VEC4: u32 = {NORMALIZE_VEC4}u;\n\
+         const RUNS_WG: u32 = {RUNS_WG}u;\n\
          const ROWS_WG: u32 = {ROWS_WG}u;\n\
          const ROWS_CACHE: u32 = {ROWS_CACHE}u;\n\
          const ROWS_SG_WG: u32 = {ROWS_SG_WG}u;\n"
