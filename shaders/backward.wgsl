@@ -507,3 +507,43 @@ fn write_column(l: u32, block: u32, s: vec4<f32>) {
         work[bp.partials_offset + l * bp.group_stride + block * bp.tile_stride] = s;
     }
 }
+
+// dβ and dγ from the column sums bwd_rows_subgroup wrote with
+// BWD_COLUMN_SUMS: invocation c4 adds up, over the `tiles` steps, Σdy and
+// Σdy·x̂ of the four columns of vector c4 (column_sums_slot: neighbouring
+// invocations read neighbouring vectors, and consecutive steps are
+// contiguous), in blocks of 32 steps so that rounding grows with
+// 32 + steps/32 rather than with the step count.
+@compute @workgroup_size(BWD_WG)
+fn bwd_column_sums(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let n4 = bp.cols / 4u;
+    let c4 = bwd_linear_workgroup(wid, nwg) * BWD_WG + lid;
+    if (c4 >= n4) {
+        return;
+    }
+    var sum_dy = vec4<f32>(0.0);
+    var sum_dy_xhat = vec4<f32>(0.0);
+    for (var block = 0u; block < bp.tiles; block += 32u) {
+        var block_dy = vec4<f32>(0.0);
+        var block_dy_xhat = vec4<f32>(0.0);
+        for (var step = block; step < min(block + 32u, bp.tiles); step++) {
+            let at = column_sums_slot(step, c4);
+            block_dy += work[at];
+            block_dy_xhat += work[at + 8u];
+        }
+        sum_dy += block_dy;
+        sum_dy_xhat += block_dy_xhat;
+    }
+    for (var k = 0u; k < 4u; k++) {
+        if (bwd_flag(BF_GRAD_WEIGHT)) {
+            grad_weight[4u * c4 + k] = sum_dy_xhat[k];
+        }
+        if (bwd_flag(BF_GRAD_BIAS)) {
+            grad_bias[4u * c4 + k] = sum_dy[k];
+        }
+    }
+}

@@ -77,6 +77,24 @@ override BWD_AFFINE: u32 = 2u;
 // elements from a multiple of four share their statistics group, and
 // load and store as one vector (terms4, grad_input4).
 override BWD_VEC4: bool = false;
+// Groups bwd_rows_subgroup walks at a time: 1, or 4 when every group has
+// the same affine parameters and no per-channel partials are written
+// (LayerNorm, RMSNorm; the host checks), as the forward's ROWS_SG_R.
+override BWD_ROWS_R: u32 = 1u;
+// bwd_rows_subgroup also writes each step's column sums of dy and dy·x̂
+// (bwd_column_sums finishes them): LayerNorm's dγ and dβ without reading x
+// and dy again.
+override BWD_COLUMN_SUMS: bool = false;
+
+// Where the column sums of vector j4 over step `step` go (Σdy; Σdy·x̂ is 8
+// vectors further): blocks of 8 vectors, each block's steps one after the
+// other, so that bwd_column_sums, one invocation per vector, streams every
+// block's 256 bytes per step contiguously. (A row of steps per step,
+// 2·n4 vectors apart, made it wait on memory: lavapipe does not prefetch
+// across the 8 KiB jumps.) `tiles` is the step count.
+fn column_sums_slot(step: u32, j4: u32) -> u32 {
+    return bp.partials_offset + ((j4 >> 3u) * bp.tiles + step) * 16u + (j4 & 7u);
+}
 
 const BF_WRITE_GSUM: u32 = 8u;
 const BF_LOOP_P: u32 = 16u;
@@ -254,14 +272,23 @@ fn grad_from(g: vec4<f32>, xhat: vec4<f32>, s: vec4<f32>, st: vec4<f32>) -> vec4
 
 // grad_input of the elements 4·i4 .. 4·i4 + 3 (grad_input_with for four).
 fn grad_input4(i4: u32, s: vec4<f32>, st: vec4<f32>, w: vec4<f32>) -> vec4<f32> {
-    var g = load_dy4(i4);
+    var x = vec4<f32>(0.0);
+    if (!BWD_RUNNING) {
+        x = load_x4(i4);
+    }
+    return grad_input_of(load_dy4(i4), x, s, st, w);
+}
+
+// grad_input4 from the four elements' dy and x, already loaded.
+fn grad_input_of(dy: vec4<f32>, x: vec4<f32>, s: vec4<f32>, st: vec4<f32>, w: vec4<f32>) -> vec4<f32> {
+    var g = dy;
     if (BWD_WEIGHT) {
         g = g * w;
     }
     if (BWD_RUNNING) {
         return g * st.z;
     }
-    return grad_from(g, ((load_x4(i4) - st.x) - st.y) * st.z, s, st);
+    return grad_from(g, ((x - st.x) - st.y) * st.z, s, st);
 }
 
 // grad_input regrouped for elements that share statistics st, group sums

@@ -6,6 +6,20 @@
 // on NVIDIA, 32 or 64 on AMD): nothing assumes one. Appended to the
 // backward source only for this kernel, so adapters without subgroups
 // never compile it.
+//
+// With BWD_ROWS_R = 4 a subgroup walks four groups at a time and loads each
+// vector of γ once for the four (every group has the same parameters
+// then); a last partial step repeats the last group, whose lanes rewrite
+// the same values.
+//
+// With BWD_COLUMN_SUMS (four groups per step, LayerNorm and RMSNorm rows,
+// one affine parameter per column) the second pass also sums dy and dy·x̂
+// over the step's rows, column by column, and writes them as the step's
+// partial (column_sums_slot). bwd_column_sums adds the steps up into dβ
+// and dγ, so the
+// gradients of γ and β cost half a scalar store per element here and half
+// a load there, instead of a third read of x and dy (the column kernel).
+const BWD_ROWS_R_MAX: u32 = 4u;
 
 @compute @workgroup_size(BWD_SG_WG)
 fn bwd_rows_subgroup(
@@ -14,33 +28,73 @@ fn bwd_rows_subgroup(
     @builtin(subgroup_invocation_id) lane: u32,
     @builtin(subgroup_size) sg: u32,
 ) {
-    let rows = subgroup_rows(lane, sg, BWD_SG_WG, bwd_linear_workgroup(wid, nwg), nwg.x * nwg.y);
-    let width = rows.width;
+    let steps = subgroup_rows(lane, sg, BWD_SG_WG, bwd_linear_workgroup(wid, nwg), nwg.x * nwg.y);
+    let width = steps.width;
     let n = bp.sb;
     let n4 = n / 4u;
-    for (var group = rows.first; group < bp.sp * bp.sg; group += rows.stride) {
-        let base = group * n;
-        let base4 = group * n4;
-        let st = stats[group];
+    let groups = bp.sp * bp.sg;
+    for (var first = steps.first * BWD_ROWS_R; first < groups; first += steps.stride * BWD_ROWS_R) {
+        var base4: array<u32, BWD_ROWS_R_MAX>;
+        var st: array<vec4<f32>, BWD_ROWS_R_MAX>;
+        var s: array<vec4<f32>, BWD_ROWS_R_MAX>;
+        for (var r = 0u; r < BWD_ROWS_R; r++) {
+            let group = min(first + r, groups - 1u);
+            base4[r] = group * n4;
+            st[r] = stats[group];
+        }
+        // The affine layout of the first group is every group's.
+        let base = first * n;
         let c0 = affine_index(base);
         // Channel by channel, as bwd_rows.
         let d4 = group_channel_len4(n4);
         let channels = n4 / d4;
-        var s = vec4<f32>(0.0);
         for (var ch = 0u; ch < channels; ch++) {
-            var acc = vec4<f32>(0.0);
+            var acc: array<vec4<f32>, BWD_ROWS_R_MAX>;
             for (var j4 = ch * d4 + lane; j4 < (ch + 1u) * d4; j4 += width) {
-                acc += terms4(base4 + j4, st, group_weight4(base, c0, ch, j4));
+                let w = group_weight4(base, c0, ch, j4);
+                for (var r = 0u; r < BWD_ROWS_R; r++) {
+                    acc[r] += terms4(base4[r] + j4, st[r], w);
+                }
             }
-            let sc = subgroupAdd(acc);
-            if (lane == 0u && bwd_flag(BF_WRITE_PARTIALS)) {
-                work[bp.partials_offset + group * channels + ch] = sc;
+            for (var r = 0u; r < BWD_ROWS_R; r++) {
+                let sc = subgroupAdd(acc[r]);
+                // Only with one group per step (the host checks).
+                if (lane == 0u && bwd_flag(BF_WRITE_PARTIALS)) {
+                    work[bp.partials_offset + first * channels + ch] = sc;
+                }
+                s[r] += sc;
             }
-            s += sc;
         }
+        // Rows past the end repeat the last one: left out of column sums.
+        var live: array<bool, BWD_ROWS_R_MAX>;
+        for (var r = 0u; r < BWD_ROWS_R; r++) {
+            live[r] = first + r < groups;
+        }
+        let step = first / BWD_ROWS_R;
         for (var ch = 0u; ch < channels; ch++) {
             for (var j4 = ch * d4 + lane; j4 < (ch + 1u) * d4; j4 += width) {
-                store_dx4(base4 + j4, grad_input4(base4 + j4, s, st, group_weight4(base, c0, ch, j4)));
+                let w = group_weight4(base, c0, ch, j4);
+                var col_dy = vec4<f32>(0.0);
+                var col_dy_xhat = vec4<f32>(0.0);
+                for (var r = 0u; r < BWD_ROWS_R; r++) {
+                    let i4 = base4[r] + j4;
+                    let dy = load_dy4(i4);
+                    let xhat = ((load_x4(i4) - st[r].x) - st[r].y) * st[r].z;
+                    var g = dy;
+                    if (BWD_WEIGHT) {
+                        g = dy * w;
+                    }
+                    store_dx4(i4, grad_from(g, xhat, s[r], st[r]));
+                    if (BWD_COLUMN_SUMS) {
+                        col_dy += select(vec4<f32>(0.0), dy, live[r]);
+                        col_dy_xhat += select(vec4<f32>(0.0), dy * xhat, live[r]);
+                    }
+                }
+                if (BWD_COLUMN_SUMS) {
+                    let at = column_sums_slot(step, j4);
+                    work[at] = col_dy;
+                    work[at + 8u] = col_dy_xhat;
+                }
             }
         }
     }

@@ -104,11 +104,14 @@ pub enum BackwardKernel {
     ChannelCols,
     /// Channels-last statistics: grad_input from per-channel coefficients.
     ChannelGradInput,
+    /// dγ and dβ from the per-step column sums of `RowsSubgroup` with
+    /// `BWD_COLUMN_SUMS` ([`fused_column_sums`]).
+    ColumnSums,
 }
 
 impl BackwardKernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [BackwardKernel; 8] = [
+    pub const ALL: [BackwardKernel; 9] = [
         BackwardKernel::Rows,
         BackwardKernel::RowsSubgroup,
         BackwardKernel::Partials,
@@ -117,6 +120,7 @@ impl BackwardKernel {
         BackwardKernel::Cols,
         BackwardKernel::ChannelCols,
         BackwardKernel::ChannelGradInput,
+        BackwardKernel::ColumnSums,
     ];
 
     /// WGSL entry point name.
@@ -130,6 +134,7 @@ impl BackwardKernel {
             BackwardKernel::Cols => "bwd_cols",
             BackwardKernel::ChannelCols => "bwd_channel_cols",
             BackwardKernel::ChannelGradInput => "bwd_channel_dx",
+            BackwardKernel::ColumnSums => "bwd_column_sums",
         }
     }
 }
@@ -247,6 +252,16 @@ const BF_GRAD_BIAS: u32 = 64;
 const BF_WRITE_PARTIALS: u32 = 128;
 /// Host-side only: the finalize step runs `bwd_finalize_serial`.
 const BF_SERIAL: u32 = 256;
+/// Host-side only: the subgroup row kernel walks four groups at a time
+/// (`BWD_ROWS_R`).
+const BF_FOUR_ROWS: u32 = 512;
+/// Host-side only: the subgroup row kernel writes column sums
+/// (`BWD_COLUMN_SUMS`).
+const BF_COLUMN_SUMS: u32 = 1024;
+
+/// Most bytes of per-step column sums ([`fused_column_sums`]): WebGPU's
+/// default storage binding limit, which every adapter offers.
+const COLUMN_SUMS_MAX_BYTES: usize = 128 << 20;
 
 /// Most partials one finalize output merges serially, one invocation per
 /// output; with more, a workgroup per output merges them in a tree. Few
@@ -394,6 +409,20 @@ fn channel_strips(v: &View) -> usize {
 /// Whether the subgroup row kernel takes a backward the row kernel takes.
 fn uses_subgroup_rows(v: &View, caps: &Caps) -> bool {
     caps.subgroups && v.b.is_multiple_of(4)
+}
+
+/// Whether the subgroup row kernel, walking four rows at a time, also
+/// writes per-step column sums for dγ and dβ (one parameter per column),
+/// finished by [`BackwardKernel::ColumnSums`]. CPU adapters only: that last
+/// pass has one invocation per four columns, which fills a CPU but not a
+/// GPU (there the column kernel's row blocks keep thousands busy).
+fn fused_column_sums(v: &View, caps: &Caps, params_wanted: bool) -> bool {
+    let steps = v.groups().div_ceil(kernels::ROWS_SG_STEP as usize);
+    caps.cpu
+        && params_wanted
+        && v.affine_div <= 1
+        && crate::engine::rows_per_step(v, caps) > 1
+        && 16 * (v.b / 4).div_ceil(8) * steps * 16 <= COLUMN_SUMS_MAX_BYTES
 }
 
 /// The plan; `tiled` keeps groups off the row kernel so that grad_input is
@@ -553,8 +582,35 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
             if uses_subgroup_rows(v, caps) {
                 // Enough workgroups for the largest subgroup size; with
                 // smaller subgroups the surplus workgroups find no group.
-                let per_wg = (BWD_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
+                // Four groups per step where the forward takes four rows
+                // and no per-channel partials are written.
+                let mut per_wg = (BWD_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
+                let step = crate::engine::rows_per_step(v, caps) as usize;
+                let column_sums = row_grads == 0 && fused_column_sums(v, caps, params_wanted);
+                if step > 1 && row_grads == 0 {
+                    p.flags |= BF_FOUR_ROWS;
+                    per_wg *= step;
+                }
+                let steps = groups.div_ceil(step);
+                if column_sums {
+                    p.flags |= BF_COLUMN_SUMS;
+                    p.tiles = steps as u32;
+                }
                 push(BackwardKernel::RowsSubgroup, groups.div_ceil(per_wg), p);
+                if column_sums {
+                    let mut c = base;
+                    c.flags |= grad_flags;
+                    c.tiles = steps as u32;
+                    push(
+                        BackwardKernel::ColumnSums,
+                        (v.b / 4).div_ceil(BWD_WG as usize),
+                        c,
+                    );
+                    // Blocks of eight vectors (column_sums_slot).
+                    let blocks = (v.b / 4).div_ceil(8);
+                    work_vec4 = work_vec4.max(groups + 16 * blocks * steps);
+                    grads_done = true;
+                }
             } else {
                 push(BackwardKernel::Rows, groups, p);
             }
@@ -782,6 +838,10 @@ struct Specialization {
     vec4: bool,
     /// A finalize step merges serially (`bwd_finalize_serial`).
     serial: bool,
+    /// Groups the subgroup row kernel walks at a time (`BWD_ROWS_R`).
+    rows_step: u8,
+    /// The subgroup row kernel writes column sums (`BWD_COLUMN_SUMS`).
+    column_sums: bool,
 }
 
 impl Specialization {
@@ -804,10 +864,16 @@ impl Specialization {
             affine,
             vec4: vec4_runs(p),
             serial: p.flags & BF_SERIAL != 0,
+            rows_step: if p.flags & BF_FOUR_ROWS != 0 {
+                kernels::ROWS_SG_STEP as u8
+            } else {
+                1
+            },
+            column_sums: p.flags & BF_COLUMN_SUMS != 0,
         }
     }
 
-    fn constants(&self) -> [(&'static str, f64); 5] {
+    fn constants(&self) -> [(&'static str, f64); 7] {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         [
             ("BWD_WEIGHT", flag(self.weight)),
@@ -815,6 +881,8 @@ impl Specialization {
             ("BWD_RUNNING", flag(self.running)),
             ("BWD_AFFINE", self.affine as f64),
             ("BWD_VEC4", flag(self.vec4)),
+            ("BWD_ROWS_R", self.rows_step as f64),
+            ("BWD_COLUMN_SUMS", flag(self.column_sums)),
         ]
     }
 }
@@ -1057,13 +1125,30 @@ mod tests {
                 .map(|d| (d.kernel, d.workgroups))
                 .collect()
         };
-        // 4096 rows, two per 64-invocation workgroup of 32-wide subgroups;
-        // columns eight per invocation; 128 row blocks per column, merged
-        // serially, one invocation per column.
+        // 4096 rows, four per step of a 32-wide subgroup, two subgroups per
+        // 64-invocation workgroup; columns eight per invocation; 128 row
+        // blocks per column, merged serially, one invocation per column.
         let v = View::layer_norm(&[4096, 1024], 1024);
         assert_eq!(
             on(&spec(v, StatsSource::Batch, true)),
-            [(RowsSubgroup, 2048), (Cols, 128 * 2), (Finalize, 1024 / 64)]
+            [(RowsSubgroup, 512), (Cols, 128 * 2), (Finalize, 1024 / 64)]
+        );
+        // Fewer rows than a GPU wants in steps of four: one per step.
+        let half = View::layer_norm(&[2048, 1024], 1024);
+        assert_eq!(
+            on(&spec(half, StatsSource::Batch, true))[0],
+            (RowsSubgroup, 1024)
+        );
+        // A CPU: the row kernel also sums columns per step of four rows, and
+        // one pass with an invocation per four columns finishes dγ and dβ.
+        let cpu = Caps { cpu: true, ..caps };
+        let plan = plan_backward_on(&spec(v, StatsSource::Batch, true), &cpu);
+        let steps: Vec<_> = plan.iter().map(|d| (d.kernel, d.workgroups)).collect();
+        assert_eq!(steps, [(RowsSubgroup, 512), (ColumnSums, 256 / 64)]);
+        // Without parameter gradients there is nothing to sum.
+        assert_eq!(
+            kernels_of_on(&spec(v, StatsSource::Batch, false), &cpu),
+            [RowsSubgroup]
         );
         // Odd rows: the workgroup kernel and one column per invocation.
         let odd = View::layer_norm(&[4096, 1023], 1023);

@@ -171,9 +171,18 @@ fn backward_source_validates_with_naga() {
             naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("backward {dtype} subgroups={subgroups}: {e:?}"));
+            // Every kernel's entry point is there (the subgroup one only
+            // with subgroups).
+            for kernel in BackwardKernel::ALL {
+                let wanted = subgroups || kernel != BackwardKernel::RowsSubgroup;
+                let found = module
+                    .entry_points
+                    .iter()
+                    .any(|e| e.name == kernel.entry_point());
+                assert_eq!(found, wanted, "{kernel:?} subgroups={subgroups}");
+            }
         }
     }
-    assert_eq!(BackwardKernel::ALL.len(), 8);
 }
 
 // ---------------------------------------------------------------------------
@@ -328,8 +337,10 @@ fn layer_norm_backward_column_sums_match_f64_for_every_column_strip() {
 
 #[test]
 fn layer_norm_backward_uses_the_statistics_of_rows_walked_four_at_a_time() {
-    // The forward walks 67 rows four at a time on lavapipe (the last step
-    // repeats row 66): every row's saved statistics must be its own.
+    // The forward and the backward walk 67 rows four at a time on lavapipe
+    // (the last step repeats row 66): every row's saved statistics must be
+    // its own, and the backward's per-step column sums (dγ, dβ) must count
+    // row 66 once.
     layer_norm_case(67, 256, true, true, 0.5);
 }
 
