@@ -28,8 +28,18 @@ fn workgroup_sum4(lid: u32, v: vec4<f32>, size: u32) -> vec4<f32> {
 
 // Flat index of element j of reduction group (p, g).
 fn reduction_index(p: u32, g: u32, j: u32) -> u32 {
-    let a = fast_div(j, bp.div_rb);
-    return ((p * bp.ra + a) * bp.rg + g) * bp.rb + (j - a * bp.rb);
+    return reduction_index_at(p, g, run_pos(j, bp.div_rb));
+}
+
+// reduction_index of the element at `pos` (runs of RB).
+fn reduction_index_at(p: u32, g: u32, pos: RunPos) -> u32 {
+    return ((p * bp.ra + pos.run) * bp.rg + g) * bp.rb + pos.off;
+}
+
+// (dy, dy·x̂) of the four elements at vector i4, with statistics st.
+fn dy_terms4(i4: u32, st: vec4<f32>) -> mat2x4<f32> {
+    let d = load_dy4(i4);
+    return mat2x4<f32>(d, d * (((load_x4(i4) - st.x) - st.y) * st.z));
 }
 
 // One workgroup per contiguous group of the stats view (SA = 1): sums the
@@ -133,28 +143,41 @@ fn bwd_partials(
             // Runs are whole vectors, and so are tiles and the group. With
             // one γ for the group, Σg = γ·Σdy: only Σdy and Σdy·x̂ are
             // summed, lane-wise, and reduced once at the end.
-            var sum_dy = vec4<f32>(0.0);
-            var sum_dy_xhat = vec4<f32>(0.0);
             // Each invocation reads two neighbouring vectors (32 bytes) at
             // a time: CPUs that run WGSL stream such pieces faster (see
             // bwd_cols). Tiles are multiples of eight elements and the
             // group ends at a multiple of four, so each vector is whole or
             // past the end.
-            for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
-                let j = start + 8u * (lid + k * BWD_WG);
-                if (j < end) {
-                    let i4 = reduction_index(p, g, j) / 4u;
-                    let d = load_dy4(i4);
-                    sum_dy += d;
-                    sum_dy_xhat += d * (((load_x4(i4) - st.x) - st.y) * st.z);
+            var sums = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
+            let stride = 8u * BWD_WG;
+            if (bp.rb >= stride) {
+                // Runs at least a step long: the position moves without
+                // a division (run_step).
+                var pos = run_pos(start + 8u * lid, bp.div_rb);
+                for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
+                    let j = start + 8u * (lid + k * BWD_WG);
+                    let next = run_step(pos, 4u, bp.rb);
+                    if (j < end) {
+                        sums += dy_terms4(reduction_index_at(p, g, pos) / 4u, st);
+                    }
+                    if (j + 4u < end) {
+                        sums += dy_terms4(reduction_index_at(p, g, next) / 4u, st);
+                    }
+                    pos = run_step(pos, stride, bp.rb);
                 }
-                if (j + 4u < end) {
-                    let i4 = reduction_index(p, g, j + 4u) / 4u;
-                    let d = load_dy4(i4);
-                    sum_dy += d;
-                    sum_dy_xhat += d * (((load_x4(i4) - st.x) - st.y) * st.z);
+            } else {
+                for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
+                    let j = start + 8u * (lid + k * BWD_WG);
+                    if (j < end) {
+                        sums += dy_terms4(reduction_index(p, g, j) / 4u, st);
+                    }
+                    if (j + 4u < end) {
+                        sums += dy_terms4(reduction_index(p, g, j + 4u) / 4u, st);
+                    }
                 }
             }
+            let sum_dy = sums[0];
+            let sum_dy_xhat = sums[1];
             acc = sums_with_weight(hsum(sum_dy), hsum(sum_dy_xhat), weight_of_group(g));
         } else {
             for (var k = 0u; k < BWD_PER_THREAD; k++) {

@@ -114,8 +114,12 @@ fn linear_workgroup(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
 }
 
 fn element_index(p: u32, g: u32, j: u32) -> u32 {
-    let a = fast_div(j, params.div_b);
-    return ((p * params.a + a) * params.g + g) * params.b + (j - a * params.b);
+    return element_index_at(p, g, run_pos(j, params.div_b));
+}
+
+// element_index of the element at `pos` (runs of B).
+fn element_index_at(p: u32, g: u32, pos: RunPos) -> u32 {
+    return ((p * params.a + pos.run) * params.g + g) * params.b + pos.off;
 }
 
 // The first j of group (p, g) whose element index is >= `index`. Element

@@ -100,6 +100,13 @@ fn partials_each(
     scratch[params.partials_offset + slot] = vec4<f32>(invocation_summary(w, lid), 0.0);
 }
 
+// (v, v²) for v = x − shift of the four elements from flat index i (a
+// multiple of four, in the bound chunk).
+fn shifted_terms4(i: u32, shift: f32) -> mat2x4<f32> {
+    let v = load_x4((i - params.chunk_base) >> 2u) - shift;
+    return mat2x4<f32>(v, v * v);
+}
+
 // (count, mean, M2) of invocation lid's elements of tile w (see the
 // header). Workgroup 0's invocation 0 also bumps num_batches_tracked when
 // asked.
@@ -126,23 +133,40 @@ fn invocation_summary(w: u32, lid: u32) -> vec3<f32> {
         // Each invocation reads two neighbouring vectors per step: CPUs that
         // run WGSL stream 32-byte pieces much faster than 16-byte ones
         // (lavapipe; as the backward's partials).
-        var sum = vec4<f32>(0.0);
-        var sq = vec4<f32>(0.0);
-        for (var k = 0u; k < STATS_PER_THREAD / 8u; k++) {
-            let j = start + 8u * (lid + k * STATS_WG);
-            if (j < end) {
-                let v = load_x4((element_index(p, g, j) - params.chunk_base) >> 2u) - shift;
-                sum += v;
-                sq += v * v;
-                count += 4u;
+        var sums = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
+        let stride = 8u * STATS_WG;
+        if (params.b >= stride) {
+            // Runs at least a step long: the position moves without a
+            // division (run_step).
+            var pos = run_pos(start + 8u * lid, params.div_b);
+            for (var k = 0u; k < STATS_PER_THREAD / 8u; k++) {
+                let j = start + 8u * (lid + k * STATS_WG);
+                let next = run_step(pos, 4u, params.b);
+                if (j < end) {
+                    sums += shifted_terms4(element_index_at(p, g, pos), shift);
+                    count += 4u;
+                }
+                if (j + 4u < end) {
+                    sums += shifted_terms4(element_index_at(p, g, next), shift);
+                    count += 4u;
+                }
+                pos = run_step(pos, stride, params.b);
             }
-            if (j + 4u < end) {
-                let v = load_x4((element_index(p, g, j + 4u) - params.chunk_base) >> 2u) - shift;
-                sum += v;
-                sq += v * v;
-                count += 4u;
+        } else {
+            for (var k = 0u; k < STATS_PER_THREAD / 8u; k++) {
+                let j = start + 8u * (lid + k * STATS_WG);
+                if (j < end) {
+                    sums += shifted_terms4(element_index(p, g, j), shift);
+                    count += 4u;
+                }
+                if (j + 4u < end) {
+                    sums += shifted_terms4(element_index(p, g, j + 4u), shift);
+                    count += 4u;
+                }
             }
         }
+        let sum = sums[0];
+        let sq = sums[1];
         let summary = shifted_summary(count, hsum(sum), hsum(sq));
         mean = summary.x;
         m2 = summary.y;
