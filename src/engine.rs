@@ -123,12 +123,20 @@ pub struct RunGrid {
 
 impl RunGrid {
     /// The grid of `normalize_columns`: steps per invocation (in `vec4`),
-    /// workgroups per p (in `blocks`).
-    pub fn columns(view: &View) -> RunGrid {
+    /// workgroups per p (in `blocks`). A CPU takes more rows per
+    /// invocation: each one first finds the scale and offset of its eight
+    /// columns (divisions and gathers), which 8 rows did not amortize on
+    /// lavapipe (32 rows: channels-last GroupNorm's normalize 2.6 ->
+    /// 1.9 ms); a GPU keeps more workgroups in flight.
+    pub fn columns(view: &View, caps: &Caps) -> RunGrid {
         // Strips of two vectors per row (normalize_columns).
         let strips = (view.g * view.b / 4).div_ceil(2);
         let rows_per_step = kernels::NORMALIZE_WG as usize / strips;
-        let steps = kernels::NORMALIZE_VEC4 as usize;
+        let steps = if caps.cpu {
+            kernels::COLUMN_STEPS_CPU
+        } else {
+            kernels::NORMALIZE_VEC4
+        } as usize;
         RunGrid {
             blocks: view.a.div_ceil(rows_per_step * steps).max(1),
             vec4: steps,
@@ -171,11 +179,11 @@ pub fn uses_normalize_columns(view: &View, chunks: &Chunks) -> bool {
 
 /// The normalize pass: run by run, by fixed columns, or one dispatch per
 /// chunk of the flat tensor.
-fn normalize_dispatches(view: &View, chunks: &Chunks) -> Vec<Dispatch> {
+fn normalize_dispatches(view: &View, chunks: &Chunks, caps: &Caps) -> Vec<Dispatch> {
     if uses_normalize_columns(view, chunks) {
         return vec![Dispatch {
             kernel: Kernel::NormalizeColumns,
-            workgroups: (view.p * RunGrid::columns(view).blocks) as u32,
+            workgroups: (view.p * RunGrid::columns(view, caps).blocks) as u32,
             chunk: 0,
         }];
     }
@@ -334,7 +342,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
                 v.groups().div_ceil(kernels::FINALIZE_WG as usize),
                 0,
             )];
-            plan.extend(normalize_dispatches(v, chunks));
+            plan.extend(normalize_dispatches(v, chunks, caps));
             plan
         }
         StatsSource::Batch if uses_row_kernel(spec) && !chunks.split() => {
@@ -386,7 +394,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             } else {
                 plan.push(d(Kernel::Finalize, finalize_wg, 0));
             }
-            plan.extend(normalize_dispatches(v, chunks));
+            plan.extend(normalize_dispatches(v, chunks, caps));
             plan
         }
     }
@@ -600,7 +608,7 @@ pub(crate) fn record_forward_preset(
 }
 
 /// The dispatches of a forward with preset statistics.
-fn plan_preset(spec: &ForwardSpec, chunks: &Chunks) -> Vec<Dispatch> {
+fn plan_preset(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) -> Vec<Dispatch> {
     let v = &spec.view;
     let numel = v.numel();
     let mut plan = Vec::new();
@@ -633,7 +641,7 @@ fn plan_preset(spec: &ForwardSpec, chunks: &Chunks) -> Vec<Dispatch> {
         workgroups: finalize_wg as u32,
         chunk: 0,
     });
-    plan.extend(normalize_dispatches(v, chunks));
+    plan.extend(normalize_dispatches(v, chunks, caps));
     plan
 }
 
@@ -648,7 +656,7 @@ fn record_forward_with(
     let chunks = chunks_for(ctx, spec);
     let plan = match preset {
         None => plan_forward_chunked(spec, &chunks, &ctx.caps()),
-        Some(_) => plan_preset(spec, &chunks),
+        Some(_) => plan_preset(spec, &chunks, &ctx.caps()),
     };
     if plan.is_empty() {
         return (plan, None);
@@ -748,7 +756,7 @@ fn forward_uniforms(
     };
     let numel = v.numel();
     let runs = if uses_normalize_columns(v, chunks) {
-        RunGrid::columns(v)
+        RunGrid::columns(v, &ctx.caps())
     } else {
         RunGrid::of(v)
     };
@@ -1026,7 +1034,10 @@ mod tests {
         );
         let last = plan.last().unwrap();
         assert_eq!(last.kernel, Kernel::NormalizeColumns);
-        assert_eq!(last.workgroups as usize, 32 * RunGrid::columns(&v).blocks);
+        assert_eq!(
+            last.workgroups as usize,
+            32 * RunGrid::columns(&v, &SUBGROUPS).blocks
+        );
     }
 
     #[test]
