@@ -115,6 +115,77 @@ fn bwd_rows(
     }
 }
 
+// Invocation lid's sums (Σg, Σg·x̂, Σdy, Σdy·x̂) over the elements
+// [start, end) of group (p, g) of a reduction view that is the stats view
+// itself, with one parameter per run and runs of whole vectors
+// (BatchNorm): the statistics and γ are the group's, read once, and with
+// one γ, Σg = γ·Σdy, so only Σdy and Σdy·x̂ are summed.
+fn channel_run_sums(p: u32, g: u32, group: u32, start: u32, end: u32, lid: u32) -> vec4<f32> {
+    let st = stats[group];
+    // Sums lane-wise, reduced once at the end. Each invocation reads two
+    // neighbouring vectors (32 bytes) at a time: CPUs that run WGSL stream
+    // such pieces faster (see bwd_cols). Tiles are multiples of eight
+    // elements and the group ends at a multiple of four, so each vector is
+    // whole or past the end.
+    var sums = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
+    let stride = 8u * BWD_WG;
+    if (bp.rb >= stride) {
+        // Runs at least a step long: the position moves without a
+        // division (run_step).
+        var pos = run_pos(start + 8u * lid, bp.div_rb);
+        for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
+            let j = start + 8u * (lid + k * BWD_WG);
+            let next = run_step(pos, 4u, bp.rb);
+            if (j < end) {
+                sums += dy_terms4(reduction_index_at(p, g, pos) / 4u, st);
+            }
+            if (j + 4u < end) {
+                sums += dy_terms4(reduction_index_at(p, g, next) / 4u, st);
+            }
+            pos = run_step(pos, stride, bp.rb);
+        }
+    } else {
+        for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
+            let j = start + 8u * (lid + k * BWD_WG);
+            if (j < end) {
+                sums += dy_terms4(reduction_index(p, g, j) / 4u, st);
+            }
+            if (j + 4u < end) {
+                sums += dy_terms4(reduction_index(p, g, j + 4u) / 4u, st);
+            }
+        }
+    }
+    return sums_with_weight(hsum(sums[0]), hsum(sums[1]), weight_of_group(g));
+}
+
+// bwd_partials without the workgroup tree, for the groups of
+// channel_run_sums (BatchNorm channels-first): every invocation writes its
+// own sums, at slot (tile·BWD_WG + lid)·tile_stride of its group, and the
+// finalize pass merges them. The tree's barriers were about a quarter of
+// lavapipe's partials pass (it pays about 2 µs per workgroup and barrier
+// level). A separate entry point, not a flag: one kernel that switched
+// between early-returning invocations and a barrier tree gave wrong sums
+// on lavapipe.
+@compute @workgroup_size(BWD_WG)
+fn bwd_partials_each(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = bwd_linear_workgroup(wid, nwg);
+    if (w >= bp.n_groups * bp.tiles) {
+        return;
+    }
+    let group = w / bp.tiles;
+    let tile = w % bp.tiles;
+    let p = group / bp.rg;
+    let g = group % bp.rg;
+    let start = tile * bp.tile_len;
+    let end = min(start + bp.tile_len, bp.ra * bp.rb);
+    let s = channel_run_sums(p, g, group, start, end, lid);
+    work[bp.partials_offset + group * bp.group_stride + (tile * BWD_WG + lid) * bp.tile_stride] = s;
+}
+
 // One workgroup per tile of up to BWD_WG·BWD_PER_THREAD consecutive
 // elements of one reduction group: writes the tile's partial sums.
 @compute @workgroup_size(BWD_WG)
@@ -138,48 +209,10 @@ fn bwd_partials(
         // The group sums of the stats view itself with one parameter per
         // run (BatchNorm): the statistics and γ of the whole tile are
         // group's, read once.
-        let st = stats[group];
         if (BWD_VEC4) {
-            // Runs are whole vectors, and so are tiles and the group. With
-            // one γ for the group, Σg = γ·Σdy: only Σdy and Σdy·x̂ are
-            // summed, lane-wise, and reduced once at the end.
-            // Each invocation reads two neighbouring vectors (32 bytes) at
-            // a time: CPUs that run WGSL stream such pieces faster (see
-            // bwd_cols). Tiles are multiples of eight elements and the
-            // group ends at a multiple of four, so each vector is whole or
-            // past the end.
-            var sums = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
-            let stride = 8u * BWD_WG;
-            if (bp.rb >= stride) {
-                // Runs at least a step long: the position moves without
-                // a division (run_step).
-                var pos = run_pos(start + 8u * lid, bp.div_rb);
-                for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
-                    let j = start + 8u * (lid + k * BWD_WG);
-                    let next = run_step(pos, 4u, bp.rb);
-                    if (j < end) {
-                        sums += dy_terms4(reduction_index_at(p, g, pos) / 4u, st);
-                    }
-                    if (j + 4u < end) {
-                        sums += dy_terms4(reduction_index_at(p, g, next) / 4u, st);
-                    }
-                    pos = run_step(pos, stride, bp.rb);
-                }
-            } else {
-                for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
-                    let j = start + 8u * (lid + k * BWD_WG);
-                    if (j < end) {
-                        sums += dy_terms4(reduction_index(p, g, j) / 4u, st);
-                    }
-                    if (j + 4u < end) {
-                        sums += dy_terms4(reduction_index(p, g, j + 4u) / 4u, st);
-                    }
-                }
-            }
-            let sum_dy = sums[0];
-            let sum_dy_xhat = sums[1];
-            acc = sums_with_weight(hsum(sum_dy), hsum(sum_dy_xhat), weight_of_group(g));
+            acc = channel_run_sums(p, g, group, start, end, lid);
         } else {
+            let st = stats[group];
             for (var k = 0u; k < BWD_PER_THREAD; k++) {
                 let j = start + lid + k * BWD_WG;
                 if (j < end) {

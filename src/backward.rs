@@ -94,6 +94,9 @@ pub enum BackwardKernel {
     RowsSubgroup,
     /// Per-tile partial sums of a reduction view.
     Partials,
+    /// Per-invocation partial sums of channels-first BatchNorm groups (no
+    /// workgroup tree).
+    PartialsEach,
     /// Merges partials into group sums and/or affine gradients.
     Finalize,
     /// Elementwise grad_input from group sums (or running statistics).
@@ -111,10 +114,11 @@ pub enum BackwardKernel {
 
 impl BackwardKernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [BackwardKernel; 9] = [
+    pub const ALL: [BackwardKernel; 10] = [
         BackwardKernel::Rows,
         BackwardKernel::RowsSubgroup,
         BackwardKernel::Partials,
+        BackwardKernel::PartialsEach,
         BackwardKernel::Finalize,
         BackwardKernel::GradInput,
         BackwardKernel::Cols,
@@ -129,6 +133,7 @@ impl BackwardKernel {
             BackwardKernel::Rows => "bwd_rows",
             BackwardKernel::RowsSubgroup => "bwd_rows_subgroup",
             BackwardKernel::Partials => "bwd_partials",
+            BackwardKernel::PartialsEach => "bwd_partials_each",
             BackwardKernel::Finalize => "bwd_finalize",
             BackwardKernel::GradInput => "bwd_dx",
             BackwardKernel::Cols => "bwd_cols",
@@ -629,10 +634,19 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                 let tiles = tiles_for(v.group_len());
                 let mut p = base;
                 p.tiles = tiles as u32;
-                p.group_stride = tiles as u32;
-                push(BackwardKernel::Partials, groups * tiles, p);
-                work_vec4 = work_vec4.max(groups + groups * tiles);
+                // One partial per invocation where groups span whole tiles
+                // (so the partials stay within 1/8 of the input).
+                let each = dx_by_runs(&p) && v.group_len() >= BWD_TILE as usize;
+                let (kernel, per_group) = if each {
+                    (BackwardKernel::PartialsEach, tiles * BWD_WG as usize)
+                } else {
+                    (BackwardKernel::Partials, tiles)
+                };
+                p.group_stride = per_group as u32;
+                push(kernel, groups * tiles, p);
+                work_vec4 = work_vec4.max(groups + groups * per_group);
                 let mut f = p;
+                f.tiles = per_group as u32;
                 if batch {
                     f.flags |= BF_WRITE_GSUM;
                 }
@@ -1177,10 +1191,16 @@ mod tests {
         let v = View::batch_norm(&[32, 64, 56, 56], 1);
         assert_eq!(
             kernels_of(&spec(v, StatsSource::Batch, true)),
-            [Partials, Finalize, GradInput]
+            [PartialsEach, Finalize, GradInput]
         );
         assert_eq!(
             kernels_of(&spec(v, StatsSource::Running, true)),
+            [PartialsEach, Finalize, GradInput]
+        );
+        // Channels shorter than a tile keep one partial per tile.
+        let small = View::batch_norm(&[2, 64, 32, 32], 1);
+        assert_eq!(
+            kernels_of(&spec(small, StatsSource::Batch, true)),
             [Partials, Finalize, GradInput]
         );
         assert_eq!(

@@ -746,7 +746,7 @@ fn record_backward_records_into_the_callers_encoder_and_reports_its_dispatches()
     assert_eq!(
         dispatches.iter().map(|d| d.kernel).collect::<Vec<_>>(),
         [
-            BackwardKernel::Partials,
+            BackwardKernel::PartialsEach,
             BackwardKernel::Finalize,
             BackwardKernel::GradInput
         ]
