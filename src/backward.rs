@@ -79,10 +79,16 @@ pub const COLS_MIN_ROWS: usize = 32;
 /// rows of a few hundred columns, few partials per column to merge.
 pub const COLS_MAX_BLOCKS: usize = 256;
 /// Invocations the channel-column kernel aims for (it takes more row blocks
-/// when channels are few): enough to fill a GPU.
+/// when channels are few): enough to fill a GPU, or a CPU (lavapipe), where
+/// fewer and longer blocks amortize each invocation's setup (the strip's
+/// statistics and γ) and leave fewer partials to merge.
 pub const CHANNEL_INVOCATIONS: usize = 16384;
-/// Rows each invocation of the channels-last grad-input kernel writes.
+pub const CHANNEL_INVOCATIONS_CPU: usize = 2048;
+/// Rows each invocation of the channels-last grad-input kernel writes: 16
+/// on a GPU, 64 on a CPU (each invocation first finds its eight channels'
+/// coefficients).
 pub const CHANNEL_DX_ROWS: usize = 16;
+pub const CHANNEL_DX_ROWS_CPU: usize = 64;
 
 /// One backward entry point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -505,7 +511,13 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         let strips = channel_strips(v);
         let samples = v.p;
         if batch || grad_flags != 0 {
-            let cap = (COLS_MAX_BLOCKS.max(CHANNEL_INVOCATIONS / strips) / samples).max(1);
+            let invocations = if caps.cpu {
+                CHANNEL_INVOCATIONS_CPU
+            } else {
+                CHANNEL_INVOCATIONS
+            };
+            let max_blocks = if caps.cpu { 1 } else { COLS_MAX_BLOCKS };
+            let cap = (max_blocks.max(invocations / strips) / samples).max(1);
             let blocks = (v.a / COLS_MIN_ROWS).clamp(1, cap);
             let mut c = base;
             c.flags |= grad_flags;
@@ -548,13 +560,18 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                 }
             }
         }
-        let blocks = v.a.div_ceil(CHANNEL_DX_ROWS);
+        let dx_rows = if caps.cpu {
+            CHANNEL_DX_ROWS_CPU
+        } else {
+            CHANNEL_DX_ROWS
+        };
+        let blocks = v.a.div_ceil(dx_rows);
         let mut d = base;
         if !batch {
             d.flags |= BF_RUNNING;
         }
         d.tiles = blocks as u32;
-        d.rows_per_block = CHANNEL_DX_ROWS as u32;
+        d.rows_per_block = dx_rows as u32;
         push(
             BackwardKernel::ChannelGradInput,
             (samples * blocks * strips).div_ceil(BWD_WG as usize),
@@ -1224,6 +1241,24 @@ mod tests {
                 (ChannelCols, 2048 * 8 / 64),
                 (Finalize, 64),
                 (ChannelGradInput, (100_352 / 16) * 8 / 64)
+            ]
+        );
+        // A CPU: 256 row blocks of 392 rows (2048 invocations), rows of 64
+        // for grad_input; the finalize merges serially.
+        let cpu = Caps {
+            subgroups: true,
+            subgroup_max: 8,
+            cpu: true,
+        };
+        assert_eq!(
+            plan_backward_on(&spec(v, StatsSource::Batch, true), &cpu)
+                .iter()
+                .map(|d| (d.kernel, d.workgroups))
+                .collect::<Vec<_>>(),
+            [
+                (ChannelCols, 256 * 8 / 64),
+                (Finalize, 1),
+                (ChannelGradInput, (100_352 / 64) * 8 / 64)
             ]
         );
         assert_eq!(
