@@ -23,6 +23,12 @@
 // and 1.3x faster. Eight rows at a time were no faster than four.
 const ROWS_SG_R_MAX: u32 = 4u;
 
+// y of vector i4 of a row with statistics (shift, dmean, rstd) and the
+// vector's parameters a.
+fn normalized_row4(i4: u32, shift: f32, dmean: f32, rstd: f32, a: Affine4) -> vec4<f32> {
+    return apply_affine4(((load_x4(i4) - shift) - dmean) * rstd, a);
+}
+
 @compute @workgroup_size(ROWS_SG_WG)
 fn rows_subgroup(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -79,11 +85,26 @@ fn rows_subgroup(
         }
         // Every row's g with one row per step; G = 1 with more.
         let g = first - fast_div(first, params.div_g) * params.g;
-        for (var j4 = lane; j4 < n4; j4 += width) {
-            let a = affine_params4(g, g * n4 + j4);
-            for (var r = 0u; r < ROWS_SG_R; r++) {
-                let y = ((load_x4(base4[r] + j4) - shift[r]) - dmean[r]) * rstd[r];
-                store_y4(base4[r] + j4, apply_affine4(y, a));
+        if (AFFINE_MODE == AFFINE_PER_QUAD && params.b % params.affine_div == 0u
+            && params.affine_div >= 4u * width) {
+            // Rows of whole channels at least a step long (channels-first
+            // GroupNorm): γ and β once per channel instead of a division and
+            // two gathers per vector.
+            let d4 = params.affine_div / 4u;
+            for (var ch = 0u; ch < n4 / d4; ch++) {
+                let a = affine_params4(g, g * n4 + ch * d4);
+                for (var j4 = ch * d4 + lane; j4 < (ch + 1u) * d4; j4 += width) {
+                    for (var r = 0u; r < ROWS_SG_R; r++) {
+                        store_y4(base4[r] + j4, normalized_row4(base4[r] + j4, shift[r], dmean[r], rstd[r], a));
+                    }
+                }
+            }
+        } else {
+            for (var j4 = lane; j4 < n4; j4 += width) {
+                let a = affine_params4(g, g * n4 + j4);
+                for (var r = 0u; r < ROWS_SG_R; r++) {
+                    store_y4(base4[r] + j4, normalized_row4(base4[r] + j4, shift[r], dmean[r], rstd[r], a));
+                }
             }
         }
     }

@@ -391,29 +391,33 @@ fn batch_norm_with_many_partials_per_channel_matches_f64() {
 
 #[test]
 fn channels_first_group_norm_with_channels_of_whole_vectors_matches_f64() {
-    // 4 channels of 4x6 per group: one γ and β per aligned vector
+    // 4 channels per group: one γ and β per aligned vector
     // (AFFINE_PER_QUAD), on the subgroup and the workgroup row kernels.
-    let shape = [3, 8, 4, 6];
-    let x = normal(3 * 8 * 4 * 6, 83, 3.0, 2.0);
-    let w: Vec<f32> = (0..8).map(|c| 0.5 + c as f32 * 0.25).collect();
-    let b: Vec<f32> = (0..8).map(|c| c as f32 - 4.0).collect();
-    let view = View::group_norm(&shape, 2);
-    let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
+    // Channels of 4x6 take γ and β vector by vector; channels of 8x10 (20
+    // vectors, longer than a lavapipe subgroup step) channel by channel.
     let no_subgroups = gpunorm::Context::with_options(gpunorm::ContextOptions {
         disable_subgroups: true,
         ..Default::default()
     })
     .unwrap();
-    for ctx in [ctx(), &no_subgroups] {
-        let mut gn = gpunorm::GroupNorm::new(ctx, 2, 8, gpunorm::GroupNormConfig::torch()).unwrap();
-        gn.set_affine(gpunorm::Affine {
-            weight: Some(ctx.upload(&w, &[8]).unwrap()),
-            bias: Some(ctx.upload(&b, &[8]).unwrap()),
-        })
-        .unwrap();
-        let y = ctx
-            .download(&gn.forward(ctx, &ctx.upload(&x, &shape).unwrap()).unwrap())
+    for shape in [[3, 8, 4, 6], [3, 8, 8, 10]] {
+        let x = normal(shape.iter().product(), 83, 3.0, 2.0);
+        let w: Vec<f32> = (0..8).map(|c| 0.5 + c as f32 * 0.25).collect();
+        let b: Vec<f32> = (0..8).map(|c| c as f32 - 4.0).collect();
+        let view = View::group_norm(&shape, 2);
+        let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
+        for ctx in [ctx(), &no_subgroups] {
+            let mut gn =
+                gpunorm::GroupNorm::new(ctx, 2, 8, gpunorm::GroupNormConfig::torch()).unwrap();
+            gn.set_affine(gpunorm::Affine {
+                weight: Some(ctx.upload(&w, &[8]).unwrap()),
+                bias: Some(ctx.upload(&b, &[8]).unwrap()),
+            })
             .unwrap();
-        assert_close("group norm", &y, &want, 1e-5, 1e-5);
+            let y = ctx
+                .download(&gn.forward(ctx, &ctx.upload(&x, &shape).unwrap()).unwrap())
+                .unwrap();
+            assert_close(&format!("group norm {shape:?}"), &y, &want, 1e-5, 1e-5);
+        }
     }
 }
