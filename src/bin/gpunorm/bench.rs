@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::ValueEnum;
-use gpunorm::timing::{self, CopyReference, Timer};
+use gpunorm::timing::{self, CopyReference, Timer, Timing};
 use gpunorm::{
     Affine, BatchNorm, BatchNormConfig, Context, ContextOptions, DType, Error, GpuTensor,
     GroupNorm, GroupNormConfig, InstanceNorm, InstanceNormConfig, LayerNorm, Mode, Result, RmsNorm,
@@ -19,6 +19,10 @@ use crate::apply::{
     ConventionArg, ModeArg, Op, OpFlags,
 };
 use crate::sweep;
+
+/// Timed iterations of the op, then of each copy reference, per round of
+/// [`Bench::measure`].
+const ROUND_ITERS: usize = 5;
 
 /// Storage dtype of the benchmarked tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -235,38 +239,57 @@ impl Bench {
         let x = ctx.upload_as(&data(n, 0x5eed, 0.0), shape, dtype)?;
         let y = ctx.zeros(shape, dtype)?;
         let mut dispatches = 0;
-        let (time, bytes) = if backward {
+        let dy = if backward {
             let dy = ctx.upload_as(&data(n, 0xd1ff, 0.0), shape, dtype)?;
             let mut encoder = ctx
                 .device()
                 .create_command_encoder(&wgpu_encoder_descriptor());
             layer.record(ctx, &mut encoder, &x, &y, mode)?;
             ctx.submit_and_wait(encoder)?;
-            let time = self.timer.time(ctx, warmup, iters, |encoder| {
-                dispatches = layer.record_backward(ctx, encoder, &dy)?;
-                Ok(())
-            })?;
-            let bytes = timing::backward_bytes(
+            Some(dy)
+        } else {
+            None
+        };
+        let bytes = match dy {
+            Some(_) => timing::backward_bytes(
                 n,
                 dtype,
                 layer.backward_param_bytes(),
                 8 * layer.groups(shape) as u64,
-            );
-            (time, bytes)
-        } else {
-            let time = self.timer.time(ctx, warmup, iters, |encoder| {
-                dispatches = layer.record(ctx, encoder, &x, &y, mode)?;
-                Ok(())
-            })?;
-            let bytes = timing::forward_bytes(
+            ),
+            None => timing::forward_bytes(
                 n,
                 dtype,
                 layer.forward_param_bytes(),
                 layer.forward_stats_bytes(mode),
-            );
-            (time, bytes)
+            ),
         };
-        let (copy, transfer) = self.copy.measure(ctx, &self.timer, bytes, warmup, iters)?;
+        let mut record = |encoder: &mut gpunorm::wgpu::CommandEncoder| {
+            dispatches = match &dy {
+                Some(dy) => layer.record_backward(ctx, encoder, dy)?,
+                None => layer.record(ctx, encoder, &x, &y, mode)?,
+            };
+            Ok(())
+        };
+        // The op and the copy references alternate in rounds of a few
+        // iterations, so that a machine whose speed drifts (lavapipe on a
+        // shared CPU: its copy kernel ran anywhere from 4.6 to 9.6 GB/s
+        // within minutes) slows both alike and the fraction holds.
+        let (mut op_s, mut copy_s, mut transfer_s) = (Vec::new(), Vec::new(), Vec::new());
+        let mut clock = self.timer.clock();
+        while op_s.len() < iters.max(1) {
+            let round = (iters - op_s.len()).clamp(1, ROUND_ITERS);
+            let warm = if op_s.is_empty() { warmup } else { 0 };
+            let time = self.timer.time(ctx, warm, round, &mut record)?;
+            clock = time.clock;
+            op_s.extend(time.samples_s);
+            let (copy, transfer) = self.copy.measure(ctx, &self.timer, bytes, warm, round)?;
+            copy_s.extend(copy.samples_s);
+            transfer_s.extend(transfer.samples_s);
+        }
+        let time = Timing::from_samples(clock, op_s);
+        let copy = Timing::from_samples(clock, copy_s);
+        let transfer = Timing::from_samples(clock, transfer_s);
         let gbps = time.gbps(bytes);
         let copy_gbps = copy.gbps(bytes);
         Ok(Measurement {
