@@ -165,14 +165,14 @@ pub fn uses_runs(view: &View, chunks: &Chunks) -> bool {
     !chunks.split() && view.b.is_multiple_of(4) && view.b >= kernels::RUNS_MIN_LEN as usize
 }
 
-/// Whether the normalize pass goes by fixed columns: runs too short for
-/// `normalize_runs` (channels-last, with several rows per p unless runs are
-/// under four elements), one binding, rows of L = G·B elements whose vec4
-/// count divides the workgroup.
+/// Whether the normalize pass goes by fixed columns: runs under
+/// [`kernels::COLUMNS_MAX_RUN`] elements (channels-last, with several rows
+/// per p unless runs are under four elements), one binding, rows of
+/// L = G·B elements whose vec4 count divides the workgroup.
 pub fn uses_normalize_columns(view: &View, chunks: &Chunks) -> bool {
     let l = view.g * view.b;
     !chunks.split()
-        && (view.b < 4 || (view.a > 1 && view.b < kernels::RUNS_MIN_LEN as usize))
+        && (view.b < 4 || (view.a > 1 && view.b < kernels::COLUMNS_MAX_RUN as usize))
         && l.is_multiple_of(4)
         && (kernels::NORMALIZE_WG as usize).is_multiple_of(l / 4)
 }

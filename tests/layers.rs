@@ -366,6 +366,29 @@ fn batch_norm_over_small_planes_matches_f64() {
 }
 
 #[test]
+fn batch_norm_over_14x14_planes_normalizes_run_by_run_and_matches_f64() {
+    // Runs of 196 elements (49 vectors): normalize_runs with most of its
+    // workgroup idle, rather than the flat kernel.
+    let ctx = ctx();
+    let shape = [4, 8, 14, 14];
+    let x = normal(4 * 8 * 196, 97, 2.0, 1.5);
+    let w: Vec<f32> = (0..8).map(|c| 0.5 + c as f32 * 0.25).collect();
+    let b: Vec<f32> = (0..8).map(|c| c as f32 - 4.0).collect();
+    let mut bn = BatchNorm::new(ctx, 8, BatchNormConfig::torch_2d()).unwrap();
+    bn.set_weight(Some(ctx.upload(&w, &[8]).unwrap())).unwrap();
+    bn.set_bias(Some(ctx.upload(&b, &[8]).unwrap())).unwrap();
+    let y = ctx
+        .download(
+            &bn.forward(ctx, &ctx.upload(&x, &shape).unwrap(), Mode::Train)
+                .unwrap(),
+        )
+        .unwrap();
+    let view = View::batch_norm(&shape, 1);
+    let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
+    assert_close("train", &y, &want, 1e-5, 1e-5);
+}
+
+#[test]
 fn batch_norm_with_many_partials_per_channel_matches_f64() {
     // 20·16·16 = 5120 rows of 4 channels: 320 column blocks per channel,
     // more than one invocation merges (kernels::FINALIZE_SERIAL_MAX), so
