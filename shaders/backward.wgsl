@@ -127,33 +127,21 @@ fn channel_run_sums(p: u32, g: u32, group: u32, start: u32, end: u32, lid: u32) 
     // such pieces faster (see bwd_cols). Tiles are multiples of eight
     // elements and the group ends at a multiple of four, so each vector is
     // whole or past the end.
+    // The position moves by whole strides without a division (run_step).
     var sums = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
-    let stride = 8u * BWD_WG;
-    if (bp.rb >= stride) {
-        // Runs at least a step long: the position moves without a
-        // division (run_step).
-        var pos = run_pos(start + 8u * lid, bp.div_rb);
-        for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
-            let j = start + 8u * (lid + k * BWD_WG);
-            let next = run_step(pos, 4u, bp.rb);
-            if (j < end) {
-                sums += dy_terms4(reduction_index_at(p, g, pos) / 4u, st);
-            }
-            if (j + 4u < end) {
-                sums += dy_terms4(reduction_index_at(p, g, next) / 4u, st);
-            }
-            pos = run_step(pos, stride, bp.rb);
+    let stride = run_pos(8u * BWD_WG, bp.div_rb);
+    let pair = run_pos(4u, bp.div_rb);
+    var pos = run_pos(start + 8u * lid, bp.div_rb);
+    for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
+        let j = start + 8u * (lid + k * BWD_WG);
+        let next = run_step(pos, pair, bp.rb);
+        if (j < end) {
+            sums += dy_terms4(reduction_index_at(p, g, pos) / 4u, st);
         }
-    } else {
-        for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
-            let j = start + 8u * (lid + k * BWD_WG);
-            if (j < end) {
-                sums += dy_terms4(reduction_index(p, g, j) / 4u, st);
-            }
-            if (j + 4u < end) {
-                sums += dy_terms4(reduction_index(p, g, j + 4u) / 4u, st);
-            }
+        if (j + 4u < end) {
+            sums += dy_terms4(reduction_index_at(p, g, next) / 4u, st);
         }
+        pos = run_step(pos, stride, bp.rb);
     }
     return sums_with_weight(hsum(sums[0]), hsum(sums[1]), weight_of_group(g));
 }

@@ -25,25 +25,26 @@ fn fast_div(n: u32, f: vec4<u32>) -> u32 {
 }
 
 // Element j of a group laid out as runs of `len` elements: run `run`, at
-// offset `off` in it. A loop that walks a group with a stride no longer
-// than a run moves the position with run_step instead of dividing every
-// index: fast_div's multiply-high is about a dozen operations per lane on
-// lavapipe, a quarter of BatchNorm's backward partials.
+// offset `off` in it. A loop that walks a group with a fixed stride moves
+// the position with run_step instead of dividing every index: fast_div's
+// multiply-high is about a dozen operations per lane on lavapipe, a
+// quarter of BatchNorm's backward partials.
 struct RunPos {
     run: u32,
     off: u32,
 }
 
 // The position of element j for runs of div_len.x elements (a divisor
-// prepared for fast_div).
+// prepared for fast_div). Also a stride: whole runs and the remainder.
 fn run_pos(j: u32, div_len: vec4<u32>) -> RunPos {
     let run = fast_div(j, div_len);
     return RunPos(run, j - run * div_len.x);
 }
 
-// The position `step` elements further, for step <= len.
-fn run_step(pos: RunPos, step: u32, len: u32) -> RunPos {
-    let off = pos.off + step;
+// The position `stride` further, for a stride given as run_pos(step) with
+// the same runs of `len` elements: exact for any step and length.
+fn run_step(pos: RunPos, stride: RunPos, len: u32) -> RunPos {
+    let off = pos.off + stride.off;
     let wrap = off >= len;
-    return RunPos(pos.run + select(0u, 1u, wrap), select(off, off - len, wrap));
+    return RunPos(pos.run + stride.run + select(0u, 1u, wrap), select(off, off - len, wrap));
 }

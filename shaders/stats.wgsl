@@ -133,37 +133,24 @@ fn invocation_summary(w: u32, lid: u32) -> vec3<f32> {
         // Each invocation reads two neighbouring vectors per step: CPUs that
         // run WGSL stream 32-byte pieces much faster than 16-byte ones
         // (lavapipe; as the backward's partials).
+        // The position moves by whole strides without a division
+        // (run_step).
         var sums = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
-        let stride = 8u * STATS_WG;
-        if (params.b >= stride) {
-            // Runs at least a step long: the position moves without a
-            // division (run_step).
-            var pos = run_pos(start + 8u * lid, params.div_b);
-            for (var k = 0u; k < STATS_PER_THREAD / 8u; k++) {
-                let j = start + 8u * (lid + k * STATS_WG);
-                let next = run_step(pos, 4u, params.b);
-                if (j < end) {
-                    sums += shifted_terms4(element_index_at(p, g, pos), shift);
-                    count += 4u;
-                }
-                if (j + 4u < end) {
-                    sums += shifted_terms4(element_index_at(p, g, next), shift);
-                    count += 4u;
-                }
-                pos = run_step(pos, stride, params.b);
+        let stride = run_pos(8u * STATS_WG, params.div_b);
+        let pair = run_pos(4u, params.div_b);
+        var pos = run_pos(start + 8u * lid, params.div_b);
+        for (var k = 0u; k < STATS_PER_THREAD / 8u; k++) {
+            let j = start + 8u * (lid + k * STATS_WG);
+            let next = run_step(pos, pair, params.b);
+            if (j < end) {
+                sums += shifted_terms4(element_index_at(p, g, pos), shift);
+                count += 4u;
             }
-        } else {
-            for (var k = 0u; k < STATS_PER_THREAD / 8u; k++) {
-                let j = start + 8u * (lid + k * STATS_WG);
-                if (j < end) {
-                    sums += shifted_terms4(element_index(p, g, j), shift);
-                    count += 4u;
-                }
-                if (j + 4u < end) {
-                    sums += shifted_terms4(element_index(p, g, j + 4u), shift);
-                    count += 4u;
-                }
+            if (j + 4u < end) {
+                sums += shifted_terms4(element_index_at(p, g, next), shift);
+                count += 4u;
             }
+            pos = run_step(pos, stride, params.b);
         }
         let sum = sums[0];
         let sq = sums[1];
