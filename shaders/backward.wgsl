@@ -146,6 +146,24 @@ fn channel_run_sums(p: u32, g: u32, group: u32, start: u32, end: u32, lid: u32) 
     return sums_with_weight(hsum(sums[0]), hsum(sums[1]), weight_of_group(g));
 }
 
+// The tile of partials workgroup w: its reduction group (p, g) and the
+// group's elements [start, end) it sums.
+struct PartialsTile {
+    group: u32,
+    tile: u32,
+    p: u32,
+    g: u32,
+    start: u32,
+    end: u32,
+}
+
+fn partials_tile(w: u32) -> PartialsTile {
+    let group = w / bp.tiles;
+    let tile = w % bp.tiles;
+    let start = tile * bp.tile_len;
+    return PartialsTile(group, tile, group / bp.rg, group % bp.rg, start, min(start + bp.tile_len, bp.ra * bp.rb));
+}
+
 // bwd_partials without the workgroup tree, for the groups of
 // channel_run_sums (BatchNorm channels-first): every invocation writes its
 // own sums, at slot (tile·BWD_WG + lid)·tile_stride of its group, and the
@@ -164,14 +182,9 @@ fn bwd_partials_each(
     if (w >= bp.n_groups * bp.tiles) {
         return;
     }
-    let group = w / bp.tiles;
-    let tile = w % bp.tiles;
-    let p = group / bp.rg;
-    let g = group % bp.rg;
-    let start = tile * bp.tile_len;
-    let end = min(start + bp.tile_len, bp.ra * bp.rb);
-    let s = channel_run_sums(p, g, group, start, end, lid);
-    work[bp.partials_offset + group * bp.group_stride + (tile * BWD_WG + lid) * bp.tile_stride] = s;
+    let t = partials_tile(w);
+    let s = channel_run_sums(t.p, t.g, t.group, t.start, t.end, lid);
+    work[bp.partials_offset + t.group * bp.group_stride + (t.tile * BWD_WG + lid) * bp.tile_stride] = s;
 }
 
 // One workgroup per tile of up to BWD_WG·BWD_PER_THREAD consecutive
@@ -186,25 +199,20 @@ fn bwd_partials(
     if (w >= bp.n_groups * bp.tiles) {
         return;
     }
-    let group = w / bp.tiles;
-    let tile = w % bp.tiles;
-    let p = group / bp.rg;
-    let g = group % bp.rg;
-    let start = tile * bp.tile_len;
-    let end = min(start + bp.tile_len, bp.ra * bp.rb);
+    let t = partials_tile(w);
     var acc = vec4<f32>(0.0);
     if (BWD_AFFINE == 1u && bp.rp == bp.sp && bp.ra == bp.sa && bp.rg == bp.sg && bp.rb == bp.sb) {
         // The group sums of the stats view itself with one parameter per
         // run (BatchNorm): the statistics and γ of the whole tile are
-        // group's, read once.
+        // the group's, read once.
         if (BWD_VEC4) {
-            acc = channel_run_sums(p, g, group, start, end, lid);
+            acc = channel_run_sums(t.p, t.g, t.group, t.start, t.end, lid);
         } else {
-            let st = stats[group];
+            let st = stats[t.group];
             for (var k = 0u; k < BWD_PER_THREAD; k++) {
-                let j = start + lid + k * BWD_WG;
-                if (j < end) {
-                    acc += terms_with(reduction_index(p, g, j), st, g);
+                let j = t.start + lid + k * BWD_WG;
+                if (j < t.end) {
+                    acc += terms_with(reduction_index(t.p, t.g, j), st, t.g);
                 }
             }
         }
@@ -214,27 +222,27 @@ fn bwd_partials(
         // aligned elements share their statistics group and are loaded
         // together, two vectors per step (32-byte pieces, as above).
         for (var k = 0u; k < BWD_PER_THREAD / 8u; k++) {
-            let j = start + 8u * (lid + k * BWD_WG);
-            if (j < end) {
-                let i = reduction_index(p, g, j);
+            let j = t.start + 8u * (lid + k * BWD_WG);
+            if (j < t.end) {
+                let i = reduction_index(t.p, t.g, j);
                 acc += terms4(i / 4u, stats[stats_group(i)], weight4_of(i));
             }
-            if (j + 4u < end) {
-                let i = reduction_index(p, g, j + 4u);
+            if (j + 4u < t.end) {
+                let i = reduction_index(t.p, t.g, j + 4u);
                 acc += terms4(i / 4u, stats[stats_group(i)], weight4_of(i));
             }
         }
     } else {
         for (var k = 0u; k < BWD_PER_THREAD; k++) {
-            let j = start + lid + k * BWD_WG;
-            if (j < end) {
-                acc += element_terms(reduction_index(p, g, j));
+            let j = t.start + lid + k * BWD_WG;
+            if (j < t.end) {
+                acc += element_terms(reduction_index(t.p, t.g, j));
             }
         }
     }
     let s = workgroup_sum4(lid, acc, BWD_WG);
     if (lid == 0u) {
-        work[bp.partials_offset + group * bp.group_stride + tile * bp.tile_stride] = s;
+        work[bp.partials_offset + t.group * bp.group_stride + t.tile * bp.tile_stride] = s;
     }
 }
 
