@@ -16,9 +16,10 @@
 // one affine parameter per column) the second pass also sums dy and dy·x̂
 // over the step's rows, column by column, and writes them as the step's
 // partial (column_sums_slot). bwd_column_sums adds the steps up into dβ
-// and dγ, so the
-// gradients of γ and β cost half a scalar store per element here and half
-// a load there, instead of a third read of x and dy (the column kernel).
+// and dγ, so the gradients of γ and β cost half a scalar store per element
+// here and half a load there, instead of a third read of x and dy (the
+// column kernel). The row kernels take batch statistics only (eval-mode
+// backwards go elsewhere), so grad_input is grad_from's.
 const BWD_ROWS_R_MAX: u32 = 4u;
 
 @compute @workgroup_size(BWD_SG_WG)
