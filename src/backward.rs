@@ -270,8 +270,9 @@ const BF_FOUR_ROWS: u32 = 512;
 /// (`BWD_COLUMN_SUMS`).
 const BF_COLUMN_SUMS: u32 = 1024;
 
-/// Most bytes of per-step column sums ([`fused_column_sums`]): WebGPU's
-/// default storage binding limit, which every adapter offers.
+/// Most bytes of the scratch with per-step column sums
+/// ([`fused_column_sums`]): WebGPU's default storage binding limit, which
+/// every adapter offers.
 const COLUMN_SUMS_MAX_BYTES: usize = 128 << 20;
 
 /// Most partials one finalize output merges serially, one invocation per
@@ -433,7 +434,7 @@ fn fused_column_sums(v: &View, caps: &Caps, params_wanted: bool) -> bool {
         && params_wanted
         && v.affine_div <= 1
         && crate::engine::rows_per_step(v, caps) > 1
-        && 16 * (v.b / 4).div_ceil(8) * steps * 16 <= COLUMN_SUMS_MAX_BYTES
+        && (v.groups() + 16 * (v.b / 4).div_ceil(8) * steps) * 16 <= COLUMN_SUMS_MAX_BYTES
 }
 
 /// The plan; `tiled` keeps groups off the row kernel so that grad_input is
