@@ -152,9 +152,7 @@ fn invocation_summary(w: u32, lid: u32) -> vec3<f32> {
             }
             pos = run_step(pos, stride, params.b);
         }
-        let sum = sums[0];
-        let sq = sums[1];
-        let summary = shifted_summary(count, hsum(sum), hsum(sq));
+        let summary = shifted_summary(count, hsum(sums[0]), hsum(sums[1]));
         mean = summary.x;
         m2 = summary.y;
     } else {

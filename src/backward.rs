@@ -423,17 +423,15 @@ fn uses_subgroup_rows(v: &View, caps: &Caps) -> bool {
     caps.subgroups && v.b.is_multiple_of(4)
 }
 
-/// Whether the subgroup row kernel, walking four rows at a time, also
-/// writes per-step column sums for dγ and dβ (one parameter per column),
+/// Whether the subgroup row kernel, walking four rows at a time in `steps`
+/// steps, also writes per-step column sums for dγ and dβ (one parameter per column),
 /// finished by [`BackwardKernel::ColumnSums`]. CPU adapters only: that last
 /// pass has one invocation per four columns, which fills a CPU but not a
 /// GPU (there the column kernel's row blocks keep thousands busy).
-fn fused_column_sums(v: &View, caps: &Caps, params_wanted: bool) -> bool {
-    let steps = v.groups().div_ceil(kernels::ROWS_SG_STEP as usize);
+fn fused_column_sums(v: &View, caps: &Caps, params_wanted: bool, steps: usize) -> bool {
     caps.cpu
         && params_wanted
         && v.affine_div <= 1
-        && crate::engine::rows_per_step(v, caps) > 1
         && (v.groups() + 16 * (v.b / 4).div_ceil(8) * steps) * 16 <= COLUMN_SUMS_MAX_BYTES
 }
 
@@ -512,12 +510,8 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         let strips = channel_strips(v);
         let samples = v.p;
         if batch || grad_flags != 0 {
-            let invocations = if caps.cpu {
-                CHANNEL_INVOCATIONS_CPU
-            } else {
-                CHANNEL_INVOCATIONS
-            };
-            let max_blocks = if caps.cpu { 1 } else { COLS_MAX_BLOCKS };
+            let invocations = caps.cpu_or_gpu(CHANNEL_INVOCATIONS_CPU, CHANNEL_INVOCATIONS);
+            let max_blocks = caps.cpu_or_gpu(1, COLS_MAX_BLOCKS);
             let cap = (max_blocks.max(invocations / strips) / samples).max(1);
             let blocks = (v.a / COLS_MIN_ROWS).clamp(1, cap);
             let mut c = base;
@@ -561,11 +555,7 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                 }
             }
         }
-        let dx_rows = if caps.cpu {
-            CHANNEL_DX_ROWS_CPU
-        } else {
-            CHANNEL_DX_ROWS
-        };
+        let dx_rows = caps.cpu_or_gpu(CHANNEL_DX_ROWS_CPU, CHANNEL_DX_ROWS);
         let blocks = v.a.div_ceil(dx_rows);
         let mut d = base;
         if !batch {
@@ -609,12 +599,13 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                 // and no per-channel partials are written.
                 let mut per_wg = (BWD_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
                 let step = crate::engine::rows_per_step(v, caps) as usize;
-                let column_sums = row_grads == 0 && fused_column_sums(v, caps, params_wanted);
-                if step > 1 && row_grads == 0 {
+                let four_rows = step > 1 && row_grads == 0;
+                let steps = groups.div_ceil(step);
+                let column_sums = four_rows && fused_column_sums(v, caps, params_wanted, steps);
+                if four_rows {
                     p.flags |= BF_FOUR_ROWS;
                     per_wg *= step;
                 }
-                let steps = groups.div_ceil(step);
                 if column_sums {
                     p.flags |= BF_COLUMN_SUMS;
                     p.tiles = steps as u32;

@@ -132,11 +132,7 @@ impl RunGrid {
         // Strips of two vectors per row (normalize_columns).
         let strips = (view.g * view.b / 4).div_ceil(2);
         let rows_per_step = kernels::NORMALIZE_WG as usize / strips;
-        let steps = if caps.cpu {
-            kernels::COLUMN_STEPS_CPU
-        } else {
-            kernels::NORMALIZE_VEC4
-        } as usize;
+        let steps = caps.cpu_or_gpu(kernels::COLUMN_STEPS_CPU, kernels::NORMALIZE_VEC4) as usize;
         RunGrid {
             blocks: view.a.div_ceil(rows_per_step * steps).max(1),
             vec4: steps,
@@ -264,6 +260,17 @@ pub struct Caps {
 }
 
 impl Caps {
+    /// `cpu` on a CPU adapter, `gpu` otherwise: the sizes that differ
+    /// between the two (fewer, longer blocks fill a CPU; a GPU needs
+    /// thousands of workgroups in flight).
+    pub fn cpu_or_gpu<T>(&self, cpu: T, gpu: T) -> T {
+        if self.cpu {
+            cpu
+        } else {
+            gpu
+        }
+    }
+
     /// Nothing beyond core WebGPU.
     pub fn baseline() -> Caps {
         Caps {
@@ -284,11 +291,10 @@ fn uses_subgroup_rows(spec: &ForwardSpec, caps: &Caps) -> bool {
 /// RMSNorm) and there are enough rows to keep the adapter busy, else 1.
 pub fn rows_per_step(view: &View, caps: &Caps) -> u32 {
     let step = kernels::ROWS_SG_STEP as usize;
-    let min_steps = if caps.cpu {
-        kernels::ROWS_SG_MIN_STEPS_CPU
-    } else {
-        kernels::ROWS_SG_MIN_STEPS_GPU
-    };
+    let min_steps = caps.cpu_or_gpu(
+        kernels::ROWS_SG_MIN_STEPS_CPU,
+        kernels::ROWS_SG_MIN_STEPS_GPU,
+    );
     if view.g == 1 && view.groups() >= step * min_steps {
         kernels::ROWS_SG_STEP
     } else {
