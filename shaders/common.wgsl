@@ -6,7 +6,8 @@
 // (0 <= j < A·B) lives at ((p·A + j / B)·G + g)·B + j % B.
 //
 // Statistics are kept per group as vec4(shift, dmean, rstd, var): the mean is
-// shift + dmean, where shift is a value of the group (see group_shift).
+// shift + dmean, where shift is a value of the group (see group_shift) or,
+// in rows_held, a first mean of the held values.
 // Normalizing as ((x - shift) - dmean) keeps the digits that a large common
 // offset would otherwise cost (x - shift is exact for nearby values, dmean
 // is small).
@@ -72,6 +73,8 @@ const AFFINE_GENERAL: u32 = 2u;
 const AFFINE_PER_QUAD: u32 = 3u;
 // Rows the subgroup row kernel walks at a time (rows_subgroup.wgsl).
 override ROWS_SG_R: u32 = 1u;
+// Vectors of a row each lane holds in rows_held.wgsl (at most 8).
+override HELD_K: u32 = 0u;
 
 const FLAG_UPDATE_RUNNING: u32 = 8u;
 const FLAG_CUMULATIVE: u32 = 16u;

@@ -1140,6 +1140,7 @@ mod tests {
         let caps = Caps {
             subgroups: true,
             subgroup_max: 32,
+            subgroup_min: 32,
             cpu: false,
         };
         let on = |s: &BackwardSpec| -> Vec<(BackwardKernel, u32)> {
@@ -1240,6 +1241,7 @@ mod tests {
         let cpu = Caps {
             subgroups: true,
             subgroup_max: 8,
+            subgroup_min: 8,
             cpu: true,
         };
         assert_eq!(

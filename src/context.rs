@@ -76,6 +76,9 @@ pub struct Context {
     subgroups: bool,
     /// Largest subgroup size the adapter may use (dispatch sizing only).
     subgroup_max: u32,
+    /// Smallest subgroup size the adapter may use: how many lanes a row
+    /// held in registers can count on (rows_held.wgsl).
+    subgroup_min: u32,
     /// The adapter is a CPU (lavapipe): a few workgroups in flight fill it.
     cpu: bool,
     /// Placeholder buffers bound where an op has no tensor (no weight, no
@@ -169,6 +172,7 @@ impl Context {
         }));
         let mut ctx = Self::build(device, queue, Some(AdapterSummary::from_info(&info)));
         ctx.subgroup_max = info.subgroup_max_size.max(1);
+        ctx.subgroup_min = info.subgroup_min_size.max(1);
         ctx.cpu = info.device_type == wgpu::DeviceType::Cpu;
         if options.disable_subgroups {
             ctx.subgroups = false;
@@ -207,8 +211,9 @@ impl Context {
             max_storage_binding: limits.max_storage_buffer_binding_size,
             max_buffer: limits.max_buffer_size,
             subgroups,
-            // Unknown for a borrowed device: the largest size wgpu allows.
-            subgroup_max: 128,
+            // Unknown for a borrowed device: the extremes wgpu allows.
+            subgroup_max: wgpu::MAXIMUM_SUBGROUP_MAX_SIZE,
+            subgroup_min: wgpu::MINIMUM_SUBGROUP_MIN_SIZE,
             // Unknown for a borrowed device: sized for a GPU.
             cpu: false,
             device,
@@ -240,6 +245,7 @@ impl Context {
         crate::engine::Caps {
             subgroups: self.subgroups,
             subgroup_max: self.subgroup_max,
+            subgroup_min: self.subgroup_min,
             cpu: self.cpu,
         }
     }

@@ -255,6 +255,8 @@ pub struct Caps {
     pub subgroups: bool,
     /// The largest subgroup size the adapter may use.
     pub subgroup_max: u32,
+    /// The smallest subgroup size the adapter may use.
+    pub subgroup_min: u32,
     /// The adapter is a CPU: fewer workgroups in flight fill it.
     pub cpu: bool,
 }
@@ -275,7 +277,8 @@ impl Caps {
     pub fn baseline() -> Caps {
         Caps {
             subgroups: false,
-            subgroup_max: 128,
+            subgroup_max: wgpu::MAXIMUM_SUBGROUP_MAX_SIZE,
+            subgroup_min: wgpu::MINIMUM_SUBGROUP_MIN_SIZE,
             cpu: false,
         }
     }
@@ -300,6 +303,21 @@ pub fn rows_per_step(view: &View, caps: &Caps) -> u32 {
     } else {
         1
     }
+}
+
+/// Vectors of a row each lane keeps when the held-row kernel takes this
+/// view (rows_held.wgsl): rows that all share their affine parameters
+/// (G = 1), of whole vectors, short enough that [`kernels::HELD_SLOTS`]
+/// vectors per lane cover a row with the smallest subgroup the adapter may
+/// use (or the workgroup, when that is smaller). None where it does not
+/// apply.
+pub fn held_vectors(view: &View, caps: &Caps) -> Option<u32> {
+    let n4 = view.b / 4;
+    let lanes = caps.subgroup_min.clamp(1, kernels::ROWS_SG_WG);
+    let per_lane = n4.div_ceil(lanes as usize);
+    (caps.subgroups && view.g == 1 && view.b.is_multiple_of(4) && n4 > 0)
+        .then_some(per_lane as u32)
+        .filter(|&k| k <= kernels::HELD_SLOTS)
 }
 
 /// Whether the single-dispatch row kernel handles this forward.
@@ -352,7 +370,22 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             plan
         }
         StatsSource::Batch if uses_row_kernel(spec) && !chunks.split() => {
-            if uses_subgroup_rows(spec, caps) {
+            if held_vectors(v, caps).is_some() {
+                // Subgroups of the smallest size, each walking a block of
+                // rows_per_sg rows (larger subgroups are fewer and walk
+                // more).
+                let per_wg = (kernels::ROWS_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
+                let rows_per_sg = caps.cpu_or_gpu(
+                    (v.groups() / kernels::HELD_SUBGROUPS_CPU)
+                        .clamp(1, kernels::HELD_ROWS_PER_SUBGROUP_CPU),
+                    1,
+                );
+                vec![d(
+                    Kernel::RowsHeld,
+                    v.groups().div_ceil(per_wg * rows_per_sg),
+                    0,
+                )]
+            } else if uses_subgroup_rows(spec, caps) {
                 // Enough workgroups for the largest subgroup size; with
                 // smaller subgroups the surplus workgroups find no row.
                 let steps_per_wg = (kernels::ROWS_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
@@ -698,6 +731,7 @@ fn record_forward_with(
         rms: spec.rms,
         affine: kernels::AffineMode::of(v.affine_div, v.b),
         rows_per_step: rows_per_step(v, &ctx.caps()),
+        held_vectors: held_vectors(v, &ctx.caps()).unwrap_or(0),
     };
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("gpunorm forward"),
@@ -888,6 +922,7 @@ mod tests {
     const SUBGROUPS: Caps = Caps {
         subgroups: true,
         subgroup_max: 32,
+        subgroup_min: 32,
         cpu: false,
     };
 
@@ -929,9 +964,52 @@ mod tests {
     }
 
     #[test]
+    fn short_rows_sharing_parameters_are_held_by_the_smallest_subgroup() {
+        let lavapipe = Caps {
+            subgroup_max: 8,
+            subgroup_min: 8,
+            cpu: true,
+            ..SUBGROUPS
+        };
+        let ln = |b| View::layer_norm(&[64, b], b);
+        assert_eq!(held_vectors(&ln(256), &lavapipe), Some(8));
+        assert_eq!(held_vectors(&ln(100), &lavapipe), Some(4));
+        assert_eq!(held_vectors(&ln(4), &lavapipe), Some(1));
+        // 65 vectors: a ninth per lane of 8.
+        assert_eq!(held_vectors(&ln(260), &lavapipe), None);
+        assert_eq!(held_vectors(&ln(1024), &SUBGROUPS), Some(8));
+        // Odd rows are not whole vectors.
+        assert_eq!(held_vectors(&ln(33), &lavapipe), None);
+        // A borrowed device may run subgroups of 4; without subgroups the
+        // kernel cannot run at all.
+        let unknown = Caps {
+            subgroups: true,
+            ..Caps::baseline()
+        };
+        assert_eq!(held_vectors(&ln(128), &unknown), Some(8));
+        assert_eq!(held_vectors(&ln(256), &unknown), None);
+        assert_eq!(held_vectors(&ln(128), &Caps::baseline()), None);
+        // A subgroup wider than the workgroup counts the workgroup's lanes.
+        let wide = Caps {
+            subgroup_min: 128,
+            subgroup_max: 128,
+            ..SUBGROUPS
+        };
+        assert_eq!(
+            held_vectors(&ln(4 * kernels::ROWS_SG_WG as usize * 8), &wide),
+            Some(8)
+        );
+        // GroupNorm and InstanceNorm rows have their own γ and β.
+        assert_eq!(
+            held_vectors(&View::instance_norm(&[8, 4, 64]), &lavapipe),
+            None
+        );
+    }
+
+    #[test]
     fn rows_take_one_dispatch_on_subgroups_or_workgroup_memory() {
         let ln = spec(
-            View::layer_norm(&[4096, 1024], 1024),
+            View::layer_norm(&[4096, 2048], 2048),
             StatsSource::Batch,
             false,
             DType::F32,
@@ -939,6 +1017,14 @@ mod tests {
         let whole = Chunks::whole(ln.view.numel());
         assert_eq!(kernels_of(&ln, &whole, &SUBGROUPS), [Kernel::RowsSubgroup]);
         assert_eq!(kernels_of(&ln, &whole, &Caps::baseline()), [Kernel::Rows]);
+        // Rows of 1024 fit 8 vectors per lane of 32.
+        let held = spec(
+            View::layer_norm(&[4096, 1024], 1024),
+            StatsSource::Batch,
+            false,
+            DType::F32,
+        );
+        assert_eq!(kernels_of(&held, &whole, &SUBGROUPS), [Kernel::RowsHeld]);
         // Odd rows: no vec4 subgroup kernel; odd half rows: not the row kernel.
         let odd = spec(
             View::layer_norm(&[8, 33], 33),

@@ -73,6 +73,16 @@ pub const ROWS_SG_STEP: u32 = 4;
 /// subgroups fill a CPU, a GPU wants thousands in flight.
 pub const ROWS_SG_MIN_STEPS_CPU: usize = 16;
 pub const ROWS_SG_MIN_STEPS_GPU: usize = 1024;
+/// Vectors of a row one lane of the held-row kernel can keep in registers
+/// (the slots written out in rows_held.wgsl): rows up to 4·8·width elements.
+pub const HELD_SLOTS: u32 = 8;
+/// Subgroups the held-row kernel spreads its rows over on a CPU: enough
+/// for many cores, each walking a block of contiguous rows that its one
+/// load of γ and β serves (at most [`HELD_ROWS_PER_SUBGROUP_CPU`]). A GPU
+/// gets a subgroup per row: it wants every subgroup it can have in flight,
+/// and caches γ/β.
+pub const HELD_SUBGROUPS_CPU: usize = 512;
+pub const HELD_ROWS_PER_SUBGROUP_CPU: usize = 64;
 /// Longest row the single-dispatch row kernel takes when there are few rows;
 /// longer rows with fewer than [`ROWS_MIN_FOR_LONG`] rows go through the
 /// partials/finalize/normalize path, which spreads a row over many
@@ -122,11 +132,15 @@ pub enum Kernel {
     Rows,
     /// Row kernel with one subgroup per row (adapters with subgroups).
     RowsSubgroup,
+    /// Row kernel with one subgroup per row held in registers: x read once
+    /// (short rows sharing their affine parameters).
+    RowsHeld,
 }
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 14] = [
+        Kernel::RowsHeld,
         Kernel::NormalizeColumns,
         Kernel::PartialsColumns,
         Kernel::NormalizeRuns,
@@ -159,6 +173,7 @@ impl Kernel {
             }
             Kernel::Rows => include_str!("../shaders/rows.wgsl"),
             Kernel::RowsSubgroup => include_str!("../shaders/rows_subgroup.wgsl"),
+            Kernel::RowsHeld => include_str!("../shaders/rows_held.wgsl"),
         }
     }
 
@@ -178,6 +193,7 @@ impl Kernel {
             Kernel::NormalizeColumns => "normalize_columns",
             Kernel::Rows => "rows",
             Kernel::RowsSubgroup => "rows_subgroup",
+            Kernel::RowsHeld => "rows_held",
         }
     }
 }
@@ -230,6 +246,9 @@ pub struct Variant {
     /// Rows the subgroup row kernel walks at a time (`ROWS_SG_R`): 1, or
     /// [`ROWS_SG_STEP`] when every row has the same affine parameters.
     pub rows_per_step: u32,
+    /// Vectors of a row each lane of the held-row kernel keeps (`HELD_K`,
+    /// at most [`HELD_SLOTS`]); 0 for every other kernel.
+    pub held_vectors: u32,
 }
 
 impl Default for Variant {
@@ -240,6 +259,7 @@ impl Default for Variant {
             rms: false,
             affine: AffineMode::General,
             rows_per_step: 1,
+            held_vectors: 0,
         }
     }
 }
@@ -254,6 +274,7 @@ impl Variant {
                 | Kernel::NormalizeColumns
                 | Kernel::Rows
                 | Kernel::RowsSubgroup
+                | Kernel::RowsHeld
         );
         let shifts = !matches!(
             kernel,
@@ -278,11 +299,16 @@ impl Variant {
             } else {
                 default.rows_per_step
             },
+            held_vectors: if kernel == Kernel::RowsHeld {
+                self.held_vectors
+            } else {
+                default.held_vectors
+            },
         }
     }
 
     /// The override constants of this variant.
-    pub fn constants(&self) -> [(&'static str, f64); 5] {
+    pub fn constants(&self) -> [(&'static str, f64); 6] {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         let mode = match self.affine {
             AffineMode::PerElement => 0.0,
@@ -296,6 +322,7 @@ impl Variant {
             ("IS_RMS", flag(self.rms)),
             ("AFFINE_MODE", mode),
             ("ROWS_SG_R", self.rows_per_step as f64),
+            ("HELD_K", self.held_vectors as f64),
         ]
     }
 }
@@ -341,7 +368,7 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
         FAST_DIV,
         io_source(dtype),
         include_str!("../shaders/common.wgsl"),
-        if kernel == Kernel::RowsSubgroup {
+        if matches!(kernel, Kernel::RowsSubgroup | Kernel::RowsHeld) {
             SUBGROUP_ROWS
         } else {
             ""
@@ -673,12 +700,27 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
             rms: true,
             affine: AffineMode::PerElement,
             rows_per_step: ROWS_SG_STEP,
+            held_vectors: HELD_SLOTS,
         };
-        assert_eq!(full.for_kernel(Kernel::RowsSubgroup), full);
+        assert_eq!(
+            full.for_kernel(Kernel::RowsSubgroup),
+            Variant {
+                held_vectors: 0,
+                ..full
+            }
+        );
+        assert_eq!(
+            full.for_kernel(Kernel::RowsHeld),
+            Variant {
+                rows_per_step: 1,
+                ..full
+            }
+        );
         assert_eq!(
             full.for_kernel(Kernel::Rows),
             Variant {
                 rows_per_step: 1,
+                held_vectors: 0,
                 ..full
             }
         );
@@ -694,6 +736,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
             Variant {
                 rms: false,
                 rows_per_step: 1,
+                held_vectors: 0,
                 ..full
             }
         );

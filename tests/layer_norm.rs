@@ -59,6 +59,42 @@ fn layer_norm_rows_walked_four_at_a_time_with_a_partial_last_step_match_f64() {
 }
 
 #[test]
+fn layer_norm_rows_held_in_registers_match_f64() {
+    // Lavapipe's subgroups of 8 hold rows of up to 256 elements, at most
+    // eight vectors per lane: rows of 20 leave three lanes idle, rows of
+    // 100 and 252 a last slot that only some lanes fill.
+    for (rows, len) in [(129, 20), (70, 100), (33, 252), (16, 4)] {
+        layer_norm_matches_reference(rows, len, 2.0, 1e-5, 1e-5);
+    }
+    // The held mean is corrected by the mean of x − mean: a common offset
+    // of 1e4 costs no digits (without the correction the error is ~1e-3).
+    layer_norm_matches_reference(300, 256, 1e4, 1e-5, 1e-5);
+}
+
+#[test]
+fn held_rows_without_affine_parameters_match_f64() {
+    let ctx = ctx();
+    let (rows, len) = (40, 128);
+    let x = normal(rows * len, 11, -3.0, 2.0);
+    let expected = layer_norm_reference(&x, rows, len, 1e-5);
+    for (weight, bias) in [(false, false), (true, false)] {
+        let config = RowNormConfig {
+            weight,
+            bias,
+            ..RowNormConfig::torch_layer_norm()
+        };
+        let y = layer_norm_on(ctx, &x, rows, len, config);
+        assert_close(
+            &format!("weight {weight} bias {bias}"),
+            &y,
+            &expected,
+            1e-5,
+            1e-5,
+        );
+    }
+}
+
+#[test]
 fn layer_norm_rows_of_70000_use_the_tiled_path_and_match_f64() {
     layer_norm_matches_reference(2, 70_000, 0.0, 1e-5, 1e-5);
 }
