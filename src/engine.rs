@@ -308,16 +308,16 @@ pub fn rows_per_step(view: &View, caps: &Caps) -> u32 {
 /// Vectors of a row each lane keeps when the held-row kernel takes this
 /// view (rows_held.wgsl): rows that all share their affine parameters
 /// (G = 1), of whole vectors, short enough that [`kernels::HELD_SLOTS`]
-/// vectors per lane cover a row with the smallest subgroup the adapter may
-/// use (or the workgroup, when that is smaller). None where it does not
-/// apply.
+/// vectors per lane ([`kernels::HELD_SLOTS_GPU`] on a GPU) cover a row with
+/// the smallest subgroup the adapter may use (or the workgroup, when that
+/// is smaller). None where it does not apply.
 pub fn held_vectors(view: &View, caps: &Caps) -> Option<u32> {
     let n4 = view.b / 4;
     let lanes = caps.subgroup_min.clamp(1, kernels::ROWS_SG_WG);
     let per_lane = n4.div_ceil(lanes as usize);
     (caps.subgroups && view.g == 1 && view.b.is_multiple_of(4) && n4 > 0)
         .then_some(per_lane as u32)
-        .filter(|&k| k <= kernels::HELD_SLOTS)
+        .filter(|&k| k <= caps.cpu_or_gpu(kernels::HELD_SLOTS, kernels::HELD_SLOTS_GPU))
 }
 
 /// Whether the single-dispatch row kernel handles this forward.
@@ -973,11 +973,14 @@ mod tests {
         };
         let ln = |b| View::layer_norm(&[64, b], b);
         assert_eq!(held_vectors(&ln(256), &lavapipe), Some(8));
-        assert_eq!(held_vectors(&ln(100), &lavapipe), Some(4));
+        assert_eq!(held_vectors(&ln(260), &lavapipe), Some(9));
         assert_eq!(held_vectors(&ln(4), &lavapipe), Some(1));
-        // 65 vectors: a ninth per lane of 8.
-        assert_eq!(held_vectors(&ln(260), &lavapipe), None);
+        assert_eq!(held_vectors(&ln(1024), &lavapipe), Some(32));
+        // 257 vectors: a 33rd per lane of 8.
+        assert_eq!(held_vectors(&ln(1028), &lavapipe), None);
+        // A GPU holds 8 vectors per lane.
         assert_eq!(held_vectors(&ln(1024), &SUBGROUPS), Some(8));
+        assert_eq!(held_vectors(&ln(1028), &SUBGROUPS), None);
         // Odd rows are not whole vectors.
         assert_eq!(held_vectors(&ln(33), &lavapipe), None);
         // A borrowed device may run subgroups of 4; without subgroups the

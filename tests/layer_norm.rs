@@ -60,10 +60,18 @@ fn layer_norm_rows_walked_four_at_a_time_with_a_partial_last_step_match_f64() {
 
 #[test]
 fn layer_norm_rows_held_in_registers_match_f64() {
-    // Lavapipe's subgroups of 8 hold rows of up to 256 elements, at most
-    // eight vectors per lane: rows of 20 leave three lanes idle, rows of
-    // 100 and 252 a last slot that only some lanes fill.
-    for (rows, len) in [(129, 20), (70, 100), (33, 252), (16, 4)] {
+    // Lavapipe's subgroups of 8 hold rows of up to 1024 elements, at most
+    // 32 vectors per lane in four octets: rows of 20 leave three lanes
+    // idle; rows of 100, 252 and 1020 a last slot that only some lanes
+    // fill, in the first, the first and the last octet.
+    for (rows, len) in [
+        (129, 20),
+        (70, 100),
+        (33, 252),
+        (16, 4),
+        (9, 1020),
+        (40, 520),
+    ] {
         layer_norm_matches_reference(rows, len, 2.0, 1e-5, 1e-5);
     }
     // The held mean is corrected by the mean of x − mean: a common offset
