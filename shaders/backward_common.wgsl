@@ -85,6 +85,8 @@ override BWD_ROWS_R: u32 = 1u;
 // (bwd_column_sums finishes them): LayerNorm's dγ and dβ without reading x
 // and dy again.
 override BWD_COLUMN_SUMS: bool = false;
+// Vectors of a row each lane holds in bwd_rows_held (held_slots.wgsl).
+override HELD_K: u32 = 0u;
 
 // Where the column sums of vector j4 over step `step` go (Σdy; Σdy·x̂ is 8
 // vectors further): blocks of 8 vectors, each block's steps one after the

@@ -14,40 +14,14 @@
 // apart was 1.3x slower. On lavapipe (fraction of the copy kernel), rows of
 // 256 went from 0.45 to about 0.95, rows of 1024 from 0.55 to 0.8.
 //
-// The slots are values with constant indices in four octets (arrays of
-// eight passed by value), never an array indexed in a loop: lavapipe kept a
-// looped array in memory and ran 14% slower. HELD_K (an override) marks
-// the slots in use; the others fold away. A lane whose vector lies past the
-// row (width·HELD_K > B/4) holds zeros there and stores nothing.
+// The slots are those of held_slots.wgsl: four octets, HELD_K in use.
 //
 // Statistics: the mean m0 of the held values, then Σd and Σd² of
 // d = x − m0 (exact for values near m0). dmean = Σd/n corrects m0's
 // rounding and var = (Σd² − Σd·dmean)/n is a two-pass variance, so neither a
 // large common offset nor an outlier costs digits (SPEC §6). Stored as
 // vec4(shift = m0, dmean, rstd, var), as the other kernels do.
-alias Vec4x8 = array<vec4<f32>, 8>;
-alias U32x8 = array<u32, 8>;
-alias Livex8 = array<bool, 8>;
 alias Affine4x8 = array<Affine4, 8>;
-
-// The vectors of slots first .. first + 7 of a lane of a `w`-wide subgroup.
-fn octet_columns(lane: u32, w: u32, first: u32) -> U32x8 {
-    let c = lane + first * w;
-    return U32x8(c, c + w, c + 2u * w, c + 3u * w, c + 4u * w, c + 5u * w, c + 6u * w, c + 7u * w);
-}
-
-fn slot_live(k: u32, j4: u32, n4: u32) -> bool {
-    return k < HELD_K && j4 < n4;
-}
-
-fn octet_live(j: U32x8, first: u32, n4: u32) -> Livex8 {
-    return Livex8(
-        slot_live(first, j[0], n4), slot_live(first + 1u, j[1], n4),
-        slot_live(first + 2u, j[2], n4), slot_live(first + 3u, j[3], n4),
-        slot_live(first + 4u, j[4], n4), slot_live(first + 5u, j[5], n4),
-        slot_live(first + 6u, j[6], n4), slot_live(first + 7u, j[7], n4),
-    );
-}
 
 fn slot_affine(j4: u32, live: bool) -> Affine4 {
     if (live) {
@@ -63,20 +37,6 @@ fn octet_affine(j: U32x8, l: Livex8) -> Affine4x8 {
     );
 }
 
-fn slot_x4(base4: u32, j4: u32, live: bool) -> vec4<f32> {
-    if (live) {
-        return load_x4(base4 + j4);
-    }
-    return vec4<f32>(0.0);
-}
-
-fn octet_x4(base4: u32, j: U32x8, l: Livex8) -> Vec4x8 {
-    return Vec4x8(
-        slot_x4(base4, j[0], l[0]), slot_x4(base4, j[1], l[1]), slot_x4(base4, j[2], l[2]), slot_x4(base4, j[3], l[3]),
-        slot_x4(base4, j[4], l[4]), slot_x4(base4, j[5], l[5]), slot_x4(base4, j[6], l[6]), slot_x4(base4, j[7], l[7]),
-    );
-}
-
 // v − m0 for a live slot, 0 for the others (they add nothing to the sums).
 fn slot_centered(v: vec4<f32>, m0: f32, live: bool) -> vec4<f32> {
     return select(vec4<f32>(0.0), v - m0, live);
@@ -89,15 +49,6 @@ fn octet_centered(v: Vec4x8, m0: f32, l: Livex8) -> Vec4x8 {
         slot_centered(v[4], m0, l[4]), slot_centered(v[5], m0, l[5]),
         slot_centered(v[6], m0, l[6]), slot_centered(v[7], m0, l[7]),
     );
-}
-
-fn octet_sum(v: Vec4x8) -> vec4<f32> {
-    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
-
-fn octet_sum_squares(v: Vec4x8) -> vec4<f32> {
-    return ((v[0] * v[0] + v[1] * v[1]) + (v[2] * v[2] + v[3] * v[3]))
-        + ((v[4] * v[4] + v[5] * v[5]) + (v[6] * v[6] + v[7] * v[7]));
 }
 
 fn slot_store(base4: u32, j4: u32, live: bool, d: vec4<f32>, dmean: f32, rstd: f32, a: Affine4) {
@@ -166,8 +117,8 @@ fn rows_held(
             t1 = subgroupAdd(hsum(s));
             dmean = t1 / n;
         }
-        let s2 = (octet_sum_squares(d0) + octet_sum_squares(d1))
-            + (octet_sum_squares(d2) + octet_sum_squares(d3));
+        let s2 = (octet_dot(d0, d0) + octet_dot(d1, d1))
+            + (octet_dot(d2, d2) + octet_dot(d3, d3));
         // Rounding can leave a tiny negative; a NaN (inf or NaN in the row)
         // must stay NaN, as in torch, so no max() here.
         var variance = (subgroupAdd(hsum(s2)) - t1 * dmean) / n;

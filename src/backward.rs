@@ -116,11 +116,16 @@ pub enum BackwardKernel {
     /// dγ and dβ from the per-step column sums of `RowsSubgroup` with
     /// `BWD_COLUMN_SUMS` ([`fused_column_sums`]).
     ColumnSums,
+    /// A row per subgroup held in registers (the forward's held rows):
+    /// x and dy read once; with `BWD_COLUMN_SUMS`, column sums per block of
+    /// rows for [`BackwardKernel::ColumnSums`].
+    RowsHeld,
 }
 
 impl BackwardKernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [BackwardKernel; 10] = [
+    pub const ALL: [BackwardKernel; 11] = [
+        BackwardKernel::RowsHeld,
         BackwardKernel::Rows,
         BackwardKernel::RowsSubgroup,
         BackwardKernel::Partials,
@@ -146,6 +151,7 @@ impl BackwardKernel {
             BackwardKernel::ChannelCols => "bwd_channel_cols",
             BackwardKernel::ChannelGradInput => "bwd_channel_dx",
             BackwardKernel::ColumnSums => "bwd_column_sums",
+            BackwardKernel::RowsHeld => "bwd_rows_held",
         }
     }
 }
@@ -193,7 +199,7 @@ fn io_source(dtype: DType) -> &'static str {
 
 /// The complete WGSL source of the backward kernels for storage `dtype` (of
 /// `x`, `grad_output` and `grad_input`); with `subgroups`, the subgroup row
-/// kernel too (it needs `Features::SUBGROUP` to compile).
+/// kernels too (they need `Features::SUBGROUP` to compile).
 pub fn source(dtype: DType, subgroups: bool) -> String {
     let prelude = format!(
         "const BWD_WG: u32 = {BWD_WG}u;\n\
@@ -207,6 +213,8 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
         [
             kernels::SUBGROUP_ROWS,
             include_str!("../shaders/backward_rows_subgroup.wgsl"),
+            kernels::HELD_SLOTS_SOURCE,
+            include_str!("../shaders/backward_rows_held.wgsl"),
         ]
         .join("\n")
     } else {
@@ -269,6 +277,9 @@ const BF_FOUR_ROWS: u32 = 512;
 /// Host-side only: the subgroup row kernel writes column sums
 /// (`BWD_COLUMN_SUMS`).
 const BF_COLUMN_SUMS: u32 = 1024;
+/// Host-side only: bits 24.. of the flags hold the held-row kernel's
+/// vectors per lane (`HELD_K`), a pipeline constant like the flags above.
+const BF_HELD_SHIFT: u32 = 24;
 
 /// Most bytes of the scratch with per-step column sums
 /// ([`fused_column_sums`]): WebGPU's default storage binding limit, which
@@ -421,6 +432,13 @@ fn channel_strips(v: &View) -> usize {
 /// Whether the subgroup row kernel takes a backward the row kernel takes.
 fn uses_subgroup_rows(v: &View, caps: &Caps) -> bool {
     caps.subgroups && v.b.is_multiple_of(4)
+}
+
+/// Vectors per lane when the held-row kernel takes a backward the subgroup
+/// row kernel takes: the forward held the rows ([`crate::engine::held_vectors`]),
+/// γ is one per column, and no per-channel partials are wanted.
+fn held_rows(v: &View, caps: &Caps, row_grads: u32) -> Option<u32> {
+    crate::engine::held_vectors(v, caps).filter(|_| v.affine_div <= 1 && row_grads == 0)
 }
 
 /// Whether the subgroup row kernel, walking four rows at a time in `steps`
@@ -592,7 +610,24 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                 p.flags |= BF_WRITE_PARTIALS;
                 grads_done = true;
             }
-            if uses_subgroup_rows(v, caps) {
+            // The subgroup row kernel and the steps whose column sums it
+            // writes, when it does.
+            let subgroup_rows = if let Some(held) = held_rows(v, caps, row_grads) {
+                // Blocks of contiguous rows, a subgroup of the smallest
+                // size for each; with larger subgroups some take several.
+                let per_block = crate::engine::held_rows_per_subgroup(v, caps);
+                let blocks = groups.div_ceil(per_block);
+                let per_wg = (BWD_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
+                p.flags |= held << BF_HELD_SHIFT;
+                p.tiles = blocks as u32;
+                p.rows_per_block = per_block as u32;
+                let column_sums = fused_column_sums(v, caps, params_wanted, blocks);
+                Some((
+                    BackwardKernel::RowsHeld,
+                    blocks.div_ceil(per_wg),
+                    column_sums.then_some(blocks),
+                ))
+            } else if uses_subgroup_rows(v, caps) {
                 // Enough workgroups for the largest subgroup size; with
                 // smaller subgroups the surplus workgroups find no group.
                 // Four groups per step where the forward takes four rows
@@ -606,27 +641,37 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                     p.flags |= BF_FOUR_ROWS;
                     per_wg *= step;
                 }
-                if column_sums {
-                    p.flags |= BF_COLUMN_SUMS;
-                    p.tiles = steps as u32;
-                }
-                push(BackwardKernel::RowsSubgroup, groups.div_ceil(per_wg), p);
-                if column_sums {
-                    let mut c = base;
-                    c.flags |= grad_flags;
-                    c.tiles = steps as u32;
-                    push(
-                        BackwardKernel::ColumnSums,
-                        (v.b / 4).div_ceil(BWD_WG as usize),
-                        c,
-                    );
-                    // Blocks of eight vectors (column_sums_slot).
-                    let blocks = (v.b / 4).div_ceil(8);
-                    work_vec4 = work_vec4.max(groups + 16 * blocks * steps);
-                    grads_done = true;
-                }
+                Some((
+                    BackwardKernel::RowsSubgroup,
+                    groups.div_ceil(per_wg),
+                    column_sums.then_some(steps),
+                ))
             } else {
-                push(BackwardKernel::Rows, groups, p);
+                None
+            };
+            match subgroup_rows {
+                Some((kernel, workgroups, column_steps)) => {
+                    if let Some(steps) = column_steps {
+                        p.flags |= BF_COLUMN_SUMS;
+                        p.tiles = steps as u32;
+                    }
+                    push(kernel, workgroups, p);
+                    if let Some(steps) = column_steps {
+                        let mut c = base;
+                        c.flags |= grad_flags;
+                        c.tiles = steps as u32;
+                        push(
+                            BackwardKernel::ColumnSums,
+                            (v.b / 4).div_ceil(BWD_WG as usize),
+                            c,
+                        );
+                        // Blocks of eight vectors (column_sums_slot).
+                        let blocks = (v.b / 4).div_ceil(8);
+                        work_vec4 = work_vec4.max(groups + 16 * blocks * steps);
+                        grads_done = true;
+                    }
+                }
+                None => push(BackwardKernel::Rows, groups, p),
             }
             let channels = v.g * channels_per_group.unwrap_or(1);
             work_vec4 = work_vec4.max(groups + v.p * channels);
@@ -842,7 +887,15 @@ impl BackwardCache {
             dtype,
             entry_point,
             &special.constants(),
-            || source(dtype, kernel == BackwardKernel::RowsSubgroup),
+            || {
+                source(
+                    dtype,
+                    matches!(
+                        kernel,
+                        BackwardKernel::RowsSubgroup | BackwardKernel::RowsHeld
+                    ),
+                )
+            },
         )
     }
 }
@@ -865,6 +918,8 @@ struct Specialization {
     rows_step: u8,
     /// The subgroup row kernel writes column sums (`BWD_COLUMN_SUMS`).
     column_sums: bool,
+    /// Vectors per lane of the held-row kernel (`HELD_K`), 0 elsewhere.
+    held: u8,
 }
 
 impl Specialization {
@@ -893,10 +948,11 @@ impl Specialization {
                 1
             },
             column_sums: p.flags & BF_COLUMN_SUMS != 0,
+            held: (p.flags >> BF_HELD_SHIFT) as u8,
         }
     }
 
-    fn constants(&self) -> [(&'static str, f64); 7] {
+    fn constants(&self) -> [(&'static str, f64); 8] {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         [
             ("BWD_WEIGHT", flag(self.weight)),
@@ -906,6 +962,7 @@ impl Specialization {
             ("BWD_VEC4", flag(self.vec4)),
             ("BWD_ROWS_R", self.rows_step as f64),
             ("BWD_COLUMN_SUMS", flag(self.column_sums)),
+            ("HELD_K", self.held as f64),
         ]
     }
 }
@@ -1149,29 +1206,36 @@ mod tests {
                 .map(|d| (d.kernel, d.workgroups))
                 .collect()
         };
-        // 4096 rows, four per step of a 32-wide subgroup, two subgroups per
-        // 64-invocation workgroup; columns eight per invocation; 128 row
-        // blocks per column, merged serially, one invocation per column.
-        let v = View::layer_norm(&[4096, 1024], 1024);
+        // 4096 rows (too long to hold), four per step of a 32-wide
+        // subgroup, two subgroups per 64-invocation workgroup; columns eight
+        // per invocation; 128 row blocks per column, merged serially, one
+        // invocation per column.
+        let v = View::layer_norm(&[4096, 2048], 2048);
         assert_eq!(
             on(&spec(v, StatsSource::Batch, true)),
-            [(RowsSubgroup, 512), (Cols, 128 * 2), (Finalize, 1024 / 64)]
+            [(RowsSubgroup, 512), (Cols, 128 * 4), (Finalize, 2048 / 64)]
         );
         // Fewer rows than a GPU wants in steps of four: one per step.
-        let half = View::layer_norm(&[2048, 1024], 1024);
+        let half = View::layer_norm(&[2048, 2048], 2048);
         assert_eq!(
             on(&spec(half, StatsSource::Batch, true))[0],
             (RowsSubgroup, 1024)
         );
         // A CPU: the row kernel also sums columns per step of four rows, and
         // one pass with an invocation per four columns finishes dγ and dβ.
-        let cpu = Caps { cpu: true, ..caps };
-        let plan = plan_backward_on(&spec(v, StatsSource::Batch, true), &cpu);
+        let cpu = Caps {
+            cpu: true,
+            subgroup_min: 8,
+            subgroup_max: 8,
+            ..caps
+        };
+        let long = View::layer_norm(&[4096, 4096], 4096);
+        let plan = plan_backward_on(&spec(long, StatsSource::Batch, true), &cpu);
         let steps: Vec<_> = plan.iter().map(|d| (d.kernel, d.workgroups)).collect();
-        assert_eq!(steps, [(RowsSubgroup, 512), (ColumnSums, 256 / 64)]);
+        assert_eq!(steps, [(RowsSubgroup, 128), (ColumnSums, 1024 / 64)]);
         // Without parameter gradients there is nothing to sum.
         assert_eq!(
-            kernels_of_on(&spec(v, StatsSource::Batch, false), &cpu),
+            kernels_of_on(&spec(long, StatsSource::Batch, false), &cpu),
             [RowsSubgroup]
         );
         // Odd rows: the workgroup kernel and one column per invocation.
@@ -1188,6 +1252,53 @@ mod tests {
         assert_eq!(
             kernels_of_on(&spec(inorm, StatsSource::Batch, true), &caps),
             [RowsSubgroup, Finalize]
+        );
+    }
+
+    #[test]
+    fn held_rows_read_x_and_dy_once_and_sum_columns_per_block_on_a_cpu() {
+        use BackwardKernel::*;
+        let gpu = Caps {
+            subgroups: true,
+            subgroup_max: 32,
+            subgroup_min: 32,
+            cpu: false,
+        };
+        let steps = |s: &BackwardSpec, caps: &Caps| -> Vec<(BackwardKernel, u32)> {
+            plan_backward_on(s, caps)
+                .iter()
+                .map(|d| (d.kernel, d.workgroups))
+                .collect()
+        };
+        // A GPU: a row per 32-wide subgroup, two per workgroup; dγ and dβ
+        // from the column kernel.
+        let v = View::layer_norm(&[4096, 1024], 1024);
+        assert_eq!(
+            steps(&spec(v, StatsSource::Batch, true), &gpu),
+            [(RowsHeld, 2048), (Cols, 128 * 2), (Finalize, 1024 / 64)]
+        );
+        // lavapipe: 512 blocks of 32 rows, eight subgroups per workgroup,
+        // and the blocks' column sums added up per four columns.
+        let lavapipe = Caps {
+            subgroup_max: 8,
+            subgroup_min: 8,
+            cpu: true,
+            ..gpu
+        };
+        let short = View::layer_norm(&[16384, 256], 256);
+        assert_eq!(
+            steps(&spec(short, StatsSource::Batch, true), &lavapipe),
+            [(RowsHeld, 512 / 8), (ColumnSums, 1)]
+        );
+        assert_eq!(
+            steps(&spec(short, StatsSource::Batch, false), &lavapipe),
+            [(RowsHeld, 512 / 8)]
+        );
+        // InstanceNorm rows each have their channel's γ: not held.
+        let inorm = View::instance_norm(&[8, 64, 16, 16]);
+        assert_eq!(
+            kernels_of_on(&spec(inorm, StatsSource::Batch, true), &lavapipe)[0],
+            RowsSubgroup
         );
     }
 

@@ -320,6 +320,16 @@ pub fn held_vectors(view: &View, caps: &Caps) -> Option<u32> {
         .filter(|&k| k <= caps.cpu_or_gpu(kernels::HELD_SLOTS, kernels::HELD_SLOTS_GPU))
 }
 
+/// Contiguous rows each subgroup of the held-row kernels walks (forward and
+/// backward): a share of [`kernels::HELD_SUBGROUPS_CPU`] on a CPU, at most
+/// [`kernels::HELD_ROWS_PER_SUBGROUP_CPU`]; one on a GPU.
+pub fn held_rows_per_subgroup(view: &View, caps: &Caps) -> usize {
+    caps.cpu_or_gpu(
+        (view.groups() / kernels::HELD_SUBGROUPS_CPU).clamp(1, kernels::HELD_ROWS_PER_SUBGROUP_CPU),
+        1,
+    )
+}
+
 /// Whether the single-dispatch row kernel handles this forward.
 pub fn uses_row_kernel(spec: &ForwardSpec) -> bool {
     let v = &spec.view;
@@ -375,11 +385,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
                 // rows_per_sg rows (larger subgroups are fewer and walk
                 // more).
                 let per_wg = (kernels::ROWS_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
-                let rows_per_sg = caps.cpu_or_gpu(
-                    (v.groups() / kernels::HELD_SUBGROUPS_CPU)
-                        .clamp(1, kernels::HELD_ROWS_PER_SUBGROUP_CPU),
-                    1,
-                );
+                let rows_per_sg = held_rows_per_subgroup(v, caps);
                 vec![d(
                     Kernel::RowsHeld,
                     v.groups().div_ceil(per_wg * rows_per_sg),

@@ -345,6 +345,10 @@ pub(crate) const FAST_DIV: &str = include_str!("../shaders/fast_div.wgsl");
 /// subgroups (needs subgroup operations: only their sources include it).
 pub(crate) const SUBGROUP_ROWS: &str = include_str!("../shaders/subgroup_rows.wgsl");
 
+/// The slots of rows held in registers, shared by the forward and backward
+/// held-row kernels (they need `load_x4` and the `HELD_K` override).
+pub(crate) const HELD_SLOTS_SOURCE: &str = include_str!("../shaders/held_slots.wgsl");
+
 fn io_source(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => include_str!("../shaders/io_f32.wgsl"),
@@ -375,6 +379,11 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
         include_str!("../shaders/common.wgsl"),
         if matches!(kernel, Kernel::RowsSubgroup | Kernel::RowsHeld) {
             SUBGROUP_ROWS
+        } else {
+            ""
+        },
+        if kernel == Kernel::RowsHeld {
+            HELD_SLOTS_SOURCE
         } else {
             ""
         },

@@ -171,10 +171,14 @@ fn backward_source_validates_with_naga() {
             naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("backward {dtype} subgroups={subgroups}: {e:?}"));
-            // Every kernel's entry point is there (the subgroup one only
+            // Every kernel's entry point is there (the subgroup ones only
             // with subgroups).
             for kernel in BackwardKernel::ALL {
-                let wanted = subgroups || kernel != BackwardKernel::RowsSubgroup;
+                let wanted = subgroups
+                    || !matches!(
+                        kernel,
+                        BackwardKernel::RowsSubgroup | BackwardKernel::RowsHeld
+                    );
                 let found = module
                     .entry_points
                     .iter()
@@ -342,6 +346,16 @@ fn layer_norm_backward_uses_the_statistics_of_rows_walked_four_at_a_time() {
     // its own, and the backward's per-step column sums (dγ, dβ) must count
     // row 66 once.
     layer_norm_case(67, 256, true, true, 0.5);
+}
+
+#[test]
+fn layer_norm_backward_of_rows_held_in_blocks_matches_f64() {
+    // On lavapipe rows up to 1024 are held in registers and walked in
+    // blocks of rows/512 (here 2), whose column sums give dγ and dβ: the
+    // last block has one row, and rows of 1020 leave the last slot of the
+    // last octet to some lanes only.
+    layer_norm_case(1101, 36, true, true, 0.5);
+    layer_norm_case(1030, 1020, true, false, -2.0);
 }
 
 #[test]

@@ -1,0 +1,56 @@
+// Rows held in registers by the held-row kernels (rows_held.wgsl forward,
+// backward_rows_held.wgsl): a lane of a `w`-wide subgroup holds the vectors
+// lane, lane + w, ... of a row in up to 32 slots, four octets of eight.
+// Octets are arrays of eight values passed by value and indexed only with
+// constants, so they stay in registers: lavapipe kept an array indexed in a
+// loop in memory and ran 14% slower. HELD_K (an override, declared with
+// the kernels' other pipeline constants) is the number of slots in use;
+// slots past it fold away. A slot whose vector lies past the row (j4 ≥ n4)
+// is dead: it loads zeros and stores nothing.
+alias Vec4x8 = array<vec4<f32>, 8>;
+alias U32x8 = array<u32, 8>;
+alias Livex8 = array<bool, 8>;
+
+// The vectors of slots first .. first + 7 of a lane of a `w`-wide subgroup.
+fn octet_columns(lane: u32, w: u32, first: u32) -> U32x8 {
+    let c = lane + first * w;
+    return U32x8(c, c + w, c + 2u * w, c + 3u * w, c + 4u * w, c + 5u * w, c + 6u * w, c + 7u * w);
+}
+
+fn slot_live(k: u32, j4: u32, n4: u32) -> bool {
+    return k < HELD_K && j4 < n4;
+}
+
+fn octet_live(j: U32x8, first: u32, n4: u32) -> Livex8 {
+    return Livex8(
+        slot_live(first, j[0], n4), slot_live(first + 1u, j[1], n4),
+        slot_live(first + 2u, j[2], n4), slot_live(first + 3u, j[3], n4),
+        slot_live(first + 4u, j[4], n4), slot_live(first + 5u, j[5], n4),
+        slot_live(first + 6u, j[6], n4), slot_live(first + 7u, j[7], n4),
+    );
+}
+
+fn slot_x4(base4: u32, j4: u32, live: bool) -> vec4<f32> {
+    if (live) {
+        return load_x4(base4 + j4);
+    }
+    return vec4<f32>(0.0);
+}
+
+// x of an octet's slots in the row starting at vector base4.
+fn octet_x4(base4: u32, j: U32x8, l: Livex8) -> Vec4x8 {
+    return Vec4x8(
+        slot_x4(base4, j[0], l[0]), slot_x4(base4, j[1], l[1]), slot_x4(base4, j[2], l[2]), slot_x4(base4, j[3], l[3]),
+        slot_x4(base4, j[4], l[4]), slot_x4(base4, j[5], l[5]), slot_x4(base4, j[6], l[6]), slot_x4(base4, j[7], l[7]),
+    );
+}
+
+fn octet_sum(v: Vec4x8) -> vec4<f32> {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// Σ a·b over the octet, per component.
+fn octet_dot(a: Vec4x8, b: Vec4x8) -> vec4<f32> {
+    return ((a[0] * b[0] + a[1] * b[1]) + (a[2] * b[2] + a[3] * b[3]))
+        + ((a[4] * b[4] + a[5] * b[5]) + (a[6] * b[6] + a[7] * b[7]));
+}
