@@ -276,4 +276,43 @@ fn affine4(v: vec4<f32>, g: u32, k4: u32) -> vec4<f32> {
     return apply_affine4(v, affine_params4(g, k4));
 }
 
-// y at local index i of the bound chunk.
+// Shared by the partials kernels (stats.wgsl, runs_subgroup.wgsl).
+
+// (mean, M2) of `count` values from their sum and sum of squares, all
+// shifted by the group's shift (group_shift; zero for RMS, whose "M2" is Σx²).
+// The values are shifted by a value of their group (or few: STATS_PER_THREAD
+// or COLUMN_ROWS per invocation of the tiled kernels), so the subtraction
+// loses little; Chan's merge does the rest. (partials_runs sums a whole
+// run, as rows_subgroup sums a whole row.)
+// Holding the values for an exact two-pass ran slower on lavapipe (the
+// array stayed in memory). A NaN stays NaN (no max()).
+fn shifted_summary(count: u32, sum: f32, sq: f32) -> vec2<f32> {
+    if (count == 0u) {
+        return vec2<f32>(0.0);
+    }
+    if (IS_RMS) {
+        return vec2<f32>(0.0, sq);
+    }
+    let mean = sum / f32(count);
+    var m2 = sq - sum * mean;
+    if (m2 < 0.0) {
+        m2 = 0.0;
+    }
+    return vec2<f32>(mean, m2);
+}
+
+fn bump_counter_once() {
+    let lo = counter[0] + 1u;
+    counter[0] = lo;
+    if (lo == 0u) {
+        counter[1] = counter[1] + 1u;
+    }
+}
+
+// (v, v²) for v = x − shift of the four elements from flat index i (a
+// multiple of four, in the bound chunk).
+fn shifted_terms4(i: u32, shift: f32) -> mat2x4<f32> {
+    let v = load_x4((i - params.chunk_base) >> 2u) - shift;
+    return mat2x4<f32>(v, v * v);
+}
+

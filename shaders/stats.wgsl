@@ -16,35 +16,6 @@
 
 var<workgroup> wg_sum: array<vec3<f32>, STATS_WG>;
 
-// (mean, M2) of `count` values from their sum and sum of squares, all
-// shifted by the group's shift (group_shift; zero for RMS, whose "M2" is Σx²).
-// Few values per invocation (at most STATS_PER_THREAD or COLUMN_ROWS), all
-// shifted, so the subtraction loses little; Chan's merge does the rest.
-// Holding the values for an exact two-pass ran slower on lavapipe (the
-// array stayed in memory). A NaN stays NaN (no max()).
-fn shifted_summary(count: u32, sum: f32, sq: f32) -> vec2<f32> {
-    if (count == 0u) {
-        return vec2<f32>(0.0);
-    }
-    if (IS_RMS) {
-        return vec2<f32>(0.0, sq);
-    }
-    let mean = sum / f32(count);
-    var m2 = sq - sum * mean;
-    if (m2 < 0.0) {
-        m2 = 0.0;
-    }
-    return vec2<f32>(mean, m2);
-}
-
-fn bump_counter_once() {
-    let lo = counter[0] + 1u;
-    counter[0] = lo;
-    if (lo == 0u) {
-        counter[1] = counter[1] + 1u;
-    }
-}
-
 @compute @workgroup_size(1)
 fn bump_counter() {
     bump_counter_once();
@@ -98,13 +69,6 @@ fn partials_each(
     let tile = w % params.tiles;
     let slot = group * params.merge_tiles + tile * STATS_WG + lid;
     scratch[params.partials_offset + slot] = vec4<f32>(invocation_summary(w, lid), 0.0);
-}
-
-// (v, v²) for v = x − shift of the four elements from flat index i (a
-// multiple of four, in the bound chunk).
-fn shifted_terms4(i: u32, shift: f32) -> mat2x4<f32> {
-    let v = load_x4((i - params.chunk_base) >> 2u) - shift;
-    return mat2x4<f32>(v, v * v);
 }
 
 // (count, mean, M2) of invocation lid's elements of tile w (see the

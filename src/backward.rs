@@ -615,7 +615,7 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
             let subgroup_rows = if let Some(held) = held_rows(v, caps, row_grads) {
                 // Blocks of contiguous rows, a subgroup of the smallest
                 // size for each; with larger subgroups some take several.
-                let per_block = crate::engine::held_rows_per_subgroup(v, caps);
+                let per_block = crate::engine::subgroup_block(groups, caps);
                 let blocks = groups.div_ceil(per_block);
                 let per_wg = (BWD_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
                 p.flags |= held << BF_HELD_SHIFT;

@@ -176,6 +176,13 @@ pub fn uses_normalize_columns(view: &View, chunks: &Chunks) -> bool {
 /// The normalize pass: run by run, by fixed columns, or one dispatch per
 /// chunk of the flat tensor.
 fn normalize_dispatches(view: &View, chunks: &Chunks, caps: &Caps) -> Vec<Dispatch> {
+    if caps.cpu && caps.subgroups && uses_runs(view, chunks) {
+        return vec![Dispatch {
+            kernel: Kernel::NormalizeRunsSubgroup,
+            workgroups: block_workgroups(view.p * view.a * view.g, caps) as u32,
+            chunk: 0,
+        }];
+    }
     if uses_normalize_columns(view, chunks) {
         return vec![Dispatch {
             kernel: Kernel::NormalizeColumns,
@@ -217,9 +224,11 @@ fn tiles_for(view: &View, chunks: &Chunks) -> u32 {
 /// Partials per group: tiles (row blocks for the column kernel, times B
 /// columns) over every chunk, times STATS_WG when each invocation writes
 /// its own ([`partials_per_invocation`]).
-fn merge_tiles_for(view: &View, chunks: &Chunks) -> u32 {
+fn merge_tiles_for(view: &View, chunks: &Chunks, caps: &Caps) -> u32 {
     let tiles = tiles_for(view, chunks);
-    if uses_columns(view, chunks) {
+    if uses_partials_runs(view, chunks, caps) {
+        view.a as u32
+    } else if uses_columns(view, chunks) {
         tiles * view.b as u32
     } else if partials_per_invocation(view, chunks) {
         tiles * kernels::STATS_WG
@@ -320,14 +329,36 @@ pub fn held_vectors(view: &View, caps: &Caps) -> Option<u32> {
         .filter(|&k| k <= caps.cpu_or_gpu(kernels::HELD_SLOTS, kernels::HELD_SLOTS_GPU))
 }
 
-/// Contiguous rows each subgroup of the held-row kernels walks (forward and
-/// backward): a share of [`kernels::HELD_SUBGROUPS_CPU`] on a CPU, at most
-/// [`kernels::HELD_ROWS_PER_SUBGROUP_CPU`]; one on a GPU.
-pub fn held_rows_per_subgroup(view: &View, caps: &Caps) -> usize {
+/// Contiguous rows (or runs) each subgroup of the block-walking kernels
+/// takes of `count` (held rows forward and backward, runs): a share of
+/// [`kernels::BLOCK_SUBGROUPS_CPU`] on a CPU, at most
+/// [`kernels::BLOCK_ROWS_MAX_CPU`]; one on a GPU.
+pub fn subgroup_block(count: usize, caps: &Caps) -> usize {
     caps.cpu_or_gpu(
-        (view.groups() / kernels::HELD_SUBGROUPS_CPU).clamp(1, kernels::HELD_ROWS_PER_SUBGROUP_CPU),
+        (count / kernels::BLOCK_SUBGROUPS_CPU).clamp(1, kernels::BLOCK_ROWS_MAX_CPU),
         1,
     )
+}
+
+/// Workgroups of [`kernels::ROWS_SG_WG`] invocations that give each of
+/// `count` rows or runs a subgroup block ([`subgroup_block`]) with
+/// subgroups of the smallest size (larger ones are fewer and take more).
+fn block_workgroups(count: usize, caps: &Caps) -> usize {
+    let per_wg = (kernels::ROWS_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
+    count.div_ceil(per_wg * subgroup_block(count, caps))
+}
+
+/// Whether the statistics come from a partial per run of B, a subgroup per
+/// run ([`Kernel::PartialsRuns`]): CPU adapters with subgroups, runs of
+/// whole vectors long enough to fill a subgroup's lanes several times, one
+/// binding. Runs are at most [`kernels::ROWS_MAX_LEN`] elements, the
+/// longest the row kernels sum in one subgroup too: each lane sums its
+/// share in f32, and a row of 100,000 with an outlier lost digits there.
+pub fn uses_partials_runs(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
+    caps.cpu
+        && caps.subgroups
+        && uses_runs(view, chunks)
+        && view.b <= kernels::ROWS_MAX_LEN as usize
 }
 
 /// Whether the single-dispatch row kernel handles this forward.
@@ -381,16 +412,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
         }
         StatsSource::Batch if uses_row_kernel(spec) && !chunks.split() => {
             if held_vectors(v, caps).is_some() {
-                // Subgroups of the smallest size, each walking a block of
-                // rows_per_sg rows (larger subgroups are fewer and walk
-                // more).
-                let per_wg = (kernels::ROWS_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
-                let rows_per_sg = held_rows_per_subgroup(v, caps);
-                vec![d(
-                    Kernel::RowsHeld,
-                    v.groups().div_ceil(per_wg * rows_per_sg),
-                    0,
-                )]
+                vec![d(Kernel::RowsHeld, block_workgroups(v.groups(), caps), 0)]
             } else if uses_subgroup_rows(spec, caps) {
                 // Enough workgroups for the largest subgroup size; with
                 // smaller subgroups the surplus workgroups find no row.
@@ -421,6 +443,9 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
                     invocations.div_ceil(kernels::STATS_WG as usize),
                     0,
                 ));
+            } else if uses_partials_runs(v, chunks, caps) {
+                let runs = v.p * v.a * v.g;
+                plan.push(d(Kernel::PartialsRuns, block_workgroups(runs, caps), 0));
             } else if partials_per_invocation(v, chunks) {
                 plan.push(d(Kernel::PartialsEach, v.groups() * tiles, 0));
             } else {
@@ -429,7 +454,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             // Each output merges its groups' partials (P groups per running
             // channel with an update): serially when they are few.
             let groups_per_output = if spec.update.is_some() { v.p } else { 1 };
-            let merged = merge_tiles_for(v, chunks) as usize * groups_per_output;
+            let merged = merge_tiles_for(v, chunks, caps) as usize * groups_per_output;
             if merged <= kernels::FINALIZE_SERIAL_MAX as usize {
                 plan.push(d(
                     Kernel::FinalizeSerial,
@@ -446,9 +471,9 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
 }
 
 /// Bytes of scratch (statistics and partials) a forward of `view` needs.
-pub fn scratch_bytes(view: &View, chunks: &Chunks) -> u64 {
+pub fn scratch_bytes(view: &View, chunks: &Chunks, caps: &Caps) -> u64 {
     let groups = view.groups() as u64;
-    let tiles = merge_tiles_for(view, chunks) as u64;
+    let tiles = merge_tiles_for(view, chunks, caps) as u64;
     16 * (groups + groups * tiles).max(1)
 }
 
@@ -534,7 +559,7 @@ pub(crate) fn check_limits(ctx: &Context, spec: &ForwardSpec, x: &GpuTensor) -> 
     to_u32("the input's element count", v.numel())?;
     ctx.check_buffer_size("the input", x.byte_len())?;
     let chunks = chunks_for(ctx, spec);
-    let scratch = scratch_bytes(v, &chunks);
+    let scratch = scratch_bytes(v, &chunks, &ctx.caps());
     to_u32("the partials count", (scratch / 16) as usize)?;
     ctx.check_size("the statistics scratch", scratch)?;
     if chunks.count > 1 && !x.offset().is_multiple_of(ctx.storage_offset_alignment()) {
@@ -810,7 +835,10 @@ fn forward_uniforms(
         // write_preset's one partial per group.
         (1, 1)
     } else {
-        (tiles_for(v, chunks), merge_tiles_for(v, chunks))
+        (
+            tiles_for(v, chunks),
+            merge_tiles_for(v, chunks, &ctx.caps()),
+        )
     };
     let base = Params {
         p: v.p as u32,
@@ -1081,9 +1109,36 @@ mod tests {
                 Kernel::NormalizeRuns
             ]
         );
+        // A CPU: a subgroup per run of 56², a partial per run (32 per
+        // channel, merged by one invocation each), the normalize run by run
+        // on subgroups; 2048 runs in blocks of 4 on 512 subgroups of 8.
+        let cpu = Caps {
+            subgroup_min: 8,
+            subgroup_max: 8,
+            cpu: true,
+            ..SUBGROUPS
+        };
+        let plan = plan_forward_chunked(&train, &whole, &cpu);
+        let steps: Vec<_> = plan.iter().map(|d| (d.kernel, d.workgroups)).collect();
+        assert_eq!(
+            steps,
+            [
+                (Kernel::PartialsRuns, 512 / 8),
+                (Kernel::FinalizeSerial, 1),
+                (Kernel::NormalizeRunsSubgroup, 512 / 8)
+            ]
+        );
+        assert_eq!(scratch_bytes(&nchw, &whole, &cpu), 16 * (64 + 64 * 32));
+        // Runs longer than a subgroup sums alone keep the tiles.
+        let long = View::instance_norm(&[1, 2, 20_000]);
+        let tracked = spec(long, StatsSource::Batch, true, DType::F32);
+        assert_eq!(
+            kernels_of(&tracked, &Chunks::whole(long.numel()), &cpu)[0],
+            Kernel::PartialsEach
+        );
         // Their partials take at most a quarter of the f32 input's bytes;
         // groups of nine elements keep merged partials (one per group).
-        assert!(scratch_bytes(&nchw, &whole) <= nchw.numel() as u64);
+        assert!(scratch_bytes(&nchw, &whole, &Caps::baseline()) <= nchw.numel() as u64);
         let nines = View::batch_norm(&[1, 1000, 3, 3], 1);
         let tiny = spec(nines, StatsSource::Batch, true, DType::F32);
         let nines_whole = Chunks::whole(nines.numel());
@@ -1091,7 +1146,10 @@ mod tests {
             kernels_of(&tiny, &nines_whole, &SUBGROUPS)[0],
             Kernel::Partials
         );
-        assert_eq!(scratch_bytes(&nines, &nines_whole), 16 * 2 * 1000);
+        assert_eq!(
+            scratch_bytes(&nines, &nines_whole, &Caps::baseline()),
+            16 * 2 * 1000
+        );
         // One tile per channel: 64 partials, merged by one invocation each.
         let small = spec(
             View::batch_norm(&[4, 8, 32, 32], 1),

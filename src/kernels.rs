@@ -81,13 +81,14 @@ pub const HELD_SLOTS: u32 = 32;
 /// Slots the held-row kernel uses on a GPU: x, γ and β of 8 vectors are 96
 /// registers per lane; more would cost occupancy or spill to memory.
 pub const HELD_SLOTS_GPU: u32 = 8;
-/// Subgroups the held-row kernel spreads its rows over on a CPU: enough
-/// for many cores, each walking a block of contiguous rows that its one
-/// load of γ and β serves (at most [`HELD_ROWS_PER_SUBGROUP_CPU`]). A GPU
-/// gets a subgroup per row: it wants every subgroup it can have in flight,
-/// and caches γ/β.
-pub const HELD_SUBGROUPS_CPU: usize = 512;
-pub const HELD_ROWS_PER_SUBGROUP_CPU: usize = 64;
+/// Subgroups the block-walking kernels (held rows, runs on subgroups)
+/// spread their rows or runs over on a CPU: enough for many cores, each
+/// walking a block of contiguous ones (at most [`BLOCK_ROWS_MAX_CPU`]), so
+/// the thread running it streams through memory and loads γ/β of held rows
+/// once. A GPU gets a subgroup per row: it wants every subgroup it can have
+/// in flight, and caches γ/β.
+pub const BLOCK_SUBGROUPS_CPU: usize = 512;
+pub const BLOCK_ROWS_MAX_CPU: usize = 64;
 /// Longest row the single-dispatch row kernel takes when there are few rows;
 /// longer rows with fewer than [`ROWS_MIN_FOR_LONG`] rows go through the
 /// partials/finalize/normalize path, which spreads a row over many
@@ -140,11 +141,19 @@ pub enum Kernel {
     /// Row kernel with one subgroup per row held in registers: x read once
     /// (short rows sharing their affine parameters).
     RowsHeld,
+    /// A partial per run of B, one subgroup per run (CPU adapters with
+    /// subgroups).
+    PartialsRuns,
+    /// Fused normalize-scale-shift, one subgroup per run of B (CPU adapters
+    /// with subgroups).
+    NormalizeRunsSubgroup,
 }
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 14] = [
+    pub const ALL: [Kernel; 16] = [
+        Kernel::PartialsRuns,
+        Kernel::NormalizeRunsSubgroup,
         Kernel::RowsHeld,
         Kernel::NormalizeColumns,
         Kernel::PartialsColumns,
@@ -179,7 +188,21 @@ impl Kernel {
             Kernel::Rows => include_str!("../shaders/rows.wgsl"),
             Kernel::RowsSubgroup => include_str!("../shaders/rows_subgroup.wgsl"),
             Kernel::RowsHeld => include_str!("../shaders/rows_held.wgsl"),
+            Kernel::PartialsRuns | Kernel::NormalizeRunsSubgroup => {
+                include_str!("../shaders/runs_subgroup.wgsl")
+            }
         }
+    }
+
+    /// Whether the kernel needs subgroup operations (and subgroup_rows.wgsl).
+    pub fn uses_subgroups(self) -> bool {
+        matches!(
+            self,
+            Kernel::RowsSubgroup
+                | Kernel::RowsHeld
+                | Kernel::PartialsRuns
+                | Kernel::NormalizeRunsSubgroup
+        )
     }
 
     /// WGSL entry point name.
@@ -199,6 +222,8 @@ impl Kernel {
             Kernel::Rows => "rows",
             Kernel::RowsSubgroup => "rows_subgroup",
             Kernel::RowsHeld => "rows_held",
+            Kernel::PartialsRuns => "partials_runs",
+            Kernel::NormalizeRunsSubgroup => "normalize_runs_subgroup",
         }
     }
 }
@@ -276,6 +301,7 @@ impl Variant {
             kernel,
             Kernel::Normalize
                 | Kernel::NormalizeRuns
+                | Kernel::NormalizeRunsSubgroup
                 | Kernel::NormalizeColumns
                 | Kernel::Rows
                 | Kernel::RowsSubgroup
@@ -287,6 +313,7 @@ impl Variant {
                 | Kernel::EvalStats
                 | Kernel::Normalize
                 | Kernel::NormalizeRuns
+                | Kernel::NormalizeRunsSubgroup
                 | Kernel::NormalizeColumns
         );
         let default = Variant::default();
@@ -377,7 +404,7 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
         FAST_DIV,
         io_source(dtype),
         include_str!("../shaders/common.wgsl"),
-        if matches!(kernel, Kernel::RowsSubgroup | Kernel::RowsHeld) {
+        if kernel.uses_subgroups() {
             SUBGROUP_ROWS
         } else {
             ""

@@ -389,6 +389,56 @@ fn batch_norm_over_14x14_planes_normalizes_run_by_run_and_matches_f64() {
 }
 
 #[test]
+fn runs_walked_by_subgroups_in_blocks_match_f64_and_update_running_stats() {
+    // 16·70 = 1120 runs of 144 elements: on lavapipe a subgroup per run, in
+    // blocks of two contiguous runs (the last block one), a partial per run
+    // (16 per channel), and the normalize run by run with γ and β.
+    let ctx = ctx();
+    let shape = [16, 70, 12, 12];
+    let x = normal(16 * 70 * 144, 5, -1.0, 3.0);
+    let w: Vec<f32> = (0..70).map(|c| 1.0 + c as f32 * 0.01).collect();
+    let b: Vec<f32> = (0..70).map(|c| c as f32 * -0.1).collect();
+    let mut bn = BatchNorm::new(ctx, 70, BatchNormConfig::torch_2d()).unwrap();
+    bn.set_weight(Some(ctx.upload(&w, &[70]).unwrap())).unwrap();
+    bn.set_bias(Some(ctx.upload(&b, &[70]).unwrap())).unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let view = View::batch_norm(&shape, 1);
+    let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
+    assert_close("train", &y, &want, 1e-5, 1e-5);
+    let n = (16 * 144) as f64;
+    let stats = channel_stats(&x, &shape);
+    let (rm, rv, tracked) = running(&bn);
+    let want_rm: Vec<f64> = stats.iter().map(|s| 0.1 * s.0).collect();
+    let want_rv: Vec<f64> = stats
+        .iter()
+        .map(|s| 0.9 + 0.1 * s.1 * n / (n - 1.0))
+        .collect();
+    assert_close("running_mean", &rm, &want_rm, 1e-6, 1e-5);
+    assert_close("running_var", &rv, &want_rv, 1e-6, 1e-5);
+    assert_eq!(tracked, Some(1));
+
+    // InstanceNorm with running statistics takes the partials path too,
+    // with P = 3 samples: each run's partial is its own (sample, channel).
+    let shape = [3, 5, 16, 16];
+    let x = normal(3 * 5 * 256, 6, 4.0, 0.5);
+    let mut cfg = InstanceNormConfig::torch();
+    cfg.track_running_stats = true;
+    let mut inorm = InstanceNorm::new(ctx, 5, cfg).unwrap();
+    let y = ctx
+        .download(
+            &inorm
+                .forward(ctx, &ctx.upload(&x, &shape).unwrap(), Mode::Train)
+                .unwrap(),
+        )
+        .unwrap();
+    let want = reference::forward(&x, &View::instance_norm(&shape), false, 1e-5, None, None);
+    assert_close("instance norm", &y, &want, 1e-5, 1e-5);
+}
+
+#[test]
 fn batch_norm_with_many_partials_per_channel_matches_f64() {
     // 20·16·16 = 5120 rows of 4 channels: 320 column blocks per channel,
     // more than one invocation merges (kernels::FINALIZE_SERIAL_MAX), so

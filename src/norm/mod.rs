@@ -301,7 +301,7 @@ pub(crate) fn record_layer(
         )));
     }
     let chunks = engine::chunks_for(ctx, &spec);
-    let bytes = engine::scratch_bytes(&spec.view, &chunks);
+    let bytes = engine::scratch_bytes(&spec.view, &chunks, &ctx.caps());
     let scratch = match saved.as_ref() {
         Some(s) if s.context == ctx.uid && s.scratch.size() >= bytes => s.scratch.clone(),
         _ => Arc::new(ctx.create_buffer("gpunorm statistics", bytes)?),

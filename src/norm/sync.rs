@@ -104,7 +104,7 @@ impl BatchNorm {
         let chunks = engine::chunks_for(ctx, &spec);
         let scratch = ctx.create_buffer(
             "gpunorm statistics",
-            engine::scratch_bytes(&spec.view, &chunks),
+            engine::scratch_bytes(&spec.view, &chunks, &ctx.caps()),
         )?;
         let y = ctx.zeros(x.shape(), x.dtype())?;
         let none = crate::norm::Affine::default();
@@ -186,7 +186,7 @@ impl BatchNorm {
         let chunks = engine::chunks_for(ctx, &spec);
         let scratch = std::sync::Arc::new(ctx.create_buffer(
             "gpunorm statistics",
-            engine::scratch_bytes(&spec.view, &chunks),
+            engine::scratch_bytes(&spec.view, &chunks, &ctx.caps()),
         )?);
         submit_scoped(ctx, |encoder| {
             let bufs = ForwardBuffers {
