@@ -91,11 +91,8 @@ fn rows_held(
     let a1 = octet_affine(j1, l1);
     let a2 = octet_affine(j2, l2);
     let a3 = octet_affine(j3, l3);
-    // Each subgroup walks a block of contiguous rows: a CPU thread running
-    // it streams through memory.
-    let per = (params.n_groups + steps.stride - 1u) / steps.stride;
-    let end = min(steps.first * per + per, params.n_groups);
-    for (var row = steps.first * per; row < end; row++) {
+    let rows = subgroup_block(steps, params.n_groups);
+    for (var row = rows.x; row < rows.y; row++) {
         let base4 = row * n4;
         let v0 = octet_x4(base4, j0, l0);
         let v1 = octet_x4(base4, j1, l1);

@@ -1,7 +1,7 @@
 // Run kernels on subgroups, for CPU adapters with Features::SUBGROUP (the
 // host checks): one subgroup per run of B contiguous elements (one
 // (p, a, g); B a multiple of four, at least RUNS_MIN_LEN), each subgroup
-// walking a block of contiguous runs (subgroup_runs). BatchNorm over
+// walking a block of contiguous runs (subgroup_block). BatchNorm over
 // [N, C, H, W] is N·C runs of H·W.
 //
 // Why: a CPU thread running a subgroup that walks contiguous memory streams
@@ -16,23 +16,6 @@
 // normalize_runs_subgroup writes y run by run with the run's statistics
 // and, one per run (AFFINE_PER_RUN), its γ and β folded into a scale and
 // an offset.
-
-struct RunBlock {
-    first: u32,
-    end: u32,
-    lane: u32,
-    width: u32,
-}
-
-// The runs [first, end) of this subgroup: runs are split into one block per
-// subgroup of the dispatch, in order.
-fn subgroup_runs(lane: u32, sg: u32, wid: vec3<u32>, nwg: vec3<u32>) -> RunBlock {
-    let steps = subgroup_rows(lane, sg, ROWS_SG_WG, linear_workgroup(wid, nwg), nwg.x * nwg.y);
-    let runs = params.p * params.a * params.g;
-    let per = (runs + steps.stride - 1u) / steps.stride;
-    let first = min(steps.first * per, runs);
-    return RunBlock(first, min(first + per, runs), lane, steps.width);
-}
 
 // (p, a, g) of run r = (p·A + a)·G + g.
 fn run_coords(r: u32) -> vec3<u32> {
@@ -53,13 +36,14 @@ fn partials_runs(
     @builtin(subgroup_invocation_id) lane: u32,
     @builtin(subgroup_size) sg: u32,
 ) {
-    let blk = subgroup_runs(lane, sg, wid, nwg);
-    if (blk.first == 0u && lane == 0u && has_flag(FLAG_BUMP_COUNTER)) {
+    let steps = subgroup_rows(lane, sg, ROWS_SG_WG, linear_workgroup(wid, nwg), nwg.x * nwg.y);
+    let runs = subgroup_block(steps, params.p * params.a * params.g);
+    if (steps.first == 0u && lane == 0u && has_flag(FLAG_BUMP_COUNTER)) {
         bump_counter_once();
     }
     let n4 = params.b / 4u;
-    let w = blk.width;
-    for (var r = blk.first; r < blk.end; r++) {
+    let w = steps.width;
+    for (var r = runs.x; r < runs.y; r++) {
         let at = run_coords(r);
         let shift = group_shift(at.x, at.z);
         let base4 = r * n4;
@@ -91,10 +75,11 @@ fn normalize_runs_subgroup(
     @builtin(subgroup_invocation_id) lane: u32,
     @builtin(subgroup_size) sg: u32,
 ) {
-    let blk = subgroup_runs(lane, sg, wid, nwg);
+    let steps = subgroup_rows(lane, sg, ROWS_SG_WG, linear_workgroup(wid, nwg), nwg.x * nwg.y);
+    let runs = subgroup_block(steps, params.p * params.a * params.g);
     let n4 = params.b / 4u;
-    let w = blk.width;
-    for (var r = blk.first; r < blk.end; r++) {
+    let w = steps.width;
+    for (var r = runs.x; r < runs.y; r++) {
         let at = run_coords(r);
         let g = at.z;
         let st = scratch[at.x * params.g + g];

@@ -26,3 +26,12 @@ fn subgroup_rows(lane: u32, sg: u32, wg_size: u32, workgroup: u32, workgroups: u
     let per_wg = wg_size / width;
     return SubgroupRows(workgroup * per_wg + slot, workgroups * per_wg, width);
 }
+
+// The block [x, y) of `count` rows or runs that this subgroup walks: they
+// are split in order into one block of contiguous ones per subgroup, so the
+// CPU thread running a subgroup streams through memory.
+fn subgroup_block(steps: SubgroupRows, count: u32) -> vec2<u32> {
+    let per = (count + steps.stride - 1u) / steps.stride;
+    let first = min(steps.first * per, count);
+    return vec2<u32>(first, min(first + per, count));
+}

@@ -120,12 +120,18 @@ pub enum BackwardKernel {
     /// x and dy read once; with `BWD_COLUMN_SUMS`, column sums per block of
     /// rows for [`BackwardKernel::ColumnSums`].
     RowsHeld,
+    /// A partial per run of SB, a subgroup per run ([`runs_on_subgroups`]).
+    PartialsRuns,
+    /// grad_input run by run, a subgroup per run ([`runs_on_subgroups`]).
+    GradInputRuns,
 }
 
 impl BackwardKernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [BackwardKernel; 11] = [
+    pub const ALL: [BackwardKernel; 13] = [
         BackwardKernel::RowsHeld,
+        BackwardKernel::PartialsRuns,
+        BackwardKernel::GradInputRuns,
         BackwardKernel::Rows,
         BackwardKernel::RowsSubgroup,
         BackwardKernel::Partials,
@@ -152,7 +158,20 @@ impl BackwardKernel {
             BackwardKernel::ChannelGradInput => "bwd_channel_dx",
             BackwardKernel::ColumnSums => "bwd_column_sums",
             BackwardKernel::RowsHeld => "bwd_rows_held",
+            BackwardKernel::PartialsRuns => "bwd_partials_runs",
+            BackwardKernel::GradInputRuns => "bwd_dx_runs",
         }
+    }
+
+    /// Whether the kernel needs subgroup operations.
+    pub fn uses_subgroups(self) -> bool {
+        matches!(
+            self,
+            BackwardKernel::RowsSubgroup
+                | BackwardKernel::RowsHeld
+                | BackwardKernel::PartialsRuns
+                | BackwardKernel::GradInputRuns
+        )
     }
 }
 
@@ -173,6 +192,20 @@ fn vec4_runs(p: &BwdParams) -> bool {
 fn dx_by_runs(p: &BwdParams) -> bool {
     vec4_runs(p) && p.affine_div == p.sb
 }
+
+/// Whether the partials and grad_input go run by run on subgroups, a
+/// subgroup walking a block of contiguous runs (backward_runs_subgroup.wgsl):
+/// CPU adapters with subgroups, runs of whole vectors with one γ each, as
+/// long as the forward's runs on subgroups ([`crate::engine::uses_partials_runs`]).
+fn runs_on_subgroups(p: &BwdParams, caps: &Caps) -> bool {
+    caps.cpu
+        && caps.subgroups
+        && dx_by_runs(p)
+        && (kernels::RUNS_MIN_LEN..=kernels::ROWS_MAX_LEN).contains(&p.sb)
+}
+
+// Runs on subgroups are sized by the forward's block rule.
+const _: () = assert!(BWD_SG_WG == kernels::ROWS_SG_WG);
 
 /// The grad-input step for parameters `d`: its workgroups, with `d.tiles`
 /// set to the blocks per run when it works by runs.
@@ -215,6 +248,7 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
             include_str!("../shaders/backward_rows_subgroup.wgsl"),
             kernels::HELD_SLOTS_SOURCE,
             include_str!("../shaders/backward_rows_held.wgsl"),
+            include_str!("../shaders/backward_runs_subgroup.wgsl"),
         ]
         .join("\n")
     } else {
@@ -684,6 +718,8 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         }
         source => {
             let batch = source == StatsSource::Batch;
+            let on_subgroups = runs_on_subgroups(&base, caps);
+            let runs = v.numel() / v.b.max(1);
             if batch || channel_grads != 0 {
                 let tiles = tiles_for(v.group_len());
                 let mut p = base;
@@ -691,13 +727,18 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                 // One partial per invocation where groups span whole tiles
                 // (so the partials stay within 1/8 of the input).
                 let each = dx_by_runs(&p) && v.group_len() >= BWD_TILE as usize;
-                let (kernel, per_group) = if each {
-                    (BackwardKernel::PartialsEach, tiles * BWD_WG as usize)
+                let (kernel, workgroups, per_group) = if on_subgroups {
+                    // A partial per run: SA per group.
+                    let workgroups = crate::engine::block_workgroups(runs, caps);
+                    (BackwardKernel::PartialsRuns, workgroups, v.a)
+                } else if each {
+                    let per_group = tiles * BWD_WG as usize;
+                    (BackwardKernel::PartialsEach, groups * tiles, per_group)
                 } else {
-                    (BackwardKernel::Partials, tiles)
+                    (BackwardKernel::Partials, groups * tiles, tiles)
                 };
                 p.group_stride = per_group as u32;
-                push(kernel, groups * tiles, p);
+                push(kernel, workgroups, p);
                 work_vec4 = work_vec4.max(groups + groups * per_group);
                 let mut f = p;
                 f.tiles = per_group as u32;
@@ -716,8 +757,13 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
             if !batch {
                 d.flags |= BF_RUNNING;
             }
-            let (workgroups, d) = grad_input_step(d);
-            push(BackwardKernel::GradInput, workgroups, d);
+            if on_subgroups {
+                let workgroups = crate::engine::block_workgroups(runs, caps);
+                push(BackwardKernel::GradInputRuns, workgroups, d);
+            } else {
+                let (workgroups, d) = grad_input_step(d);
+                push(BackwardKernel::GradInput, workgroups, d);
+            }
         }
     }
     if params_wanted && !per_channel && !grads_done {
@@ -887,15 +933,7 @@ impl BackwardCache {
             dtype,
             entry_point,
             &special.constants(),
-            || {
-                source(
-                    dtype,
-                    matches!(
-                        kernel,
-                        BackwardKernel::RowsSubgroup | BackwardKernel::RowsHeld
-                    ),
-                )
-            },
+            || source(dtype, kernel.uses_subgroups()),
         )
     }
 }
@@ -1299,6 +1337,51 @@ mod tests {
         assert_eq!(
             kernels_of_on(&spec(inorm, StatsSource::Batch, true), &lavapipe)[0],
             RowsSubgroup
+        );
+    }
+
+    #[test]
+    fn runs_of_one_gamma_go_by_subgroup_on_a_cpu() {
+        use BackwardKernel::*;
+        let lavapipe = Caps {
+            subgroups: true,
+            subgroup_max: 8,
+            subgroup_min: 8,
+            cpu: true,
+        };
+        // 2048 runs of 56², in blocks of 4 on 512 subgroups of 8: a partial
+        // per run (32 per channel), then grad_input run by run.
+        let v = View::batch_norm(&[32, 64, 56, 56], 1);
+        let plan: Vec<_> = plan_backward_on(&spec(v, StatsSource::Batch, true), &lavapipe)
+            .iter()
+            .map(|d| (d.kernel, d.workgroups))
+            .collect();
+        assert_eq!(
+            plan,
+            [
+                (PartialsRuns, 512 / 8),
+                (Finalize, 1),
+                (GradInputRuns, 512 / 8)
+            ]
+        );
+        // Eval mode without parameter gradients: grad_input only.
+        assert_eq!(
+            kernels_of_on(&spec(v, StatsSource::Running, false), &lavapipe),
+            [GradInputRuns]
+        );
+        // Runs too short for a subgroup's lanes, or on a GPU: the tiles.
+        let small = View::batch_norm(&[32, 64, 7, 7], 1);
+        assert_eq!(
+            kernels_of_on(&spec(small, StatsSource::Batch, true), &lavapipe)[0],
+            Partials
+        );
+        let gpu = Caps {
+            cpu: false,
+            ..lavapipe
+        };
+        assert_eq!(
+            kernels_of_on(&spec(v, StatsSource::Batch, true), &gpu)[0],
+            PartialsEach
         );
     }
 

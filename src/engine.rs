@@ -343,7 +343,7 @@ pub fn subgroup_block(count: usize, caps: &Caps) -> usize {
 /// Workgroups of [`kernels::ROWS_SG_WG`] invocations that give each of
 /// `count` rows or runs a subgroup block ([`subgroup_block`]) with
 /// subgroups of the smallest size (larger ones are fewer and take more).
-fn block_workgroups(count: usize, caps: &Caps) -> usize {
+pub(crate) fn block_workgroups(count: usize, caps: &Caps) -> usize {
     let per_wg = (kernels::ROWS_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
     count.div_ceil(per_wg * subgroup_block(count, caps))
 }
