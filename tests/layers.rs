@@ -439,6 +439,33 @@ fn runs_walked_by_subgroups_in_blocks_match_f64_and_update_running_stats() {
 }
 
 #[test]
+fn group_norm_with_one_group_holds_rows_and_finds_each_channels_parameters() {
+    // One group: every row has the same parameters (G = 1), so lavapipe
+    // holds rows of up to 1024 elements in registers, with γ and β one per
+    // channel of H·W elements: 4x4 planes (whole vectors: a parameter per
+    // vector) and 5x6 planes (a vector across two channels: per element).
+    for shape in [[3, 4, 4, 4], [2, 6, 5, 6]] {
+        let c = shape[1];
+        let x = normal(shape.iter().product(), 29, -2.0, 1.5);
+        let w: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.25).collect();
+        let b: Vec<f32> = (0..c).map(|i| i as f32 - 2.0).collect();
+        let view = View::group_norm(&shape, 1);
+        let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
+        let ctx = ctx();
+        let mut gn = gpunorm::GroupNorm::new(ctx, 1, c, gpunorm::GroupNormConfig::torch()).unwrap();
+        gn.set_affine(gpunorm::Affine {
+            weight: Some(ctx.upload(&w, &[c]).unwrap()),
+            bias: Some(ctx.upload(&b, &[c]).unwrap()),
+        })
+        .unwrap();
+        let y = ctx
+            .download(&gn.forward(ctx, &ctx.upload(&x, &shape).unwrap()).unwrap())
+            .unwrap();
+        assert_close(&format!("group norm {shape:?}"), &y, &want, 1e-5, 1e-5);
+    }
+}
+
+#[test]
 fn batch_norm_with_many_partials_per_channel_matches_f64() {
     // 20·16·16 = 5120 rows of 4 channels: 320 column blocks per channel,
     // more than one invocation merges (kernels::FINALIZE_SERIAL_MAX), so
