@@ -110,18 +110,11 @@ fn bwd_rows_held(
     let w = steps.width;
     let n4 = bp.sb / 4u;
     let rows = bp.sp * bp.sg;
-    let j0 = octet_columns(lane, w, 0u);
-    let j1 = octet_columns(lane, w, 8u);
-    let j2 = octet_columns(lane, w, 16u);
-    let j3 = octet_columns(lane, w, 24u);
-    let l0 = octet_live(j0, 0u, n4);
-    let l1 = octet_live(j1, 8u, n4);
-    let l2 = octet_live(j2, 16u, n4);
-    let l3 = octet_live(j3, 24u, n4);
-    let w0 = octet_weight4(j0, l0);
-    let w1 = octet_weight4(j1, l1);
-    let w2 = octet_weight4(j2, l2);
-    let w3 = octet_weight4(j3, l3);
+    let slots = held_slots(lane, w, n4);
+    let w0 = octet_weight4(slots.j0, slots.l0);
+    let w1 = octet_weight4(slots.j1, slots.l1);
+    let w2 = octet_weight4(slots.j2, slots.l2);
+    let w3 = octet_weight4(slots.j3, slots.l3);
     for (var block = steps.first; block < bp.tiles; block += steps.stride) {
         var col_dy0: Vec4x8;
         var col_dy1: Vec4x8;
@@ -135,14 +128,14 @@ fn bwd_rows_held(
         for (var row = block * bp.rows_per_block; row < end; row++) {
             let base4 = row * n4;
             let st = stats[row];
-            let dy0 = octet_dy4(base4, j0, l0);
-            let dy1 = octet_dy4(base4, j1, l1);
-            let dy2 = octet_dy4(base4, j2, l2);
-            let dy3 = octet_dy4(base4, j3, l3);
-            let xhat0 = octet_xhat(octet_x4(base4, j0, l0), st, l0);
-            let xhat1 = octet_xhat(octet_x4(base4, j1, l1), st, l1);
-            let xhat2 = octet_xhat(octet_x4(base4, j2, l2), st, l2);
-            let xhat3 = octet_xhat(octet_x4(base4, j3, l3), st, l3);
+            let dy0 = octet_dy4(base4, slots.j0, slots.l0);
+            let dy1 = octet_dy4(base4, slots.j1, slots.l1);
+            let dy2 = octet_dy4(base4, slots.j2, slots.l2);
+            let dy3 = octet_dy4(base4, slots.j3, slots.l3);
+            let xhat0 = octet_xhat(octet_x4(base4, slots.j0, slots.l0), st, slots.l0);
+            let xhat1 = octet_xhat(octet_x4(base4, slots.j1, slots.l1), st, slots.l1);
+            let xhat2 = octet_xhat(octet_x4(base4, slots.j2, slots.l2), st, slots.l2);
+            let xhat3 = octet_xhat(octet_x4(base4, slots.j3, slots.l3), st, slots.l3);
             let g0 = octet_mul(dy0, w0);
             let g1 = octet_mul(dy1, w1);
             let g2 = octet_mul(dy2, w2);
@@ -151,10 +144,10 @@ fn bwd_rows_held(
             let sum_g_xhat = (octet_dot(g0, xhat0) + octet_dot(g1, xhat1))
                 + (octet_dot(g2, xhat2) + octet_dot(g3, xhat3));
             let s = vec4<f32>(subgroupAdd(hsum(sum_g)), subgroupAdd(hsum(sum_g_xhat)), 0.0, 0.0);
-            octet_store_dx(base4, j0, l0, g0, xhat0, s, st);
-            octet_store_dx(base4, j1, l1, g1, xhat1, s, st);
-            octet_store_dx(base4, j2, l2, g2, xhat2, s, st);
-            octet_store_dx(base4, j3, l3, g3, xhat3, s, st);
+            octet_store_dx(base4, slots.j0, slots.l0, g0, xhat0, s, st);
+            octet_store_dx(base4, slots.j1, slots.l1, g1, xhat1, s, st);
+            octet_store_dx(base4, slots.j2, slots.l2, g2, xhat2, s, st);
+            octet_store_dx(base4, slots.j3, slots.l3, g3, xhat3, s, st);
             if (BWD_COLUMN_SUMS) {
                 col_dy0 = octet_add(col_dy0, dy0);
                 col_dy1 = octet_add(col_dy1, dy1);
@@ -167,10 +160,10 @@ fn bwd_rows_held(
             }
         }
         if (BWD_COLUMN_SUMS) {
-            octet_column_sums(block, j0, l0, col_dy0, col_dy_xhat0);
-            octet_column_sums(block, j1, l1, col_dy1, col_dy_xhat1);
-            octet_column_sums(block, j2, l2, col_dy2, col_dy_xhat2);
-            octet_column_sums(block, j3, l3, col_dy3, col_dy_xhat3);
+            octet_column_sums(block, slots.j0, slots.l0, col_dy0, col_dy_xhat0);
+            octet_column_sums(block, slots.j1, slots.l1, col_dy1, col_dy_xhat1);
+            octet_column_sums(block, slots.j2, slots.l2, col_dy2, col_dy_xhat2);
+            octet_column_sums(block, slots.j3, slots.l3, col_dy3, col_dy_xhat3);
         }
     }
 }

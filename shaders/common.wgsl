@@ -276,6 +276,23 @@ fn affine4(v: vec4<f32>, g: u32, k4: u32) -> vec4<f32> {
     return apply_affine4(v, affine_params4(g, k4));
 }
 
+// (scale, offset) of a run with statistics st whose γ and β are those of
+// affine index g (AFFINE_PER_RUN: BatchNorm, InstanceNorm), so that
+// y = (x − shift)·scale + offset. Shared by normalize_runs and
+// normalize_runs_subgroup.
+fn run_scale_offset(st: vec4<f32>, g: u32) -> vec2<f32> {
+    var scale = st.z;
+    var offset = -st.y * st.z;
+    if (HAS_WEIGHT) {
+        scale = scale * weight_at(g);
+        offset = offset * weight_at(g);
+    }
+    if (HAS_BIAS) {
+        offset = offset + bias_at(g);
+    }
+    return vec2<f32>(scale, offset);
+}
+
 // Shared by the partials kernels (stats.wgsl, runs_subgroup.wgsl).
 
 // (mean, M2) of `count` values from their sum and sum of squares, all

@@ -30,6 +30,29 @@ fn octet_live(j: U32x8, first: u32, n4: u32) -> Livex8 {
     );
 }
 
+// A lane's four octets: their vectors and which are live in rows of n4.
+struct HeldSlots {
+    j0: U32x8,
+    j1: U32x8,
+    j2: U32x8,
+    j3: U32x8,
+    l0: Livex8,
+    l1: Livex8,
+    l2: Livex8,
+    l3: Livex8,
+}
+
+fn held_slots(lane: u32, w: u32, n4: u32) -> HeldSlots {
+    let j0 = octet_columns(lane, w, 0u);
+    let j1 = octet_columns(lane, w, 8u);
+    let j2 = octet_columns(lane, w, 16u);
+    let j3 = octet_columns(lane, w, 24u);
+    return HeldSlots(
+        j0, j1, j2, j3,
+        octet_live(j0, 0u, n4), octet_live(j1, 8u, n4), octet_live(j2, 16u, n4), octet_live(j3, 24u, n4),
+    );
+}
+
 fn slot_x4(base4: u32, j4: u32, live: bool) -> vec4<f32> {
     if (live) {
         return load_x4(base4 + j4);

@@ -134,15 +134,9 @@ fn normalize_runs(
     let first = block * params.run_vec4 * RUNS_WG + 2u * lid;
     if (AFFINE_MODE == AFFINE_PER_RUN) {
         // One γ and β per run (BatchNorm, InstanceNorm).
-        var scale = st.z;
-        var offset = -st.y * st.z;
-        if (HAS_WEIGHT) {
-            scale = scale * weight_at(g);
-            offset = offset * weight_at(g);
-        }
-        if (HAS_BIAS) {
-            offset = offset + bias_at(g);
-        }
+        let so = run_scale_offset(st, g);
+        let scale = so.x;
+        let offset = so.y;
         for (var k = 0u; k < params.run_vec4; k += 2u) {
             let j4 = first + k * RUNS_WG;
             if (j4 < n4) {

@@ -79,34 +79,27 @@ fn rows_held(
     let w = steps.width;
     let n4 = params.b / 4u;
     let n = f32(params.b);
-    let j0 = octet_columns(lane, w, 0u);
-    let j1 = octet_columns(lane, w, 8u);
-    let j2 = octet_columns(lane, w, 16u);
-    let j3 = octet_columns(lane, w, 24u);
-    let l0 = octet_live(j0, 0u, n4);
-    let l1 = octet_live(j1, 8u, n4);
-    let l2 = octet_live(j2, 16u, n4);
-    let l3 = octet_live(j3, 24u, n4);
-    let a0 = octet_affine(j0, l0);
-    let a1 = octet_affine(j1, l1);
-    let a2 = octet_affine(j2, l2);
-    let a3 = octet_affine(j3, l3);
+    let slots = held_slots(lane, w, n4);
+    let a0 = octet_affine(slots.j0, slots.l0);
+    let a1 = octet_affine(slots.j1, slots.l1);
+    let a2 = octet_affine(slots.j2, slots.l2);
+    let a3 = octet_affine(slots.j3, slots.l3);
     let rows = subgroup_block(steps, params.n_groups);
     for (var row = rows.x; row < rows.y; row++) {
         let base4 = row * n4;
-        let v0 = octet_x4(base4, j0, l0);
-        let v1 = octet_x4(base4, j1, l1);
-        let v2 = octet_x4(base4, j2, l2);
-        let v3 = octet_x4(base4, j3, l3);
+        let v0 = octet_x4(base4, slots.j0, slots.l0);
+        let v1 = octet_x4(base4, slots.j1, slots.l1);
+        let v2 = octet_x4(base4, slots.j2, slots.l2);
+        let v3 = octet_x4(base4, slots.j3, slots.l3);
         var m0 = 0.0;
         if (!IS_RMS) {
             let s = (octet_sum(v0) + octet_sum(v1)) + (octet_sum(v2) + octet_sum(v3));
             m0 = subgroupAdd(hsum(s)) / n;
         }
-        let d0 = octet_centered(v0, m0, l0);
-        let d1 = octet_centered(v1, m0, l1);
-        let d2 = octet_centered(v2, m0, l2);
-        let d3 = octet_centered(v3, m0, l3);
+        let d0 = octet_centered(v0, m0, slots.l0);
+        let d1 = octet_centered(v1, m0, slots.l1);
+        let d2 = octet_centered(v2, m0, slots.l2);
+        let d3 = octet_centered(v3, m0, slots.l3);
         var dmean = 0.0;
         var t1 = 0.0;
         if (!IS_RMS) {
@@ -126,9 +119,9 @@ fn rows_held(
         if (lane == 0u) {
             scratch[row] = vec4<f32>(m0, dmean, rstd, variance);
         }
-        octet_store(base4, j0, l0, d0, dmean, rstd, a0);
-        octet_store(base4, j1, l1, d1, dmean, rstd, a1);
-        octet_store(base4, j2, l2, d2, dmean, rstd, a2);
-        octet_store(base4, j3, l3, d3, dmean, rstd, a3);
+        octet_store(base4, slots.j0, slots.l0, d0, dmean, rstd, a0);
+        octet_store(base4, slots.j1, slots.l1, d1, dmean, rstd, a1);
+        octet_store(base4, slots.j2, slots.l2, d2, dmean, rstd, a2);
+        octet_store(base4, slots.j3, slots.l3, d3, dmean, rstd, a3);
     }
 }

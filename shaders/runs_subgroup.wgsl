@@ -85,19 +85,10 @@ fn normalize_runs_subgroup(
         let st = scratch[at.x * params.g + g];
         let base4 = r * n4;
         if (AFFINE_MODE == AFFINE_PER_RUN) {
-            // One γ and β per run (BatchNorm, InstanceNorm): folded into
-            // y = (x − shift)·scale + offset, as normalize_runs.
-            var scale = st.z;
-            var offset = -st.y * st.z;
-            if (HAS_WEIGHT) {
-                scale = scale * weight_at(g);
-                offset = offset * weight_at(g);
-            }
-            if (HAS_BIAS) {
-                offset = offset + bias_at(g);
-            }
+            // One γ and β per run (BatchNorm, InstanceNorm), folded.
+            let k = run_scale_offset(st, g);
             for (var j4 = lane; j4 < n4; j4 += w) {
-                store_y4(base4 + j4, (load_x4(base4 + j4) - st.x) * scale + offset);
+                store_y4(base4 + j4, (load_x4(base4 + j4) - st.x) * k.x + k.y);
             }
         } else {
             for (var j4 = lane; j4 < n4; j4 += w) {
