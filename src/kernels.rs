@@ -45,7 +45,7 @@ pub const RUNS_WG: u32 = 64;
 pub const RUNS_VEC4_MAX: u32 = 16;
 /// Rows each `normalize_columns` invocation writes on a CPU adapter
 /// ([`crate::engine::RunGrid::columns`]; NORMALIZE_VEC4 on a GPU).
-pub const COLUMN_STEPS_CPU: u32 = 32;
+pub const COLUMN_STEPS_CPU: u32 = 128;
 /// Shortest run (B) the run-by-run normalize kernel takes. Runs of 128
 /// elements leave three quarters of its workgroup idle, and still beat the
 /// flat normalize kernel, which divides and gathers statistics and
