@@ -298,7 +298,7 @@ fn run_scale_offset(st: vec4<f32>, g: u32) -> vec2<f32> {
 // (mean, M2) of `count` values from their sum and sum of squares, all
 // shifted by the group's shift (group_shift; zero for RMS, whose "M2" is Σx²).
 // The values are shifted by a value of their group (or few: STATS_PER_THREAD
-// or COLUMN_ROWS per invocation of the tiled kernels), so the subtraction
+// or a block of rows per invocation of the tiled kernels), so the subtraction
 // loses little; Chan's merge does the rest. (partials_runs sums a whole
 // run, as rows_subgroup sums a whole row.)
 // Holding the values for an exact two-pass ran slower on lavapipe (the

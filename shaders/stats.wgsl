@@ -166,7 +166,7 @@ fn shifts(
 // B = 1): the tensor is P·A rows of L = G·B columns, and the elements of a
 // group are spread across every row. One invocation owns a strip of two
 // adjacent vec4 (eight columns; the last strip of an odd count repeats its
-// one vector) over a block of COLUMN_ROWS rows, takes their shifted sums,
+// one vector) over a block of tile_len rows, takes their shifted sums,
 // and writes one partial per column: for column q (group g = q / B,
 // b = q % B) at slot b·tiles + block of the group, where tiles is the
 // number of row blocks. Neighbouring invocations read neighbouring strips,
@@ -193,8 +193,8 @@ fn partials_columns(
     let block = r / strips;
     let v0 = 2u * (r - block * strips);
     let v1 = min(v0 + 1u, l4 - 1u);
-    let row0 = block * COLUMN_ROWS;
-    let rows = min(COLUMN_ROWS, params.a - row0);
+    let row0 = block * params.tile_len;
+    let rows = min(params.tile_len, params.a - row0);
     let shift0 = column_shifts(p, v0);
     let shift1 = column_shifts(p, v1);
     var sum0 = vec4<f32>(0.0);

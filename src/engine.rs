@@ -214,24 +214,29 @@ fn normalize_dispatches(view: &View, chunks: &Chunks, caps: &Caps) -> Vec<Dispat
 
 /// Partial tiles per group and chunk: a group's elements inside one chunk
 /// are a contiguous range of its `j` index, at most the chunk's length.
-fn tiles_for(view: &View, chunks: &Chunks) -> u32 {
+fn tiles_for(view: &View, chunks: &Chunks, caps: &Caps) -> u32 {
     if uses_columns(view, chunks) {
-        return view.a.div_ceil(kernels::COLUMN_ROWS as usize).max(1) as u32;
+        return view.a.div_ceil(column_rows(caps) as usize).max(1) as u32;
     }
     let len = view.group_len().min(chunks.elems);
     len.div_ceil(kernels::STATS_TILE as usize).max(1) as u32
+}
+
+/// Rows per block of the column partials kernel (its `tile_len`).
+fn column_rows(caps: &Caps) -> u32 {
+    caps.cpu_or_gpu(kernels::COLUMN_ROWS_CPU, kernels::COLUMN_ROWS)
 }
 
 /// Partials per group: tiles (row blocks for the column kernel, times B
 /// columns) over every chunk, times STATS_WG when each invocation writes
 /// its own ([`partials_per_invocation`]).
 fn merge_tiles_for(view: &View, chunks: &Chunks, caps: &Caps) -> u32 {
-    let tiles = tiles_for(view, chunks);
+    let tiles = tiles_for(view, chunks, caps);
     if uses_partials_runs(view, chunks, caps) {
         view.a as u32
     } else if uses_columns(view, chunks) {
         tiles * view.b as u32
-    } else if partials_per_invocation(view, chunks) {
+    } else if partials_per_invocation(view, chunks, caps) {
         tiles * kernels::STATS_WG
     } else {
         tiles * chunks.count as u32
@@ -244,8 +249,8 @@ fn merge_tiles_for(view: &View, chunks: &Chunks, caps: &Caps) -> u32 {
 /// tile) take at most 16 bytes per 16 elements, a quarter of f32 input.
 /// Small groups (one short tile each) keep the merged partials: there a
 /// partial per invocation would outgrow the input.
-fn partials_per_invocation(view: &View, chunks: &Chunks) -> bool {
-    let tiles = view.groups() * tiles_for(view, chunks) as usize;
+fn partials_per_invocation(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
+    let tiles = view.groups() * tiles_for(view, chunks, caps) as usize;
     !chunks.split()
         && !uses_columns(view, chunks)
         && tiles * kernels::STATS_WG as usize * 16 <= view.numel()
@@ -425,7 +430,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             }
         }
         StatsSource::Batch => {
-            let tiles = tiles_for(v, chunks) as usize;
+            let tiles = tiles_for(v, chunks, caps) as usize;
             let finalize_wg = if spec.update.is_some() {
                 v.g
             } else {
@@ -447,7 +452,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             } else if uses_partials_runs(v, chunks, caps) {
                 let runs = v.p * v.a * v.g;
                 plan.push(d(Kernel::PartialsRuns, block_workgroups(runs, caps), 0));
-            } else if partials_per_invocation(v, chunks) {
+            } else if partials_per_invocation(v, chunks, caps) {
                 plan.push(d(Kernel::PartialsEach, v.groups() * tiles, 0));
             } else {
                 plan.extend(per_chunk(Kernel::Partials, &|_| v.groups() * tiles));
@@ -837,7 +842,7 @@ fn forward_uniforms(
         (1, 1)
     } else {
         (
-            tiles_for(v, chunks),
+            tiles_for(v, chunks, &ctx.caps()),
             merge_tiles_for(v, chunks, &ctx.caps()),
         )
     };
@@ -849,7 +854,12 @@ fn forward_uniforms(
         n_groups: v.groups() as u32,
         total: numel as u32,
         tiles,
-        tile_len: kernels::STATS_TILE,
+        // Elements per tile, or rows per block of the column kernel.
+        tile_len: if uses_columns(v, chunks) {
+            column_rows(&ctx.caps())
+        } else {
+            kernels::STATS_TILE
+        },
         affine_div: v.affine_div.max(1) as u32,
         flags,
         eps: spec.eps,
@@ -1130,6 +1140,9 @@ mod tests {
             ]
         );
         assert_eq!(scratch_bytes(&nchw, &whole, &cpu), 16 * (64 + 64 * 32));
+        // Channels-last on a CPU: blocks of 256 rows, 392 partials per
+        // channel.
+        assert_eq!(scratch_bytes(&nhwc, &whole, &cpu), 16 * (64 + 64 * 392));
         // Runs longer than a subgroup sums alone keep the tiles.
         let long = View::instance_norm(&[1, 2, 20_000]);
         let tracked = spec(long, StatsSource::Batch, true, DType::F32);
