@@ -12,7 +12,7 @@
 // Each subgroup walks a block of contiguous rows (the host sizes it), so the
 // CPU thread running it streams through memory; walking rows a grid-stride
 // apart was 1.3x slower. On lavapipe (fraction of the copy kernel), rows of
-// 256 went from 0.45 to about 0.95, rows of 1024 from 0.55 to 0.8.
+// 256 went from 0.45 to about 1.0, rows of 1024 from 0.55 to about 0.75.
 //
 // The slots are those of held_slots.wgsl: four octets, HELD_K in use.
 //

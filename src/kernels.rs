@@ -81,7 +81,7 @@ pub const ROWS_SG_MIN_STEPS_GPU: usize = 1024;
 /// Vectors of a row one lane of the held-row kernel can keep (the four
 /// octets of slots in rows_held.wgsl): rows up to 4·32·width elements. A
 /// CPU spills the surplus to its stack cheaply (rows of 1024 on lavapipe:
-/// 0.8 of the copy, against 0.55 reading x twice).
+/// about 0.75 of the copy, against 0.55 reading x twice).
 pub const HELD_SLOTS: u32 = 32;
 /// Slots the held-row kernel uses on a GPU: x, γ and β of 8 vectors are 96
 /// registers per lane; more would cost occupancy or spill to memory.
