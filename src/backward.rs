@@ -648,17 +648,17 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
             // writes, when it does.
             let subgroup_rows = if let Some(held) = held_rows(v, caps, row_grads) {
                 // Blocks of contiguous rows, a subgroup of the smallest
-                // size for each; with larger subgroups some take several.
+                // size for each (the forward's sizing); with larger
+                // subgroups some take several.
                 let per_block = crate::engine::subgroup_block(groups, caps);
                 let blocks = groups.div_ceil(per_block);
-                let per_wg = (BWD_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
                 p.flags |= held << BF_HELD_SHIFT;
                 p.tiles = blocks as u32;
                 p.rows_per_block = per_block as u32;
                 let column_sums = fused_column_sums(v, caps, params_wanted, blocks);
                 Some((
                     BackwardKernel::RowsHeld,
-                    blocks.div_ceil(per_wg),
+                    crate::engine::block_workgroups(groups, caps),
                     column_sums.then_some(blocks),
                 ))
             } else if uses_subgroup_rows(v, caps) {

@@ -177,7 +177,7 @@ pub fn uses_normalize_columns(view: &View, chunks: &Chunks) -> bool {
 /// The normalize pass: run by run, by fixed columns, or one dispatch per
 /// chunk of the flat tensor.
 fn normalize_dispatches(view: &View, chunks: &Chunks, caps: &Caps) -> Vec<Dispatch> {
-    if caps.cpu && caps.subgroups && uses_runs(view, chunks) {
+    if runs_on_subgroups(view, chunks, caps) {
         return vec![Dispatch {
             kernel: Kernel::NormalizeRunsSubgroup,
             workgroups: block_workgroups(view.p * view.a * view.g, caps) as u32,
@@ -354,17 +354,21 @@ pub(crate) fn block_workgroups(count: usize, caps: &Caps) -> usize {
     count.div_ceil(per_wg * subgroup_block(count, caps))
 }
 
+/// Whether the normalize pass goes run by run with a subgroup per run
+/// ([`Kernel::NormalizeRunsSubgroup`]): CPU adapters with subgroups, runs
+/// of whole vectors long enough to fill a subgroup's lanes several times
+/// ([`uses_runs`]), one binding.
+fn runs_on_subgroups(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
+    caps.cpu && caps.subgroups && uses_runs(view, chunks)
+}
+
 /// Whether the statistics come from a partial per run of B, a subgroup per
-/// run ([`Kernel::PartialsRuns`]): CPU adapters with subgroups, runs of
-/// whole vectors long enough to fill a subgroup's lanes several times, one
-/// binding. Runs are at most [`kernels::ROWS_MAX_LEN`] elements, the
-/// longest the row kernels sum in one subgroup too: each lane sums its
-/// share in f32, and a row of 100,000 with an outlier lost digits there.
+/// run ([`Kernel::PartialsRuns`]): runs on subgroups of at most
+/// [`kernels::ROWS_MAX_LEN`] elements, the longest the row kernels sum in
+/// one subgroup too: each lane sums its share in f32, and a row of 100,000
+/// with an outlier lost digits there.
 pub fn uses_partials_runs(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
-    caps.cpu
-        && caps.subgroups
-        && uses_runs(view, chunks)
-        && view.b <= kernels::ROWS_MAX_LEN as usize
+    runs_on_subgroups(view, chunks, caps) && view.b <= kernels::ROWS_MAX_LEN as usize
 }
 
 /// Whether the single-dispatch row kernel handles this forward.
