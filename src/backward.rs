@@ -1105,6 +1105,9 @@ pub(crate) fn record_backward_with(
 ) -> Result<(Gradients, Vec<Dispatch>)> {
     let (spec, x) = spec_for(saved, affine, dy)?;
     let saved = saved.ok_or_else(|| Error::State("no saved forward".into()))?;
+    ctx.check_context("the saved forward", saved.context)?;
+    ctx.check_owned("grad_output", dy)?;
+    affine.check_context(ctx)?;
     let v = &spec.view;
     to_u32("the input's element count", v.numel())?;
     ctx.check_size("grad_output", dy.byte_len())?;

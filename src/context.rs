@@ -107,12 +107,40 @@ fn adapter_rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
     (device, backend)
 }
 
-/// Every adapter wgpu can see, best first.
-pub fn enumerate_adapters() -> Vec<wgpu::Adapter> {
+/// The one wgpu instance behind every context [`Context::new`] makes on a
+/// primary backend (Vulkan, Metal, DX12).
+///
+/// wgpu's resource ids are per instance: with an instance per context, a
+/// buffer wrapped on one context and bound on another would name an
+/// unrelated buffer (or none: a panic inside wgpu). Sharing one turns that
+/// misuse into a validation error the caller gets back.
+fn primary_instance() -> &'static wgpu::Instance {
+    static INSTANCE: std::sync::OnceLock<wgpu::Instance> = std::sync::OnceLock::new();
+    INSTANCE.get_or_init(|| instance_for(wgpu::Backends::PRIMARY))
+}
+
+/// A fresh instance for the backends of the environment that are in `only`.
+fn instance_for(only: wgpu::Backends) -> wgpu::Instance {
     ensure_runtime_dir();
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    descriptor.backends &= only;
+    wgpu::Instance::new(descriptor)
+}
+
+/// Every adapter wgpu can see, best first.
+///
+/// GL adapters come from an instance of their own on every call, as before
+/// the primary instance was shared: wgpu's GL adapters of one instance share
+/// one EGL context, which only one thread may hold current, so contexts made
+/// on parallel threads from one GL instance fail inside wgpu (measured: the
+/// test suite's threads panicked in `make_current`).
+pub fn enumerate_adapters() -> Vec<wgpu::Adapter> {
+    let mut adapters =
+        pollster::block_on(primary_instance().enumerate_adapters(wgpu::Backends::PRIMARY));
+    let secondary = instance_for(wgpu::Backends::SECONDARY);
+    adapters.extend(pollster::block_on(
+        secondary.enumerate_adapters(wgpu::Backends::SECONDARY),
+    ));
     adapters.sort_by_key(|a| adapter_rank(&a.get_info()));
     adapters
 }
@@ -314,7 +342,33 @@ impl Context {
     pub fn zeros(&self, shape: &[usize], dtype: DType) -> Result<GpuTensor> {
         let (_, bytes) = crate::tensor::checked_size(shape, dtype)?;
         let buffer = self.create_buffer("gpunorm tensor", bytes)?;
-        GpuTensor::from_buffer(Arc::new(buffer), 0, shape, dtype)
+        Ok(GpuTensor::from_buffer(Arc::new(buffer), 0, shape, dtype)?.owned_by(self.uid))
+    }
+
+    /// Refuses a tensor another context allocated: its buffer lives on
+    /// another device (or another wgpu instance, whose resource ids would
+    /// name unrelated buffers here), so binding it could not work.
+    pub(crate) fn check_owned(&self, what: &str, tensor: &GpuTensor) -> Result<()> {
+        match tensor.owner() {
+            Some(owner) if owner != self.uid => self.foreign(what),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses state (a layer's saved forward, its step counter) that
+    /// another context created.
+    pub(crate) fn check_context(&self, what: &str, context: u64) -> Result<()> {
+        if context == self.uid {
+            Ok(())
+        } else {
+            self.foreign(what)
+        }
+    }
+
+    fn foreign<T>(&self, what: &str) -> Result<T> {
+        Err(Error::InvalidArgument(format!(
+            "{what} belongs to another Context: use it with the context that created it (download and upload it to move it)"
+        )))
     }
 
     /// A vector of `len` copies of `value` (f32), checked against the
@@ -389,6 +443,7 @@ impl Context {
     /// [`TRANSFER_CHUNK`] bytes (waits for the device), so reading back a
     /// large tensor never holds a second full copy in memory.
     pub fn download_to(&self, tensor: &GpuTensor, sink: &mut dyn std::io::Write) -> Result<()> {
+        self.check_owned("the tensor to download", tensor)?;
         let len = tensor.byte_len();
         let mut offset = 0u64;
         while offset < len {
@@ -418,6 +473,7 @@ impl Context {
 
     /// Reads a tensor's raw bytes back without blocking the thread.
     pub async fn download_bytes_async(&self, tensor: &GpuTensor) -> Result<Vec<u8>> {
+        self.check_owned("the tensor to download", tensor)?;
         let len = tensor.byte_len();
         if len == 0 {
             return Ok(Vec::new());

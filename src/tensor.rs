@@ -73,6 +73,9 @@ pub struct GpuTensor {
     offset: u64,
     shape: Vec<usize>,
     dtype: DType,
+    /// The uid of the [`crate::Context`] that allocated the buffer; `None`
+    /// for a wrapped buffer, whose device wgpu cannot tell us.
+    owner: Option<u64>,
 }
 
 impl GpuTensor {
@@ -80,7 +83,10 @@ impl GpuTensor {
     ///
     /// The buffer needs `STORAGE` usage (and `COPY_SRC` to be downloaded);
     /// the offset must be a multiple of the device's storage-buffer offset
-    /// alignment (256 on most adapters).
+    /// alignment (256 on most adapters). Use the tensor only with the
+    /// context of the device that created the buffer: wgpu does not say
+    /// which device a buffer belongs to, so this one cannot be checked
+    /// (tensors the crate allocates are, and another context refuses them).
     pub fn from_buffer(
         buffer: Arc<wgpu::Buffer>,
         offset: u64,
@@ -93,6 +99,7 @@ impl GpuTensor {
             offset,
             shape: shape.to_vec(),
             dtype,
+            owner: None,
         };
         let end = offset + tensor.binding_size();
         if end > tensor.buffer.size() {
@@ -174,6 +181,17 @@ impl GpuTensor {
             offset: start,
             size: wgpu::BufferSize::new(bytes),
         })
+    }
+
+    /// Marks the tensor as allocated by the context of uid `context`.
+    pub(crate) fn owned_by(mut self, context: u64) -> Self {
+        self.owner = Some(context);
+        self
+    }
+
+    /// The uid of the context that allocated the buffer, if known.
+    pub(crate) fn owner(&self) -> Option<u64> {
+        self.owner
     }
 
     /// Whether two tensors share a buffer (used to refuse aliasing).

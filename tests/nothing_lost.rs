@@ -507,3 +507,61 @@ fn an_output_aliasing_the_input_or_the_state_changes_nothing() {
 fn from_bits(b: &[u32]) -> Vec<f32> {
     b.iter().map(|&v| f32::from_bits(v)).collect()
 }
+
+#[test]
+fn tensors_of_another_context_are_refused_and_change_nothing() {
+    let ctx = ctx();
+    let other = Context::new().unwrap();
+    let foreign = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        other.upload(&normal(n, 11, 0.0, 1.0), shape).unwrap()
+    };
+    let is_arg =
+        |e: &Error| matches!(e, Error::InvalidArgument(m) if m.contains("another Context"));
+    let x = ctx.upload(&input(), &SHAPE).unwrap();
+    for mode in [Mode::Train, Mode::Eval] {
+        fails_changing_nothing("input of another context", ctx, is_arg, |s| {
+            s.forward(ctx, &foreign(&SHAPE), mode).map(drop)
+        });
+        fails_changing_nothing("output of another context", ctx, is_arg, |s| {
+            s.record(ctx, &x, &foreign(&SHAPE), mode)
+        });
+        // The layer's parameters and statistics live on `ctx`.
+        fails_changing_nothing("layer run on another context", ctx, is_arg, |s| {
+            s.forward(&other, &foreign(&SHAPE), mode).map(drop)
+        });
+    }
+    fails_changing_nothing("grad_output of another context", ctx, is_arg, |s| {
+        s.backward(ctx, &foreign(&SHAPE)).map(drop)
+    });
+    fails_changing_nothing("backward on another context", ctx, is_arg, |s| {
+        s.backward(&other, &foreign(&SHAPE)).map(drop)
+    });
+    fails_changing_nothing("running stats of another context", ctx, is_arg, |s| {
+        s.set_running_stats(ctx, (foreign(&[C]), foreign(&[C]), Some(1)))
+    });
+    fails_changing_nothing("counter read on another context", ctx, is_arg, |s| {
+        s.running().num_batches_tracked(&other).map(drop)
+    });
+    let is_download = |e: &Error| matches!(e, Error::InvalidArgument(m) if m.contains("download"));
+    assert!(is_download(&other.download(&x).unwrap_err()));
+}
+
+#[test]
+fn a_wrapped_buffer_of_another_context_is_a_wgpu_error_that_changes_nothing() {
+    // A wrapped buffer carries no owner the crate could check; wgpu sees the
+    // device mismatch (the contexts share one instance), and the layer puts
+    // its saved forward back.
+    let ctx = ctx();
+    let other = Context::new().unwrap();
+    let n: usize = SHAPE.iter().product();
+    let there = other.upload(&normal(n, 12, 0.0, 1.0), &SHAPE).unwrap();
+    let wrapped = GpuTensor::from_buffer(there.buffer().clone(), 0, &SHAPE, DType::F32).unwrap();
+    let is_wgpu = |e: &Error| matches!(e, Error::Wgpu(_));
+    for mode in [Mode::Train, Mode::Eval] {
+        fails_changing_nothing("wrapped input of another device", ctx, is_wgpu, |s| {
+            s.forward(ctx, &wrapped, mode).map(drop)
+        });
+    }
+    assert!(is_wgpu(&ctx.download(&wrapped).unwrap_err()));
+}

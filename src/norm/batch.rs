@@ -325,7 +325,13 @@ impl BatchNorm {
     /// Normalizes `x` (records, submits, returns the output).
     pub fn forward(&mut self, ctx: &Context, x: &GpuTensor, mode: Mode) -> Result<GpuTensor> {
         self.spec(x, mode)?;
-        forward_into_new(ctx, x, |encoder, y| self.record(ctx, encoder, x, y, mode))
+        forward_into_new(
+            self,
+            |l| &mut l.saved,
+            ctx,
+            x,
+            |l, encoder, y| l.record(ctx, encoder, x, y, mode),
+        )
     }
 
     /// Records the forward pass into the caller's encoder, writing `y`. Train

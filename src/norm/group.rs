@@ -151,7 +151,13 @@ impl GroupNorm {
     /// Normalizes `x` (records, submits, returns the output).
     pub fn forward(&mut self, ctx: &Context, x: &GpuTensor) -> Result<GpuTensor> {
         self.spec(x)?;
-        forward_into_new(ctx, x, |encoder, y| self.record(ctx, encoder, x, y))
+        forward_into_new(
+            self,
+            |l| &mut l.saved,
+            ctx,
+            x,
+            |l, encoder, y| l.record(ctx, encoder, x, y),
+        )
     }
 
     /// Records the forward pass into the caller's encoder, writing `y`.

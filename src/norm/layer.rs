@@ -145,7 +145,13 @@ impl RowNorm {
 
     fn forward(&mut self, ctx: &Context, x: &GpuTensor) -> Result<GpuTensor> {
         self.spec(x)?;
-        forward_into_new(ctx, x, |encoder, y| self.record(ctx, encoder, x, y))
+        forward_into_new(
+            self,
+            |l| &mut l.saved,
+            ctx,
+            x,
+            |l, encoder, y| l.record(ctx, encoder, x, y),
+        )
     }
 
     fn set(&mut self, which: &str, t: Option<GpuTensor>) -> Result<()> {

@@ -95,6 +95,8 @@ pub struct RunningStats {
     /// torch's `num_batches_tracked` as an i64 in two u32 words (low,
     /// high); `None` under the Keras convention.
     pub(crate) counter: Option<Arc<wgpu::Buffer>>,
+    /// The uid of the context that created the counter.
+    pub(crate) context: u64,
 }
 
 impl RunningStats {
@@ -107,7 +109,12 @@ impl RunningStats {
         } else {
             None
         };
-        Ok(RunningStats { mean, var, counter })
+        Ok(RunningStats {
+            mean,
+            var,
+            counter,
+            context: ctx.uid,
+        })
     }
 
     /// Wraps existing tensors; under torch the counter is required
@@ -122,6 +129,8 @@ impl RunningStats {
     ) -> Result<Self> {
         check_vector("running_mean", &mean, channels)?;
         check_vector("running_var", &var, channels)?;
+        ctx.check_owned("running_mean", &mean)?;
+        ctx.check_owned("running_var", &var)?;
         let counter = match (convention, count) {
             (Convention::Torch, Some(n)) => {
                 let buffer = ctx.create_buffer("num_batches_tracked", 8)?;
@@ -140,7 +149,19 @@ impl RunningStats {
             }
             (Convention::Keras, None) => None,
         };
-        Ok(RunningStats { mean, var, counter })
+        Ok(RunningStats {
+            mean,
+            var,
+            counter,
+            context: ctx.uid,
+        })
+    }
+
+    /// Refuses running statistics another context created.
+    pub(crate) fn check_context(&self, ctx: &Context) -> Result<()> {
+        ctx.check_owned("running_mean", &self.mean)?;
+        ctx.check_owned("running_var", &self.var)?;
+        ctx.check_context("the running statistics", self.context)
     }
 
     pub(crate) fn check(&self, channels: usize) -> Result<()> {
@@ -151,6 +172,7 @@ impl RunningStats {
     /// Reads `num_batches_tracked` (waits for the device). `None` when the
     /// convention has no counter.
     pub fn num_batches_tracked(&self, ctx: &Context) -> Result<Option<i64>> {
+        self.check_context(ctx)?;
         match &self.counter {
             None => Ok(None),
             Some(buffer) => {
@@ -164,6 +186,7 @@ impl RunningStats {
 
     /// Sets `num_batches_tracked` (queued before the next submission).
     pub fn set_num_batches_tracked(&self, ctx: &Context, value: i64) -> Result<()> {
+        self.check_context(ctx)?;
         match &self.counter {
             None => Err(Error::State(
                 "this layer has no num_batches_tracked (Keras convention)".into(),
@@ -211,6 +234,16 @@ impl Affine {
         }
         Ok(())
     }
+
+    /// Refuses parameters another context allocated.
+    pub(crate) fn check_context(&self, ctx: &Context) -> Result<()> {
+        for (name, t) in [("weight", &self.weight), ("bias", &self.bias)] {
+            if let Some(t) = t {
+                ctx.check_owned(name, t)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Statistics a forward pass saved for the backward pass.
@@ -227,6 +260,23 @@ pub(crate) struct Saved {
     /// binds the same (they keep the buffers they bind, the output
     /// included, alive until the next forward replaces them).
     pub bindings: Option<engine::ForwardBindings>,
+}
+
+/// Refuses a forward whose tensors or layer state another context created:
+/// checked before anything is recorded, so a refused call changes nothing.
+pub(crate) fn check_forward_context(
+    ctx: &Context,
+    x: &GpuTensor,
+    y: Option<&GpuTensor>,
+    affine: &Affine,
+    running: Option<&RunningStats>,
+) -> Result<()> {
+    ctx.check_owned("the input", x)?;
+    if let Some(y) = y {
+        ctx.check_owned("the output", y)?;
+    }
+    affine.check_context(ctx)?;
+    running.map_or(Ok(()), |r| r.check_context(ctx))
 }
 
 /// Refuses an output that aliases a tensor the pass reads.
@@ -270,6 +320,7 @@ pub(crate) fn record_layer(
     running: Option<&RunningStats>,
     saved: &mut Option<Saved>,
 ) -> Result<Vec<Dispatch>> {
+    check_forward_context(ctx, x, Some(y), affine, running)?;
     check_output(
         x,
         y,
@@ -329,14 +380,25 @@ pub(crate) fn record_layer(
 }
 
 /// A forward that allocates its output, records with `record`, and submits.
-pub(crate) fn forward_into_new(
+/// When the submission fails (wgpu refused a buffer it could not check
+/// before recording, such as a wrapped buffer of another device), the
+/// layer's saved forward is put back: a failed call changes nothing.
+pub(crate) fn forward_into_new<L>(
+    layer: &mut L,
+    saved: fn(&mut L) -> &mut Option<Saved>,
     ctx: &Context,
     x: &GpuTensor,
-    record: impl FnOnce(&mut wgpu::CommandEncoder, &GpuTensor) -> Result<Vec<Dispatch>>,
+    record: impl FnOnce(&mut L, &mut wgpu::CommandEncoder, &GpuTensor) -> Result<Vec<Dispatch>>,
 ) -> Result<GpuTensor> {
     let y = ctx.zeros(x.shape(), x.dtype())?;
-    submit_scoped(ctx, |encoder| record(encoder, &y))?;
-    Ok(y)
+    let previous = saved(layer).clone();
+    match submit_scoped(ctx, |encoder| record(layer, encoder, &y)) {
+        Ok(_) => Ok(y),
+        Err(e) => {
+            *saved(layer) = previous;
+            Err(e)
+        }
+    }
 }
 
 /// The backward methods every layer has, from where it keeps its saved

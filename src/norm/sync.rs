@@ -87,6 +87,7 @@ impl BatchNorm {
     /// This replica's per-channel statistics of `x` (one small read-back).
     pub fn replica_stats(&self, ctx: &Context, x: &GpuTensor) -> Result<ReplicaStats> {
         let mut spec = self.spec_with(x, Mode::Eval, false)?;
+        crate::norm::check_forward_context(ctx, x, None, &Affine::default(), None)?;
         spec.source = StatsSource::Batch;
         spec.update = None;
         spec.bump_counter = false;
@@ -144,6 +145,7 @@ impl BatchNorm {
         mode: Mode,
     ) -> Result<GpuTensor> {
         let spec = self.spec_with(x, mode, false)?;
+        crate::norm::check_forward_context(ctx, x, None, &self.affine, self.running.as_ref())?;
         let channels = self.num_features;
         if global.mean.len() != channels || local.shift.len() != channels {
             return Err(Error::Shape(format!(
