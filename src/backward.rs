@@ -111,8 +111,14 @@ pub enum BackwardKernel {
     Cols,
     /// Channels-last statistics: per-channel sums over row blocks.
     ChannelCols,
+    /// [`BackwardKernel::ChannelCols`] with a subgroup per row, each lane
+    /// holding its vectors' statistics and sums ([`held_channels`]).
+    ChannelColsHeld,
     /// Channels-last statistics: grad_input from per-channel coefficients.
     ChannelGradInput,
+    /// [`BackwardKernel::ChannelGradInput`] with a subgroup per row, each
+    /// lane holding its vectors' coefficients ([`held_channels`]).
+    ChannelGradInputHeld,
     /// dγ and dβ from the per-step column sums of `RowsSubgroup` with
     /// `BWD_COLUMN_SUMS` ([`fused_column_sums`]).
     ColumnSums,
@@ -128,7 +134,9 @@ pub enum BackwardKernel {
 
 impl BackwardKernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [BackwardKernel; 13] = [
+    pub const ALL: [BackwardKernel; 15] = [
+        BackwardKernel::ChannelColsHeld,
+        BackwardKernel::ChannelGradInputHeld,
         BackwardKernel::RowsHeld,
         BackwardKernel::PartialsRuns,
         BackwardKernel::GradInputRuns,
@@ -155,7 +163,9 @@ impl BackwardKernel {
             BackwardKernel::GradInput => "bwd_dx",
             BackwardKernel::Cols => "bwd_cols",
             BackwardKernel::ChannelCols => "bwd_channel_cols",
+            BackwardKernel::ChannelColsHeld => "bwd_channel_cols_held",
             BackwardKernel::ChannelGradInput => "bwd_channel_dx",
+            BackwardKernel::ChannelGradInputHeld => "bwd_channel_dx_held",
             BackwardKernel::ColumnSums => "bwd_column_sums",
             BackwardKernel::RowsHeld => "bwd_rows_held",
             BackwardKernel::PartialsRuns => "bwd_partials_runs",
@@ -171,6 +181,8 @@ impl BackwardKernel {
                 | BackwardKernel::RowsHeld
                 | BackwardKernel::PartialsRuns
                 | BackwardKernel::GradInputRuns
+                | BackwardKernel::ChannelGradInputHeld
+                | BackwardKernel::ChannelColsHeld
         )
     }
 }
@@ -249,6 +261,7 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
             kernels::HELD_SLOTS_SOURCE,
             include_str!("../shaders/backward_rows_held.wgsl"),
             include_str!("../shaders/backward_runs_subgroup.wgsl"),
+            include_str!("../shaders/backward_channels_held.wgsl"),
         ]
         .join("\n")
     } else {
@@ -463,6 +476,25 @@ fn channel_strips(v: &View) -> usize {
     (v.g * v.b / 4).div_ceil(2)
 }
 
+/// Vectors per lane of the smallest subgroup for which the channels-last
+/// kernels go a subgroup per row, each lane holding its vectors'
+/// statistics ([`BackwardKernel::ChannelColsHeld`],
+/// [`BackwardKernel::ChannelGradInputHeld`]). Measured on lavapipe
+/// (subgroups of 8), whole backward against the strip kernels: 6 and 8
+/// vectors per lane (192 and 256 channels) 10–30% faster; 2 and 4 slower
+/// (the strips of a SIMD already cover most of a row); 16 no faster and 32
+/// 1.7x slower (the held statistics no longer fit in registers).
+const HELD_CHANNELS: std::ops::RangeInclusive<u32> = 5..=8;
+
+/// Vectors per lane when the channels-last kernels hold their channels
+/// ([`HELD_CHANNELS`]): CPU adapters with subgroups only. GPUs keep the
+/// strips, whose neighbouring invocations read neighbouring strips.
+fn held_channels(v: &View, caps: &Caps) -> Option<u32> {
+    let lanes = caps.subgroup_min.clamp(1, BWD_SG_WG) as usize;
+    let per_lane = (v.g * v.b / 4).div_ceil(lanes) as u32;
+    (caps.cpu && caps.subgroups && HELD_CHANNELS.contains(&per_lane)).then_some(per_lane)
+}
+
 /// Whether the subgroup row kernel takes a backward the row kernel takes.
 fn uses_subgroup_rows(v: &View, caps: &Caps) -> bool {
     caps.subgroups && v.b.is_multiple_of(4)
@@ -561,6 +593,25 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         let batch = spec.source == StatsSource::Batch;
         let strips = channel_strips(v);
         let samples = v.p;
+        // A channel kernel over `blocks` row blocks of each p: invocations
+        // owning strips of them, or subgroups walking them whole.
+        let held = held_channels(v, caps);
+        let subgroups_per_wg = (BWD_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
+        let channel_step = |strip_kernel, held_kernel, blocks: usize, mut d: BwdParams| match held {
+            Some(k) => {
+                d.flags |= k << BF_HELD_SHIFT;
+                (
+                    held_kernel,
+                    (samples * blocks).div_ceil(subgroups_per_wg),
+                    d,
+                )
+            }
+            None => (
+                strip_kernel,
+                (samples * blocks * strips).div_ceil(BWD_WG as usize),
+                d,
+            ),
+        };
         if batch || grad_flags != 0 {
             let invocations = caps.cpu_or_gpu(CHANNEL_INVOCATIONS_CPU, CHANNEL_INVOCATIONS);
             let max_blocks = caps.cpu_or_gpu(1, COLS_MAX_BLOCKS);
@@ -573,11 +624,13 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
             }
             c.tiles = blocks as u32;
             c.rows_per_block = v.a.div_ceil(blocks) as u32;
-            push(
+            let (kernel, workgroups, c) = channel_step(
                 BackwardKernel::ChannelCols,
-                (samples * blocks * strips).div_ceil(BWD_WG as usize),
+                BackwardKernel::ChannelColsHeld,
+                blocks,
                 c,
             );
+            push(kernel, workgroups, c);
             // The kernel writes the results itself with one p, one channel
             // per group and one block; otherwise partials per (p, channel,
             // block), merged per group (over its channels and blocks) and
@@ -615,11 +668,13 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         }
         d.tiles = blocks as u32;
         d.rows_per_block = dx_rows as u32;
-        push(
+        let (kernel, workgroups, d) = channel_step(
             BackwardKernel::ChannelGradInput,
-            (samples * blocks * strips).div_ceil(BWD_WG as usize),
+            BackwardKernel::ChannelGradInputHeld,
+            blocks,
             d,
         );
+        push(kernel, workgroups, d);
         return Plan {
             steps,
             work_vec4: work_vec4.max(groups),
@@ -1085,7 +1140,10 @@ fn plan_preset_sums(spec: &BackwardSpec, groups: usize) -> Plan {
     full.steps.retain(|s| {
         matches!(
             s.kernel,
-            BackwardKernel::GradInput | BackwardKernel::ChannelGradInput
+            BackwardKernel::GradInput
+                | BackwardKernel::ChannelGradInput
+                | BackwardKernel::ChannelGradInputHeld
+                | BackwardKernel::ChannelColsHeld
         )
     });
     full.work_vec4 = full.work_vec4.max(groups);
@@ -1433,25 +1491,65 @@ mod tests {
                 (ChannelGradInput, (100_352 / 16) * 8 / 64)
             ]
         );
-        // A CPU: 256 row blocks of 392 rows (2048 invocations), rows of 64
-        // for grad_input; the finalize merges serially.
+        // A CPU: 256 row blocks of 392 rows (2048 invocations) for the
+        // sums, blocks of 64 rows for grad_input; the finalize merges
+        // serially.
         let cpu = Caps {
             subgroups: true,
             subgroup_max: 8,
             subgroup_min: 8,
             cpu: true,
         };
-        assert_eq!(
-            plan_backward_on(&spec(v, StatsSource::Batch, true), &cpu)
+        let on_cpu = |v: View, caps: &Caps| -> Vec<(BackwardKernel, usize)> {
+            plan_with(&spec(v, StatsSource::Batch, true), caps, false)
+                .steps
                 .iter()
-                .map(|d| (d.kernel, d.workgroups))
-                .collect::<Vec<_>>(),
+                .map(|s| (s.kernel, s.workgroups))
+                .collect()
+        };
+        assert_eq!(
+            on_cpu(v, &cpu),
             [
                 (ChannelCols, 256 * 8 / 64),
                 (Finalize, 1),
                 (ChannelGradInput, (100_352 / 64) * 8 / 64)
             ]
         );
+        // Rows of 5 to 8 vectors per lane (132 to 256 channels) go a
+        // subgroup per row block, 8 subgroups per workgroup, each lane
+        // holding its channels: the sums over 64 blocks (2048 invocations'
+        // worth of 32 strips), grad_input over 98 blocks of 64 rows.
+        let held_k = |v: View, caps: &Caps| {
+            let plan = plan_with(&spec(v, StatsSource::Batch, true), caps, false);
+            plan.steps.last().map(|s| s.params.flags >> BF_HELD_SHIFT)
+        };
+        let c256 = View::batch_norm(&[32, 14, 14, 256], 3);
+        assert_eq!(
+            on_cpu(c256, &cpu),
+            [
+                (ChannelColsHeld, 64 / 8),
+                (Finalize, 4),
+                (ChannelGradInputHeld, 98_usize.div_ceil(8))
+            ]
+        );
+        assert_eq!(held_k(c256, &cpu), Some(8));
+        let kernels = |v: View, caps: &Caps| -> Vec<BackwardKernel> {
+            on_cpu(v, caps).iter().map(|s| s.0).collect()
+        };
+        let strips = [ChannelCols, Finalize, ChannelGradInput];
+        let held = [ChannelColsHeld, Finalize, ChannelGradInputHeld];
+        for (channels, want) in [(128, strips), (132, held), (256, held), (260, strips)] {
+            let v = View::batch_norm(&[64, channels], 1);
+            assert_eq!(kernels(v, &cpu), want, "{channels} channels");
+        }
+        assert_eq!(held_k(View::batch_norm(&[64, 132], 1), &cpu), Some(5));
+        // Not without subgroups, nor on a GPU.
+        let no_subgroups = Caps {
+            subgroups: false,
+            ..cpu
+        };
+        assert_eq!(kernels(c256, &no_subgroups), strips);
+        assert_eq!(kernels(c256, &Caps::baseline()), strips);
         assert_eq!(
             kernels_of(&spec(v, StatsSource::Running, false)),
             [ChannelGradInput]

@@ -535,10 +535,20 @@ fn channels_last_backward_of_whole_vector_channels_matches_f64() {
     // Channel counts of whole vectors take the per-channel strip kernels:
     // eight channels per strip, an odd vector count (12 channels), one row
     // block (few rows) and many, train and eval, a large common offset.
+    // On CPU adapters with subgroups, rows of 132 to 256 channels go a
+    // subgroup per row block, each lane holding its channels' statistics:
+    // 256 channels fill a lane's eight slots, over 70 rows (a block of 64
+    // and a partial one). Rows of 1024 channels take the strips. (At an
+    // offset of 1e3 from the running mean, eval's dγ = Σdy·x̂ sums 70 terms
+    // near 1e3 per channel; one of 1024 channels cancels to -1.7, which f32
+    // products miss by 2e-3, past this test's tolerance: an f32 limit of
+    // any kernel, so that row width is checked at offset 1.)
     for (shape, offset) in [
         (&[4usize, 10, 10, 8][..], 1.0f32),
         (&[2, 3, 3, 12], 1.0),
         (&[8, 20, 20, 16], 1e3),
+        (&[2, 5, 7, 256], 1e3),
+        (&[2, 5, 7, 1024], 1.0),
     ] {
         for mode in [Mode::Train, Mode::Eval] {
             batch_norm_case_at(
@@ -635,6 +645,21 @@ fn group_norm_channels_last_backward_matches_f64() {
         "keras group norm, groups of 8",
         &[2, 10, 10, 32],
         4,
+        GroupNormConfig::keras(),
+    );
+    // Rows a subgroup walks holding each lane's channels: 34 vectors, 5 per
+    // lane of 8, the fifth live in two lanes only, 63 rows per sample; and
+    // groups of 6 channels, so vectors straddle two groups.
+    group_norm_case(
+        "keras group norm, 136 channels",
+        &[2, 9, 7, 136],
+        17,
+        GroupNormConfig::keras(),
+    );
+    group_norm_case(
+        "keras group norm, 192 channels in groups of 6",
+        &[3, 5, 13, 192],
+        32,
         GroupNormConfig::keras(),
     );
 }
