@@ -55,14 +55,6 @@ fn octet_xhat(x: Vec4x8, st: vec4<f32>, l: Livex8) -> Vec4x8 {
     );
 }
 
-fn octet_mul(a: Vec4x8, b: Vec4x8) -> Vec4x8 {
-    return Vec4x8(a[0] * b[0], a[1] * b[1], a[2] * b[2], a[3] * b[3], a[4] * b[4], a[5] * b[5], a[6] * b[6], a[7] * b[7]);
-}
-
-fn octet_add(a: Vec4x8, b: Vec4x8) -> Vec4x8 {
-    return Vec4x8(a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4], a[5] + b[5], a[6] + b[6], a[7] + b[7]);
-}
-
 fn slot_store_dx(base4: u32, j4: u32, live: bool, g: vec4<f32>, xhat: vec4<f32>, s: vec4<f32>, st: vec4<f32>) {
     if (live) {
         store_dx4(base4 + j4, grad_from(g, xhat, s, st));

@@ -333,3 +333,66 @@ fn shifted_terms4(i: u32, shift: f32) -> mat2x4<f32> {
     return mat2x4<f32>(v, v * v);
 }
 
+// The shifts (group_shift) of the four columns of vector q4 of p.
+fn column_shifts(p: u32, q4: u32) -> vec4<f32> {
+    var shift = vec4<f32>(0.0);
+    for (var i = 0u; i < 4u; i++) {
+        shift[i] = group_shift(p, (4u * q4 + i) / params.b);
+    }
+    return shift;
+}
+
+// The mean of x − shift over the first COLUMN_PREFIX of the `rows` rows
+// from row0 of p, for the four columns of vector q4: the centre of a
+// column block's sums (kernels::COLUMN_PREFIX). Zero for RMS, whose sums
+// are of x².
+fn column_prefix(p: u32, row0: u32, rows: u32, q4: u32, shift: vec4<f32>) -> vec4<f32> {
+    if (IS_RMS) {
+        return vec4<f32>(0.0);
+    }
+    let n = min(rows, COLUMN_PREFIX);
+    let l4 = (params.g * params.b) / 4u;
+    var s = vec4<f32>(0.0);
+    for (var i = 0u; i < n; i++) {
+        s += load_x4((p * params.a + row0 + i) * l4 + q4) - shift;
+    }
+    return s / f32(max(n, 1u));
+}
+
+// The partials of the four columns of vector q4 of p over row block
+// `block` of `rows` rows, from the sums of d = (x − shift) − centre.
+fn write_column_partials(p: u32, block: u32, q4: u32, rows: u32, centre: vec4<f32>, sum: vec4<f32>, sq: vec4<f32>) {
+    for (var i = 0u; i < 4u; i++) {
+        let q = 4u * q4 + i;
+        let g = q / params.b;
+        let b = q - g * params.b;
+        let summary = shifted_summary(rows, sum[i], sq[i]);
+        let slot = (p * params.g + g) * params.merge_tiles + b * params.tiles + block;
+        scratch[params.partials_offset + slot] = vec4<f32>(f32(rows), centre[i] + summary.x, summary.y, 0.0);
+    }
+}
+
+// y = (x − shift)·scale + offset for the four columns of vector q4 of p:
+// rows shift, scale and offset, one column per element.
+fn column_affine(p: u32, q4: u32) -> mat3x4<f32> {
+    var k: mat3x4<f32>;
+    for (var i = 0u; i < 4u; i++) {
+        let q = 4u * q4 + i;
+        let g = fast_div(q, params.div_b);
+        let st = scratch[p * params.g + g];
+        var s = st.z;
+        var o = -st.y * st.z;
+        let c = fast_div(q, params.div_affine);
+        if (HAS_WEIGHT) {
+            s = s * weight_at(c);
+            o = o * weight_at(c);
+        }
+        if (HAS_BIAS) {
+            o = o + bias_at(c);
+        }
+        k[0][i] = st.x;
+        k[1][i] = s;
+        k[2][i] = o;
+    }
+    return k;
+}

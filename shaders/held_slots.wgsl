@@ -77,3 +77,15 @@ fn octet_dot(a: Vec4x8, b: Vec4x8) -> vec4<f32> {
     return ((a[0] * b[0] + a[1] * b[1]) + (a[2] * b[2] + a[3] * b[3]))
         + ((a[4] * b[4] + a[5] * b[5]) + (a[6] * b[6] + a[7] * b[7]));
 }
+
+fn octet_add(a: Vec4x8, b: Vec4x8) -> Vec4x8 {
+    return Vec4x8(a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3], a[4] + b[4], a[5] + b[5], a[6] + b[6], a[7] + b[7]);
+}
+
+fn octet_mul(a: Vec4x8, b: Vec4x8) -> Vec4x8 {
+    return Vec4x8(a[0] * b[0], a[1] * b[1], a[2] * b[2], a[3] * b[3], a[4] * b[4], a[5] * b[5], a[6] * b[6], a[7] * b[7]);
+}
+
+fn octet_sub(a: Vec4x8, b: Vec4x8) -> Vec4x8 {
+    return Vec4x8(a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3], a[4] - b[4], a[5] - b[5], a[6] - b[6], a[7] - b[7]);
+}

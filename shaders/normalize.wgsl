@@ -201,28 +201,3 @@ fn normalize_columns(
         }
     }
 }
-
-// y = (x − shift)·scale + offset for the four columns of vector q4 of p:
-// rows shift, scale and offset, one column per element.
-fn column_affine(p: u32, q4: u32) -> mat3x4<f32> {
-    var k: mat3x4<f32>;
-    for (var i = 0u; i < 4u; i++) {
-        let q = 4u * q4 + i;
-        let g = fast_div(q, params.div_b);
-        let st = scratch[p * params.g + g];
-        var s = st.z;
-        var o = -st.y * st.z;
-        let c = fast_div(q, params.div_affine);
-        if (HAS_WEIGHT) {
-            s = s * weight_at(c);
-            o = o * weight_at(c);
-        }
-        if (HAS_BIAS) {
-            o = o + bias_at(c);
-        }
-        k[0][i] = st.x;
-        k[1][i] = s;
-        k[2][i] = o;
-    }
-    return k;
-}

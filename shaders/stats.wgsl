@@ -167,8 +167,10 @@ fn shifts(
 // group are spread across every row. One invocation owns a strip of two
 // adjacent vec4 (eight columns; the last strip of an odd count repeats its
 // one vector) over a block of tile_len rows, takes their shifted sums,
-// and writes one partial per column: for column q (group g = q / B,
-// b = q % B) at slot b·tiles + block of the group, where tiles is the
+// centred on their mean over the block's first COLUMN_PREFIX rows
+// (column_prefix), and writes one partial per column: for column q
+// (group g = q / B, b = q % B) at slot b·tiles + block of the group, where
+// tiles is the
 // number of row blocks. Neighbouring invocations read neighbouring strips,
 // each 32 contiguous bytes of a row (CPUs that run WGSL stream such pieces
 // much faster than 16-byte ones). No barrier and no workgroup memory.
@@ -197,43 +199,23 @@ fn partials_columns(
     let rows = min(params.tile_len, params.a - row0);
     let shift0 = column_shifts(p, v0);
     let shift1 = column_shifts(p, v1);
+    let centre0 = column_prefix(p, row0, rows, v0, shift0);
+    let centre1 = column_prefix(p, row0, rows, v1, shift1);
     var sum0 = vec4<f32>(0.0);
     var sq0 = vec4<f32>(0.0);
     var sum1 = vec4<f32>(0.0);
     var sq1 = vec4<f32>(0.0);
     for (var i = 0u; i < rows; i++) {
         let row4 = (p * params.a + row0 + i) * l4;
-        let a = load_x4(row4 + v0) - shift0;
+        let a = (load_x4(row4 + v0) - shift0) - centre0;
         sum0 += a;
         sq0 += a * a;
-        let c = load_x4(row4 + v1) - shift1;
+        let c = (load_x4(row4 + v1) - shift1) - centre1;
         sum1 += c;
         sq1 += c * c;
     }
-    write_column_partials(p, block, v0, rows, sum0, sq0);
+    write_column_partials(p, block, v0, rows, centre0, sum0, sq0);
     if (v1 != v0) {
-        write_column_partials(p, block, v1, rows, sum1, sq1);
-    }
-}
-
-// The shifts (group_shift) of the four columns of vector q4 of p.
-fn column_shifts(p: u32, q4: u32) -> vec4<f32> {
-    var shift = vec4<f32>(0.0);
-    for (var i = 0u; i < 4u; i++) {
-        shift[i] = group_shift(p, (4u * q4 + i) / params.b);
-    }
-    return shift;
-}
-
-// The partials of the four columns of vector q4 of p over row block
-// `block` of `rows` rows, from their shifted sums.
-fn write_column_partials(p: u32, block: u32, q4: u32, rows: u32, sum: vec4<f32>, sq: vec4<f32>) {
-    for (var i = 0u; i < 4u; i++) {
-        let q = 4u * q4 + i;
-        let g = q / params.b;
-        let b = q - g * params.b;
-        let summary = shifted_summary(rows, sum[i], sq[i]);
-        let slot = (p * params.g + g) * params.merge_tiles + b * params.tiles + block;
-        scratch[params.partials_offset + slot] = vec4<f32>(f32(rows), summary.x, summary.y, 0.0);
+        write_column_partials(p, block, v1, rows, centre1, sum1, sq1);
     }
 }

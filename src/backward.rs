@@ -476,23 +476,12 @@ fn channel_strips(v: &View) -> usize {
     (v.g * v.b / 4).div_ceil(2)
 }
 
-/// Vectors per lane of the smallest subgroup for which the channels-last
-/// kernels go a subgroup per row, each lane holding its vectors'
-/// statistics ([`BackwardKernel::ChannelColsHeld`],
-/// [`BackwardKernel::ChannelGradInputHeld`]). Measured on lavapipe
-/// (subgroups of 8), whole backward against the strip kernels: 6 and 8
-/// vectors per lane (192 and 256 channels) 10–30% faster; 2 and 4 slower
-/// (the strips of a SIMD already cover most of a row); 16 no faster and 32
-/// 1.7x slower (the held statistics no longer fit in registers).
-const HELD_CHANNELS: std::ops::RangeInclusive<u32> = 5..=8;
-
 /// Vectors per lane when the channels-last kernels hold their channels
-/// ([`HELD_CHANNELS`]): CPU adapters with subgroups only. GPUs keep the
-/// strips, whose neighbouring invocations read neighbouring strips.
+/// ([`crate::engine::HELD_COLUMNS`], the forward's rule): whole backward
+/// against the strips on lavapipe, 6 and 8 vectors per lane (192 and 256
+/// channels) 10–30% faster, 2 and 4 slower, 16 no faster, 32 1.7x slower.
 fn held_channels(v: &View, caps: &Caps) -> Option<u32> {
-    let lanes = caps.subgroup_min.clamp(1, BWD_SG_WG) as usize;
-    let per_lane = (v.g * v.b / 4).div_ceil(lanes) as u32;
-    (caps.cpu && caps.subgroups && HELD_CHANNELS.contains(&per_lane)).then_some(per_lane)
+    crate::engine::held_columns_per_lane(v.g * v.b, caps)
 }
 
 /// Whether the subgroup row kernel takes a backward the row kernel takes.

@@ -140,6 +140,17 @@ impl RunGrid {
         }
     }
 
+    /// The grid of `normalize_columns_held`: blocks of
+    /// [`kernels::COLUMN_STEPS_CPU`] rows (in `vec4`), each a subgroup's,
+    /// per p (in `blocks`).
+    pub fn held_columns(view: &View) -> RunGrid {
+        let rows = kernels::COLUMN_STEPS_CPU as usize;
+        RunGrid {
+            blocks: view.a.div_ceil(rows).max(1),
+            vec4: rows,
+        }
+    }
+
     /// The grid for `view`'s runs (meaningful when [`uses_runs`] holds).
     pub fn of(view: &View) -> RunGrid {
         let per_lane_max = kernels::RUNS_VEC4_MAX as usize;
@@ -184,6 +195,14 @@ fn normalize_dispatches(view: &View, chunks: &Chunks, caps: &Caps) -> Vec<Dispat
             chunk: 0,
         }];
     }
+    if held_columns(view, chunks, caps).is_some() {
+        return vec![Dispatch {
+            kernel: Kernel::NormalizeColumnsHeld,
+            workgroups: subgroup_workgroups(view.p * RunGrid::held_columns(view).blocks, caps)
+                as u32,
+            chunk: 0,
+        }];
+    }
     if uses_normalize_columns(view, chunks) {
         return vec![Dispatch {
             kernel: Kernel::NormalizeColumns,
@@ -215,7 +234,7 @@ fn normalize_dispatches(view: &View, chunks: &Chunks, caps: &Caps) -> Vec<Dispat
 /// Partial tiles per group and chunk: a group's elements inside one chunk
 /// are a contiguous range of its `j` index, at most the chunk's length.
 fn tiles_for(view: &View, chunks: &Chunks, caps: &Caps) -> u32 {
-    if uses_columns(view, chunks) {
+    if column_partials(view, chunks, caps) {
         return view.a.div_ceil(column_rows(caps) as usize).max(1) as u32;
     }
     let len = view.group_len().min(chunks.elems);
@@ -234,7 +253,7 @@ fn merge_tiles_for(view: &View, chunks: &Chunks, caps: &Caps) -> u32 {
     let tiles = tiles_for(view, chunks, caps);
     if uses_partials_runs(view, chunks, caps) {
         view.a as u32
-    } else if uses_columns(view, chunks) {
+    } else if column_partials(view, chunks, caps) {
         tiles * view.b as u32
     } else if partials_per_invocation(view, chunks, caps) {
         tiles * kernels::STATS_WG
@@ -252,7 +271,7 @@ fn merge_tiles_for(view: &View, chunks: &Chunks, caps: &Caps) -> u32 {
 fn partials_per_invocation(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
     let tiles = view.groups() * tiles_for(view, chunks, caps) as usize;
     !chunks.split()
-        && !uses_columns(view, chunks)
+        && !column_partials(view, chunks, caps)
         && tiles * kernels::STATS_WG as usize * 16 <= view.numel()
 }
 
@@ -261,6 +280,48 @@ fn partials_per_invocation(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
 /// binding.
 pub fn uses_columns(view: &View, chunks: &Chunks) -> bool {
     !chunks.split() && view.b < 4 && (view.g * view.b).is_multiple_of(4)
+}
+
+/// Vectors per lane of the smallest subgroup for which the channels-last
+/// kernels, forward and backward, walk each row with one subgroup whose
+/// lanes hold their columns (columns_held.wgsl, backward_channels_held.wgsl).
+/// Measured on lavapipe (subgroups of 8) against the strip kernels: 6 and
+/// 8 vectors per lane (192 and 256 channels) faster; 2 and 4 slower (a
+/// SIMD of strips already covers most of a row); 16 no faster, 32 much
+/// slower (the held values no longer fit in registers).
+pub(crate) const HELD_COLUMNS: std::ops::RangeInclusive<u32> = 5..=8;
+
+/// Vectors per lane when rows of `columns` columns are held
+/// ([`HELD_COLUMNS`]): CPU adapters with subgroups only. GPUs keep the
+/// strips, whose neighbouring invocations read neighbouring strips.
+pub(crate) fn held_columns_per_lane(columns: usize, caps: &Caps) -> Option<u32> {
+    let lanes = caps.subgroup_min.clamp(1, kernels::ROWS_SG_WG) as usize;
+    let per_lane = (columns / 4).div_ceil(lanes) as u32;
+    (caps.cpu && caps.subgroups && columns.is_multiple_of(4) && HELD_COLUMNS.contains(&per_lane))
+        .then_some(per_lane)
+}
+
+/// Vectors per lane when a channels-last forward holds its columns
+/// ([`Kernel::PartialsColumnsHeld`], [`Kernel::NormalizeColumnsHeld`]):
+/// the views of the column kernels (runs under four elements, or several
+/// rows of runs under [`kernels::COLUMNS_MAX_RUN`]) in one binding.
+pub fn held_columns(view: &View, chunks: &Chunks, caps: &Caps) -> Option<u32> {
+    let channels_last = view.b < 4 || (view.a > 1 && view.b < kernels::COLUMNS_MAX_RUN as usize);
+    (!chunks.split() && channels_last)
+        .then(|| held_columns_per_lane(view.g * view.b, caps))
+        .flatten()
+}
+
+/// Whether the statistics come from per-column partials over row blocks:
+/// the column kernel's views, or held columns.
+fn column_partials(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
+    uses_columns(view, chunks) || held_columns(view, chunks, caps).is_some()
+}
+
+/// Workgroups of [`kernels::ROWS_SG_WG`] invocations giving each of
+/// `blocks` blocks a subgroup of the smallest size.
+fn subgroup_workgroups(blocks: usize, caps: &Caps) -> usize {
+    blocks.div_ceil((kernels::ROWS_SG_WG / caps.subgroup_min.max(1)).max(1) as usize)
 }
 
 /// What the adapter offers that kernel choice depends on.
@@ -445,7 +506,13 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
                 let groups_wg = v.groups().div_ceil(kernels::FINALIZE_WG as usize);
                 plan.extend(per_chunk(Kernel::Shifts, &|_| groups_wg));
             }
-            if uses_columns(v, chunks) {
+            if held_columns(v, chunks, caps).is_some() {
+                plan.push(d(
+                    Kernel::PartialsColumnsHeld,
+                    subgroup_workgroups(v.p * tiles, caps),
+                    0,
+                ));
+            } else if uses_columns(v, chunks) {
                 // One invocation per strip of two vec4 per row block.
                 let invocations = v.p * tiles * (v.g * v.b / 4).div_ceil(2);
                 plan.push(d(
@@ -772,7 +839,9 @@ fn record_forward_with(
         rms: spec.rms,
         affine: kernels::AffineMode::of(v.affine_div, v.b),
         rows_per_step: rows_per_step(v, &ctx.caps()),
-        held_vectors: held_vectors(v, &ctx.caps()).unwrap_or(0),
+        held_vectors: held_vectors(v, &ctx.caps())
+            .or(held_columns(v, &chunks, &ctx.caps()))
+            .unwrap_or(0),
     };
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("gpunorm forward"),
@@ -836,7 +905,9 @@ fn forward_uniforms(
         None => (1.0, 0.0),
     };
     let numel = v.numel();
-    let runs = if uses_normalize_columns(v, chunks) {
+    let runs = if held_columns(v, chunks, &ctx.caps()).is_some() {
+        RunGrid::held_columns(v)
+    } else if uses_normalize_columns(v, chunks) {
         RunGrid::columns(v, &ctx.caps())
     } else {
         RunGrid::of(v)
@@ -859,7 +930,7 @@ fn forward_uniforms(
         total: numel as u32,
         tiles,
         // Elements per tile, or rows per block of the column kernel.
-        tile_len: if uses_columns(v, chunks) {
+        tile_len: if column_partials(v, chunks, &ctx.caps()) {
             column_rows(&ctx.caps())
         } else {
             kernels::STATS_TILE
@@ -1215,6 +1286,60 @@ mod tests {
             last.workgroups as usize,
             32 * RunGrid::columns(&v, &SUBGROUPS).blocks
         );
+    }
+
+    #[test]
+    fn cpus_hold_the_columns_of_rows_of_132_to_256_channels() {
+        let lavapipe = Caps {
+            subgroups: true,
+            subgroup_max: 8,
+            subgroup_min: 8,
+            cpu: true,
+        };
+        // Keras GroupNorm 8x32x32x256: 8 vectors per lane; partials over 4
+        // blocks of 256 rows per sample (32 partials per group, merged
+        // serially, an invocation per group), the normalize over 8 blocks
+        // of 128 rows per sample, 8 subgroups per workgroup.
+        let gn = View::group_norm_channels_last(&[8, 32, 32, 256], 32);
+        let whole = Chunks::whole(gn.numel());
+        assert_eq!(held_columns(&gn, &whole, &lavapipe), Some(8));
+        assert_eq!(merge_tiles_for(&gn, &whole, &lavapipe), 4 * 8);
+        let plan = plan_forward_chunked(
+            &spec(gn, StatsSource::Batch, false, DType::F32),
+            &whole,
+            &lavapipe,
+        );
+        let got: Vec<(Kernel, u32)> = plan.iter().map(|d| (d.kernel, d.workgroups)).collect();
+        assert_eq!(
+            got,
+            [
+                (Kernel::PartialsColumnsHeld, 8 * 4 / 8),
+                (Kernel::FinalizeSerial, 8 * 32 / kernels::FINALIZE_WG),
+                (Kernel::NormalizeColumnsHeld, 8 * 8 / 8)
+            ]
+        );
+        // Eval: the held normalize after the running statistics.
+        let nhwc = View::batch_norm(&[32, 14, 14, 256], 3);
+        let eval = spec(nhwc, StatsSource::Running, false, DType::F32);
+        assert_eq!(
+            kernels_of(&eval, &Chunks::whole(nhwc.numel()), &lavapipe),
+            [Kernel::EvalStats, Kernel::NormalizeColumnsHeld]
+        );
+        // The range's edges (5 to 8 vectors per lane), GPUs, no subgroups
+        // and split tensors keep the strips.
+        for (channels, held) in [(128, None), (132, Some(5)), (256, Some(8)), (260, None)] {
+            let v = View::batch_norm(&[64, channels], 1);
+            let chunks = Chunks::whole(v.numel());
+            assert_eq!(held_columns(&v, &chunks, &lavapipe), held, "{channels}");
+        }
+        let no_subgroups = Caps {
+            subgroups: false,
+            ..lavapipe
+        };
+        assert_eq!(held_columns(&gn, &whole, &no_subgroups), None);
+        assert_eq!(held_columns(&gn, &whole, &SUBGROUPS), None);
+        let split = Chunks { count: 2, ..whole };
+        assert_eq!(held_columns(&gn, &split, &lavapipe), None);
     }
 
     #[test]

@@ -36,6 +36,12 @@ pub const STATS_TILE: u32 = STATS_WG * STATS_PER_THREAD;
 /// keeps more invocations in flight.
 pub const COLUMN_ROWS: u32 = 64;
 pub const COLUMN_ROWS_CPU: u32 = 256;
+/// Leading rows of a column partials block whose mean centres the block's
+/// sums (`COLUMN_PREFIX` in WGSL). Centred on the group's shift alone, a
+/// column whose shift lay 3σ from its mean lost a digit of its variance to
+/// Σd² − (Σd)²/n (y off by 2e-5 with γ, β); four rows put the centre
+/// within σ/2 of the mean on average, at four extra loads per block.
+pub const COLUMN_PREFIX: u32 = 4;
 /// Invocations per workgroup of the finalize and eval-statistics passes.
 pub const FINALIZE_WG: u32 = 64;
 /// Invocations per workgroup of the normalize pass.
@@ -152,11 +158,20 @@ pub enum Kernel {
     /// Fused normalize-scale-shift, one subgroup per run of B (CPU adapters
     /// with subgroups).
     NormalizeRunsSubgroup,
+    /// [`Kernel::PartialsColumns`] with a subgroup per row, each lane
+    /// holding its columns (CPU adapters with subgroups,
+    /// [`crate::engine::held_columns`]).
+    PartialsColumnsHeld,
+    /// [`Kernel::NormalizeColumns`] with a subgroup per row, each lane
+    /// holding its columns' scale and offset.
+    NormalizeColumnsHeld,
 }
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 16] = [
+    pub const ALL: [Kernel; 18] = [
+        Kernel::PartialsColumnsHeld,
+        Kernel::NormalizeColumnsHeld,
         Kernel::PartialsRuns,
         Kernel::NormalizeRunsSubgroup,
         Kernel::RowsHeld,
@@ -196,6 +211,9 @@ impl Kernel {
             Kernel::PartialsRuns | Kernel::NormalizeRunsSubgroup => {
                 include_str!("../shaders/runs_subgroup.wgsl")
             }
+            Kernel::PartialsColumnsHeld | Kernel::NormalizeColumnsHeld => {
+                include_str!("../shaders/columns_held.wgsl")
+            }
         }
     }
 
@@ -207,6 +225,17 @@ impl Kernel {
                 | Kernel::RowsHeld
                 | Kernel::PartialsRuns
                 | Kernel::NormalizeRunsSubgroup
+                | Kernel::PartialsColumnsHeld
+                | Kernel::NormalizeColumnsHeld
+        )
+    }
+
+    /// Whether the kernel holds rows in registers (held_slots.wgsl and the
+    /// `HELD_K` override).
+    pub fn holds_rows(self) -> bool {
+        matches!(
+            self,
+            Kernel::RowsHeld | Kernel::PartialsColumnsHeld | Kernel::NormalizeColumnsHeld
         )
     }
 
@@ -229,6 +258,8 @@ impl Kernel {
             Kernel::RowsHeld => "rows_held",
             Kernel::PartialsRuns => "partials_runs",
             Kernel::NormalizeRunsSubgroup => "normalize_runs_subgroup",
+            Kernel::PartialsColumnsHeld => "partials_columns_held",
+            Kernel::NormalizeColumnsHeld => "normalize_columns_held",
         }
     }
 }
@@ -308,6 +339,7 @@ impl Variant {
                 | Kernel::NormalizeRuns
                 | Kernel::NormalizeRunsSubgroup
                 | Kernel::NormalizeColumns
+                | Kernel::NormalizeColumnsHeld
                 | Kernel::Rows
                 | Kernel::RowsSubgroup
                 | Kernel::RowsHeld
@@ -320,6 +352,7 @@ impl Variant {
                 | Kernel::NormalizeRuns
                 | Kernel::NormalizeRunsSubgroup
                 | Kernel::NormalizeColumns
+                | Kernel::NormalizeColumnsHeld
         );
         let default = Variant::default();
         Variant {
@@ -336,7 +369,7 @@ impl Variant {
             } else {
                 default.rows_per_step
             },
-            held_vectors: if kernel == Kernel::RowsHeld {
+            held_vectors: if kernel.holds_rows() {
                 self.held_vectors
             } else {
                 default.held_vectors
@@ -400,7 +433,8 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
          const RUNS_WG: u32 = {RUNS_WG}u;\n\
          const ROWS_WG: u32 = {ROWS_WG}u;\n\
          const ROWS_CACHE: u32 = {ROWS_CACHE}u;\n\
-         const ROWS_SG_WG: u32 = {ROWS_SG_WG}u;\n"
+         const ROWS_SG_WG: u32 = {ROWS_SG_WG}u;\n\
+         const COLUMN_PREFIX: u32 = {COLUMN_PREFIX}u;\n"
     );
     [
         prelude.as_str(),
@@ -413,7 +447,7 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
         } else {
             ""
         },
-        if kernel == Kernel::RowsHeld {
+        if kernel.holds_rows() {
             HELD_SLOTS_SOURCE
         } else {
             ""

@@ -127,15 +127,31 @@ fn f16_subnormal_outputs_round_correctly() {
 }
 
 #[test]
-fn bf16_batch_norm_channels_last_matches_f64() {
+fn half_batch_norm_channels_last_matches_f64() {
+    // 6 channels take the column strips; 192 channels (6 vectors per lane
+    // of 8) rows walked by subgroups holding their columns on lavapipe.
     let ctx = ctx();
-    let shape = [4, 5, 5, 6];
-    let x = stored(&normal(600, 12, 1e3, 3.0), DType::BF16);
-    let mut bn = BatchNorm::new(ctx, 6, BatchNormConfig::keras()).unwrap();
-    let xt = ctx.upload_as(&x, &shape, DType::BF16).unwrap();
-    let y = ctx
-        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
-        .unwrap();
-    let want = reference::forward(&x, &View::batch_norm(&shape, 3), false, 1e-3, None, None);
-    assert_within_ulps("bf16 keras bn", &y, &want, DType::BF16, 2.0);
+    for (dtype, shape) in [
+        (DType::BF16, [4usize, 5, 5, 6]),
+        (DType::BF16, [2, 5, 7, 192]),
+        (DType::F16, [2, 5, 7, 192]),
+    ] {
+        let c = shape[3];
+        let n: usize = shape.iter().product();
+        let offset = if dtype == DType::BF16 { 1e3 } else { 30.0 };
+        let x = stored(&normal(n, 12, offset, 3.0), dtype);
+        let mut bn = BatchNorm::new(ctx, c, BatchNormConfig::keras()).unwrap();
+        let xt = ctx.upload_as(&x, &shape, dtype).unwrap();
+        let y = ctx
+            .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+            .unwrap();
+        let want = reference::forward(&x, &View::batch_norm(&shape, 3), false, 1e-3, None, None);
+        assert_within_ulps(
+            &format!("{dtype} keras bn {shape:?}"),
+            &y,
+            &want,
+            dtype,
+            2.0,
+        );
+    }
 }

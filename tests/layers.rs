@@ -279,30 +279,37 @@ fn batch_norm_with_long_spatial_runs_matches_f64_in_train_and_eval() {
     assert_close("eval", &y, &want, 1e-5, 1e-5);
 }
 
-#[test]
-fn channels_last_batch_norm_matches_f64_in_train_and_eval() {
-    // C = 16 columns: the column partials and the fixed-column normalize.
+/// A Keras BatchNorm over channels-last `shape`, train then eval, against
+/// the f64 reference, with its moving statistics.
+fn channels_last_batch_norm_case(shape: &[usize], seed: u64) {
     let ctx = ctx();
-    let shape = [5, 7, 9, 16];
-    let x = normal(5 * 7 * 9 * 16, 71, -30.0, 3.0);
-    let w: Vec<f32> = (0..16).map(|c| 0.5 + c as f32 * 0.1).collect();
-    let b: Vec<f32> = (0..16).map(|c| c as f32 - 8.0).collect();
-    let mut bn = BatchNorm::new(ctx, 16, BatchNormConfig::keras()).unwrap();
-    bn.set_weight(Some(ctx.upload(&w, &[16]).unwrap())).unwrap();
-    bn.set_bias(Some(ctx.upload(&b, &[16]).unwrap())).unwrap();
-    let xt = ctx.upload(&x, &shape).unwrap();
-    let view = View::batch_norm(&shape, 3);
+    let c = shape[shape.len() - 1];
+    let x = normal(shape.iter().product(), seed, -30.0, 3.0);
+    let w: Vec<f32> = (0..c).map(|c| 0.5 + c as f32 * 0.01).collect();
+    let b: Vec<f32> = (0..c).map(|c| c as f32 * 0.1 - 8.0).collect();
+    let mut bn = BatchNorm::new(ctx, c, BatchNormConfig::keras()).unwrap();
+    bn.set_weight(Some(ctx.upload(&w, &[c]).unwrap())).unwrap();
+    bn.set_bias(Some(ctx.upload(&b, &[c]).unwrap())).unwrap();
+    let xt = ctx.upload(&x, shape).unwrap();
+    let view = View::batch_norm(shape, shape.len() - 1);
+    let what = format!("channels-last {shape:?}");
     let y = ctx
         .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
         .unwrap();
     let want = reference::forward(&x, &view, false, 1e-3, Some(&w), Some(&b));
-    assert_close("train", &y, &want, 1e-5, 1e-5);
+    assert_close(&format!("{what} train"), &y, &want, 1e-5, 1e-5);
     let stats = reference::group_stats(&x, &view, false);
     let (rm, rv, count) = running(&bn);
     let want_rm: Vec<f64> = stats.iter().map(|s| 0.01 * s.0).collect();
     let want_rv: Vec<f64> = stats.iter().map(|s| 0.99 + 0.01 * s.1).collect();
-    assert_close("moving_mean", &rm, &want_rm, 1e-6, 1e-5);
-    assert_close("moving_variance", &rv, &want_rv, 1e-6, 1e-5);
+    assert_close(&format!("{what} moving_mean"), &rm, &want_rm, 1e-6, 1e-5);
+    assert_close(
+        &format!("{what} moving_variance"),
+        &rv,
+        &want_rv,
+        1e-6,
+        1e-5,
+    );
     assert_eq!(count, None);
     let stats: Vec<(f64, f64)> = rm
         .iter()
@@ -313,20 +320,100 @@ fn channels_last_batch_norm_matches_f64_in_train_and_eval() {
         .download(&bn.forward(ctx, &xt, Mode::Eval).unwrap())
         .unwrap();
     let want = reference::normalize(&x, &view, &stats, 1e-3, Some(&w), Some(&b));
-    assert_close("eval", &y, &want, 1e-5, 1e-5);
+    assert_close(&format!("{what} eval"), &y, &want, 1e-5, 1e-5);
+}
+
+#[test]
+fn channels_last_batch_norm_matches_f64_in_train_and_eval() {
+    // C = 16 columns: the column partials and the fixed-column normalize.
+    channels_last_batch_norm_case(&[5, 7, 9, 16], 71);
+    // On lavapipe (subgroups of 8), 132 to 256 channels go a subgroup per
+    // row block, each lane holding its columns: 256 channels fill a lane's
+    // eight slots over 306 rows (partials blocks of 256 and 50 rows,
+    // normalize blocks of 128, 128 and 50); 136 channels give a lane 5
+    // slots, the fifth live in two lanes only.
+    channels_last_batch_norm_case(&[2, 9, 17, 256], 72);
+    channels_last_batch_norm_case(&[3, 7, 11, 136], 73);
+}
+
+#[test]
+fn column_statistics_keep_their_digits_when_the_shift_is_an_outlier() {
+    // Each column's shift is a value of the column (the median of its
+    // first, middle and last); here first and last lie 3σ from the mean,
+    // so sums shifted by them alone lose a digit of the variance to
+    // cancellation, which γ = 1.7 and β = 4.2 turn into y off by 2e-5.
+    // Each block's sums are centred on its first rows instead.
+    let ctx = ctx();
+    for c in [16usize, 136] {
+        let rows = 400;
+        let mut x = normal(rows * c, 75, -30.0, 3.0);
+        for ch in 0..c {
+            x[ch] = -21.0;
+            x[(rows - 1) * c + ch] = -21.0;
+        }
+        let (w, b) = (vec![1.7f32; c], vec![4.2f32; c]);
+        let mut bn = BatchNorm::new(ctx, c, BatchNormConfig::keras()).unwrap();
+        bn.set_weight(Some(ctx.upload(&w, &[c]).unwrap())).unwrap();
+        bn.set_bias(Some(ctx.upload(&b, &[c]).unwrap())).unwrap();
+        let y = ctx
+            .download(
+                &bn.forward(ctx, &ctx.upload(&x, &[rows, c]).unwrap(), Mode::Train)
+                    .unwrap(),
+            )
+            .unwrap();
+        let view = View::batch_norm(&[rows, c], 1);
+        let want = reference::forward(&x, &view, false, 1e-3, Some(&w), Some(&b));
+        assert_close(&format!("{c} channels"), &y, &want, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn batch_norm_1d_over_held_columns_counts_the_batch_and_tracks_unbiased_variance() {
+    // torch BatchNorm1d over (N, C) is channels-last with one row per
+    // sample: 192 channels are held columns on lavapipe. The counter bump
+    // rides on the partials pass; without affine the scale is the rstd.
+    let ctx = ctx();
+    let (n, c) = (300, 192);
+    let x = normal(n * c, 74, 5.0, 2.0);
+    let mut bn = BatchNorm::new(ctx, c, BatchNormConfig::torch_1d().affine(false)).unwrap();
+    let xt = ctx.upload(&x, &[n, c]).unwrap();
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let view = View::batch_norm(&[n, c], 1);
+    let want = reference::forward(&x, &view, false, 1e-5, None, None);
+    assert_close("batch norm 1d", &y, &want, 1e-5, 1e-5);
+    let stats = reference::group_stats(&x, &view, false);
+    let (rm, rv, tracked) = running(&bn);
+    let unbiased = n as f64 / (n - 1) as f64;
+    let want_rm: Vec<f64> = stats.iter().map(|s| 0.1 * s.0).collect();
+    let want_rv: Vec<f64> = stats.iter().map(|s| 0.9 + 0.1 * s.1 * unbiased).collect();
+    assert_close("running_mean", &rm, &want_rm, 1e-6, 1e-5);
+    assert_close("running_var", &rv, &want_rv, 1e-6, 1e-5);
+    assert_eq!(tracked, Some(1));
 }
 
 #[test]
 fn channels_last_group_norm_matches_f64() {
     // Keras's GroupNormalization layout: samples of HxW positions, channels
     // in groups of 2 (column partials) or 8 (tiled partials); the
-    // fixed-column normalize with statistics per sample in both.
+    // fixed-column normalize with statistics per sample in both. On
+    // lavapipe 136 to 256 channels go a subgroup per row block holding its
+    // columns: 256 in groups of 8 over 270 rows a sample, 136 in groups of
+    // 8 (a fifth slot live in two lanes), 192 in groups of 6 (vectors
+    // straddle groups).
     let ctx = ctx();
-    for (shape, groups) in [([4usize, 6, 6, 16], 8usize), ([2, 5, 5, 32], 4)] {
+    for (shape, groups) in [
+        ([4usize, 6, 6, 16], 8usize),
+        ([2, 5, 5, 32], 4),
+        ([3, 9, 30, 256], 32),
+        ([2, 11, 13, 136], 17),
+        ([2, 7, 7, 192], 32),
+    ] {
         let c = shape[3];
         let x = normal(shape.iter().product(), 73, 20.0, 3.0);
-        let w: Vec<f32> = (0..c).map(|c| 0.5 + c as f32 * 0.1).collect();
-        let b: Vec<f32> = (0..c).map(|c| c as f32 - 8.0).collect();
+        let w: Vec<f32> = (0..c).map(|c| 0.5 + c as f32 * 0.01).collect();
+        let b: Vec<f32> = (0..c).map(|c| c as f32 * 0.1 - 8.0).collect();
         let mut gn =
             gpunorm::GroupNorm::new(ctx, groups, c, gpunorm::GroupNormConfig::keras()).unwrap();
         gn.set_affine(gpunorm::Affine {

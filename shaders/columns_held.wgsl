@@ -1,0 +1,186 @@
+// Channels-last statistics and normalize on CPU adapters with subgroups:
+// partials_columns (stats.wgsl) and normalize_columns (normalize.wgsl) with
+// each row of L = G·B columns walked whole by one subgroup. Lane `lane` of
+// a `w`-wide subgroup owns the row's vectors lane, lane + w, ...
+// (held_slots.wgsl, HELD_K per lane) and holds their columns' shifts and
+// sums, or scale and offset, in registers while its subgroup walks a block
+// of rows of one p. Each SIMD access then covers w contiguous vectors and
+// the thread running the subgroup streams through the rows; the strip
+// kernels give a lane 32 bytes of a row, so on rows longer than a SIMD of
+// strips their SIMD reads a piece of each row and jumps to the next. The
+// host takes these kernels where they measured faster (engine::held_columns).
+
+fn slot_shift(p: u32, j4: u32, live: bool) -> vec4<f32> {
+    if (live) {
+        return column_shifts(p, j4);
+    }
+    return vec4<f32>(0.0);
+}
+
+fn octet_shifts(p: u32, j: U32x8, l: Livex8) -> Vec4x8 {
+    return Vec4x8(
+        slot_shift(p, j[0], l[0]), slot_shift(p, j[1], l[1]), slot_shift(p, j[2], l[2]), slot_shift(p, j[3], l[3]),
+        slot_shift(p, j[4], l[4]), slot_shift(p, j[5], l[5]), slot_shift(p, j[6], l[6]), slot_shift(p, j[7], l[7]),
+    );
+}
+
+// The shifts of an octet's slots plus their centres (column_prefix) over
+// the block's first rows: what the block's sums subtract.
+fn slot_centre(p: u32, row0: u32, rows: u32, j4: u32, live: bool, shift: vec4<f32>) -> vec4<f32> {
+    if (live) {
+        return column_prefix(p, row0, rows, j4, shift);
+    }
+    return vec4<f32>(0.0);
+}
+
+fn octet_centres(p: u32, row0: u32, rows: u32, j: U32x8, l: Livex8, s: Vec4x8) -> Vec4x8 {
+    return Vec4x8(
+        slot_centre(p, row0, rows, j[0], l[0], s[0]), slot_centre(p, row0, rows, j[1], l[1], s[1]),
+        slot_centre(p, row0, rows, j[2], l[2], s[2]), slot_centre(p, row0, rows, j[3], l[3], s[3]),
+        slot_centre(p, row0, rows, j[4], l[4], s[4]), slot_centre(p, row0, rows, j[5], l[5], s[5]),
+        slot_centre(p, row0, rows, j[6], l[6], s[6]), slot_centre(p, row0, rows, j[7], l[7], s[7]),
+    );
+}
+
+fn slot_column_partials(p: u32, block: u32, j4: u32, live: bool, rows: u32, centre: vec4<f32>, sum: vec4<f32>, sq: vec4<f32>) {
+    if (live) {
+        write_column_partials(p, block, j4, rows, centre, sum, sq);
+    }
+}
+
+fn octet_column_partials(p: u32, block: u32, j: U32x8, l: Livex8, rows: u32, c: Vec4x8, sum: Vec4x8, sq: Vec4x8) {
+    slot_column_partials(p, block, j[0], l[0], rows, c[0], sum[0], sq[0]);
+    slot_column_partials(p, block, j[1], l[1], rows, c[1], sum[1], sq[1]);
+    slot_column_partials(p, block, j[2], l[2], rows, c[2], sum[2], sq[2]);
+    slot_column_partials(p, block, j[3], l[3], rows, c[3], sum[3], sq[3]);
+    slot_column_partials(p, block, j[4], l[4], rows, c[4], sum[4], sq[4]);
+    slot_column_partials(p, block, j[5], l[5], rows, c[5], sum[5], sq[5]);
+    slot_column_partials(p, block, j[6], l[6], rows, c[6], sum[6], sq[6]);
+    slot_column_partials(p, block, j[7], l[7], rows, c[7], sum[7], sq[7]);
+}
+
+// The partials of partials_columns: block k of p (params.tiles blocks of
+// tile_len rows per p) gives each column its (count, mean, M2) over the
+// block's rows, at the slot write_column_partials finds, from sums centred
+// like the strips' (column_prefix). Dead slots load zeros against zero
+// shifts and write nothing.
+@compute @workgroup_size(ROWS_SG_WG)
+fn partials_columns_held(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_size) sg: u32,
+) {
+    let steps = subgroup_rows(lane, sg, ROWS_SG_WG, linear_workgroup(wid, nwg), nwg.x * nwg.y);
+    if (steps.first == 0u && lane == 0u && has_flag(FLAG_BUMP_COUNTER)) {
+        bump_counter_once();
+    }
+    let n4 = (params.g * params.b) / 4u;
+    let slots = held_slots(lane, steps.width, n4);
+    for (var block = steps.first; block < params.p * params.tiles; block += steps.stride) {
+        let p = block / params.tiles;
+        let of_p = block - p * params.tiles;
+        let row0 = of_p * params.tile_len;
+        let rows = min(params.tile_len, params.a - row0);
+        let s0 = octet_shifts(p, slots.j0, slots.l0);
+        let s1 = octet_shifts(p, slots.j1, slots.l1);
+        let s2 = octet_shifts(p, slots.j2, slots.l2);
+        let s3 = octet_shifts(p, slots.j3, slots.l3);
+        let m0 = octet_centres(p, row0, rows, slots.j0, slots.l0, s0);
+        let m1 = octet_centres(p, row0, rows, slots.j1, slots.l1, s1);
+        let m2 = octet_centres(p, row0, rows, slots.j2, slots.l2, s2);
+        let m3 = octet_centres(p, row0, rows, slots.j3, slots.l3, s3);
+        var sum0: Vec4x8;
+        var sum1: Vec4x8;
+        var sum2: Vec4x8;
+        var sum3: Vec4x8;
+        var sq0: Vec4x8;
+        var sq1: Vec4x8;
+        var sq2: Vec4x8;
+        var sq3: Vec4x8;
+        for (var i = 0u; i < rows; i++) {
+            let base4 = (p * params.a + row0 + i) * n4;
+            let c0 = octet_sub(octet_sub(octet_x4(base4, slots.j0, slots.l0), s0), m0);
+            let c1 = octet_sub(octet_sub(octet_x4(base4, slots.j1, slots.l1), s1), m1);
+            let c2 = octet_sub(octet_sub(octet_x4(base4, slots.j2, slots.l2), s2), m2);
+            let c3 = octet_sub(octet_sub(octet_x4(base4, slots.j3, slots.l3), s3), m3);
+            sum0 = octet_add(sum0, c0);
+            sum1 = octet_add(sum1, c1);
+            sum2 = octet_add(sum2, c2);
+            sum3 = octet_add(sum3, c3);
+            sq0 = octet_add(sq0, octet_mul(c0, c0));
+            sq1 = octet_add(sq1, octet_mul(c1, c1));
+            sq2 = octet_add(sq2, octet_mul(c2, c2));
+            sq3 = octet_add(sq3, octet_mul(c3, c3));
+        }
+        octet_column_partials(p, of_p, slots.j0, slots.l0, rows, m0, sum0, sq0);
+        octet_column_partials(p, of_p, slots.j1, slots.l1, rows, m1, sum1, sq1);
+        octet_column_partials(p, of_p, slots.j2, slots.l2, rows, m2, sum2, sq2);
+        octet_column_partials(p, of_p, slots.j3, slots.l3, rows, m3, sum3, sq3);
+    }
+}
+
+alias Affine4x8 = array<mat3x4<f32>, 8>;
+
+// The (shift, scale, offset) rows of a live slot's four columns
+// (column_affine); zeros for a dead one.
+fn slot_affine(p: u32, j4: u32, live: bool) -> mat3x4<f32> {
+    if (live) {
+        return column_affine(p, j4);
+    }
+    return mat3x4<f32>();
+}
+
+fn octet_affines(p: u32, j: U32x8, l: Livex8) -> Affine4x8 {
+    return Affine4x8(
+        slot_affine(p, j[0], l[0]), slot_affine(p, j[1], l[1]), slot_affine(p, j[2], l[2]), slot_affine(p, j[3], l[3]),
+        slot_affine(p, j[4], l[4]), slot_affine(p, j[5], l[5]), slot_affine(p, j[6], l[6]), slot_affine(p, j[7], l[7]),
+    );
+}
+
+fn slot_normalize(base4: u32, j4: u32, live: bool, k: mat3x4<f32>) {
+    if (live) {
+        store_y4(base4 + j4, (load_x4(base4 + j4) - k[0]) * k[1] + k[2]);
+    }
+}
+
+fn octet_normalize(base4: u32, j: U32x8, l: Livex8, k: Affine4x8) {
+    slot_normalize(base4, j[0], l[0], k[0]);
+    slot_normalize(base4, j[1], l[1], k[1]);
+    slot_normalize(base4, j[2], l[2], k[2]);
+    slot_normalize(base4, j[3], l[3], k[3]);
+    slot_normalize(base4, j[4], l[4], k[4]);
+    slot_normalize(base4, j[5], l[5], k[5]);
+    slot_normalize(base4, j[6], l[6], k[6]);
+    slot_normalize(base4, j[7], l[7], k[7]);
+}
+
+// y = (x − shift)·scale + offset, params.run_blocks blocks of run_vec4 rows
+// per p.
+@compute @workgroup_size(ROWS_SG_WG)
+fn normalize_columns_held(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_size) sg: u32,
+) {
+    let steps = subgroup_rows(lane, sg, ROWS_SG_WG, linear_workgroup(wid, nwg), nwg.x * nwg.y);
+    let n4 = (params.g * params.b) / 4u;
+    let slots = held_slots(lane, steps.width, n4);
+    for (var block = steps.first; block < params.p * params.run_blocks; block += steps.stride) {
+        let p = block / params.run_blocks;
+        let r0 = (block - p * params.run_blocks) * params.run_vec4;
+        let r1 = min(r0 + params.run_vec4, params.a);
+        let k0 = octet_affines(p, slots.j0, slots.l0);
+        let k1 = octet_affines(p, slots.j1, slots.l1);
+        let k2 = octet_affines(p, slots.j2, slots.l2);
+        let k3 = octet_affines(p, slots.j3, slots.l3);
+        for (var r = r0; r < r1; r++) {
+            let base4 = (p * params.a + r) * n4;
+            octet_normalize(base4, slots.j0, slots.l0, k0);
+            octet_normalize(base4, slots.j1, slots.l1, k1);
+            octet_normalize(base4, slots.j2, slots.l2, k2);
+            octet_normalize(base4, slots.j3, slots.l3, k3);
+        }
+    }
+}
