@@ -1150,11 +1150,125 @@ pub(crate) fn record_backward_with(
     dy: &GpuTensor,
     preset_sums: Option<&[[f32; 4]]>,
 ) -> Result<(Gradients, Vec<Dispatch>)> {
+    let (_, x) = spec_for(saved, affine, dy)?;
+    // Gradients of parameters have the parameter's shape (and dtype, f32).
+    let param = |t: &Option<GpuTensor>| -> Result<Option<GpuTensor>> {
+        t.as_ref()
+            .map(|t| ctx.zeros(t.shape(), DType::F32))
+            .transpose()
+    };
+    let grads = Gradients {
+        grad_input: ctx.zeros(x.shape(), x.dtype())?,
+        grad_weight: param(&affine.weight)?,
+        grad_bias: param(&affine.bias)?,
+    };
+    let dispatches = record_backward_into(ctx, encoder, saved, affine, dy, preset_sums, &grads)?;
+    Ok((grads, dispatches))
+}
+
+/// Refuses gradients that do not fit the backward of a forward of input
+/// `x` with `affine`, or that share a buffer with a tensor the pass binds:
+/// every binding of a dispatch that writes must have its buffer to itself.
+fn check_gradients(
+    ctx: &Context,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    affine: &Affine,
+    grads: &Gradients,
+) -> Result<()> {
+    let gi = &grads.grad_input;
+    if gi.shape() != x.shape() || gi.dtype() != x.dtype() {
+        return Err(Error::Shape(format!(
+            "expected grad_input of shape {:?} and dtype {} (the forward's input), got shape {:?} and dtype {}",
+            x.shape(),
+            x.dtype(),
+            gi.shape(),
+            gi.dtype()
+        )));
+    }
+    for (name, param, grad) in [
+        ("grad_weight", &affine.weight, &grads.grad_weight),
+        ("grad_bias", &affine.bias, &grads.grad_bias),
+    ] {
+        match (param, grad) {
+            (Some(p), Some(g)) => {
+                if g.dtype() != DType::F32 || g.numel() != p.numel() {
+                    return Err(Error::Shape(format!(
+                        "expected {name} of {} f32 elements (the parameter's), got shape {:?} ({})",
+                        p.numel(),
+                        g.shape(),
+                        g.dtype()
+                    )));
+                }
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "the layer has {}, so {name} is needed",
+                    &name[5..]
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "the layer has no {}, so {name} must be None",
+                    &name[5..]
+                )))
+            }
+        }
+    }
+    let written: Vec<(&str, &GpuTensor)> = [
+        ("grad_input", Some(gi)),
+        ("grad_weight", grads.grad_weight.as_ref()),
+        ("grad_bias", grads.grad_bias.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(n, t)| t.map(|t| (n, t)))
+    .collect();
+    for (name, t) in &written {
+        ctx.check_owned(name, t)?;
+    }
+    let read: Vec<&GpuTensor> = [
+        Some(x),
+        Some(dy),
+        affine.weight.as_ref(),
+        affine.bias.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for (i, (name, t)) in written.iter().enumerate() {
+        let clash = read.iter().any(|o| t.same_buffer(o))
+            || written
+                .iter()
+                .enumerate()
+                .any(|(j, (_, o))| j != i && t.same_buffer(o));
+        if clash {
+            return Err(Error::InvalidArgument(format!(
+                "{name} must not share a buffer with the input, grad_output, the parameters or another gradient"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Records the backward of the saved forward into `encoder`, writing the
+/// caller's `grads` ([`check_gradients`]). With `preset_sums`, as in
+/// [`record_backward_with`].
+pub(crate) fn record_backward_into(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    saved: Option<&Saved>,
+    affine: &Affine,
+    dy: &GpuTensor,
+    preset_sums: Option<&[[f32; 4]]>,
+    grads: &Gradients,
+) -> Result<Vec<Dispatch>> {
     let (spec, x) = spec_for(saved, affine, dy)?;
     let saved = saved.ok_or_else(|| Error::State("no saved forward".into()))?;
     ctx.check_context("the saved forward", saved.context)?;
     ctx.check_owned("grad_output", dy)?;
     affine.check_context(ctx)?;
+    check_gradients(ctx, &x, dy, affine, grads)?;
     let v = &spec.view;
     to_u32("the input's element count", v.numel())?;
     ctx.check_size("grad_output", dy.byte_len())?;
@@ -1170,17 +1284,6 @@ pub(crate) fn record_backward_with(
         Some(_) => ctx.create_buffer("gpunorm backward scratch", work_bytes)?,
         None => ctx.backward.work_buffer(ctx, work_bytes)?,
     };
-    // Gradients of parameters have the parameter's shape (and dtype, f32).
-    let param = |t: &Option<GpuTensor>| -> Result<Option<GpuTensor>> {
-        t.as_ref()
-            .map(|t| ctx.zeros(t.shape(), DType::F32))
-            .transpose()
-    };
-    let grads = Gradients {
-        grad_input: ctx.zeros(x.shape(), x.dtype())?,
-        grad_weight: param(&affine.weight)?,
-        grad_bias: param(&affine.bias)?,
-    };
     let dispatches: Vec<Dispatch> = plan
         .steps
         .iter()
@@ -1190,7 +1293,7 @@ pub(crate) fn record_backward_with(
         })
         .collect();
     if plan.steps.is_empty() {
-        return Ok((grads, dispatches));
+        return Ok(dispatches);
     }
     if let Some(sums) = preset_sums {
         ctx.queue.write_buffer(&work, 0, bytemuck::cast_slice(sums));
@@ -1226,7 +1329,7 @@ pub(crate) fn record_backward_with(
         let (gx, gy) = kernels::grid(to_u32("the backward grid", step.workgroups)?);
         pass.dispatch_workgroups(gx, gy, 1);
     }
-    Ok((grads, dispatches))
+    Ok(dispatches)
 }
 
 /// Records and submits the backward of the saved forward; wgpu errors come

@@ -820,6 +820,182 @@ fn record_backward_records_into_the_callers_encoder_and_reports_its_dispatches()
 }
 
 #[test]
+fn record_backward_into_writes_the_callers_gradients_step_after_step() {
+    // Gradients allocated once and filled with NaN: each step overwrites
+    // every element (nothing needs zeroing), for the held rows of a
+    // LayerNorm (with its column sums) and the channels of a Keras
+    // GroupNorm, whose γ and β it has and whose inputs change every step.
+    let ctx = ctx();
+    let nan = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        ctx.upload(&vec![f32::NAN; n], shape).unwrap()
+    };
+    let ln_shape = [300, 64];
+    let mut ln = LayerNorm::new(ctx, &[64], RowNormConfig::torch_layer_norm()).unwrap();
+    let ln_grads = Gradients {
+        grad_input: nan(&ln_shape),
+        grad_weight: Some(nan(&[64])),
+        grad_bias: Some(nan(&[64])),
+    };
+    let gn_shape = [2, 9, 7, 136];
+    let mut gn = GroupNorm::new(ctx, 17, 136, GroupNormConfig::keras()).unwrap();
+    let gn_grads = Gradients {
+        grad_input: nan(&gn_shape),
+        grad_weight: Some(nan(&[136])),
+        grad_bias: Some(nan(&[136])),
+    };
+    for step in 0..2u64 {
+        let a = inputs(&ln_shape, 64, 50 + step, 0.5);
+        ln.set_weight(Some(up(ctx, &a.w, &[64]))).unwrap();
+        let b = inputs(&gn_shape, 136, 60 + step, -1.0);
+        gn.set_affine(Affine {
+            weight: Some(up(ctx, &b.w, &[136])),
+            bias: Some(up(ctx, &b.b, &[136])),
+        })
+        .unwrap();
+        let mut encoder = ctx
+            .device()
+            .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+        let ln_y = ctx.zeros(&ln_shape, DType::F32).unwrap();
+        ln.record(ctx, &mut encoder, &up(ctx, &a.x, &ln_shape), &ln_y)
+            .unwrap();
+        ln.record_backward_into(ctx, &mut encoder, &up(ctx, &a.dy, &ln_shape), &ln_grads)
+            .unwrap();
+        let gn_y = ctx.zeros(&gn_shape, DType::F32).unwrap();
+        gn.record(ctx, &mut encoder, &up(ctx, &b.x, &gn_shape), &gn_y)
+            .unwrap();
+        gn.record_backward_into(ctx, &mut encoder, &up(ctx, &b.dy, &gn_shape), &gn_grads)
+            .unwrap();
+        ctx.submit_and_wait(encoder).unwrap();
+        let ln_view = View::layer_norm(&ln_shape, 64);
+        let want = reference::backward(&a.x, &a.dy, &ln_view, false, 1e-5, Some(&a.w), None);
+        check(
+            &format!("layer norm, step {step}"),
+            &ln_grads,
+            &want,
+            true,
+            true,
+            300,
+        );
+        let gn_view = View::group_norm_channels_last(&gn_shape, 17);
+        let want = reference::backward(&b.x, &b.dy, &gn_view, false, 1e-3, Some(&b.w), None);
+        check_on(
+            ctx,
+            &format!("group norm, step {step}"),
+            &gn_grads,
+            &want,
+            true,
+            true,
+            126,
+        );
+    }
+}
+
+#[test]
+fn record_backward_into_refuses_gradients_that_do_not_fit() {
+    let ctx = ctx();
+    let shape = [8, 3, 5, 5];
+    let d = inputs(&shape, 3, 43, 0.0);
+    let mut bn = BatchNorm::new(ctx, 3, BatchNormConfig::torch_2d()).unwrap();
+    let dy = up(ctx, &d.dy, &shape);
+    bn.forward(ctx, &up(ctx, &d.x, &shape), Mode::Train)
+        .unwrap();
+    let fits = || Gradients {
+        grad_input: ctx.zeros(&shape, DType::F32).unwrap(),
+        grad_weight: Some(ctx.zeros(&[3], DType::F32).unwrap()),
+        grad_bias: Some(ctx.zeros(&[3], DType::F32).unwrap()),
+    };
+    let other = Context::new().unwrap();
+    let shared = ctx.zeros(&[64], DType::F32).unwrap();
+    let align = ctx.storage_offset_alignment();
+    let in_shared = |offset: u64| {
+        GpuTensor::from_buffer(shared.buffer().clone(), offset, &[3], DType::F32).unwrap()
+    };
+    type Case = (&'static str, Gradients, fn(&Error) -> bool);
+    let cases: Vec<Case> = vec![
+        (
+            "grad_input of another shape",
+            Gradients {
+                grad_input: ctx.zeros(&[8, 3, 25], DType::F32).unwrap(),
+                ..fits()
+            },
+            |e| matches!(e, Error::Shape(_)),
+        ),
+        (
+            "grad_input of another dtype",
+            Gradients {
+                grad_input: ctx.zeros(&shape, DType::F16).unwrap(),
+                ..fits()
+            },
+            |e| matches!(e, Error::Shape(_)),
+        ),
+        (
+            "grad_weight of the wrong length",
+            Gradients {
+                grad_weight: Some(ctx.zeros(&[4], DType::F32).unwrap()),
+                ..fits()
+            },
+            |e| matches!(e, Error::Shape(_)),
+        ),
+        (
+            "no grad_weight for γ",
+            Gradients {
+                grad_weight: None,
+                ..fits()
+            },
+            |e| matches!(e, Error::InvalidArgument(_)),
+        ),
+        (
+            "grad_input sharing grad_output's buffer",
+            Gradients {
+                grad_input: GpuTensor::from_buffer(dy.buffer().clone(), 0, &shape, DType::F32)
+                    .unwrap(),
+                ..fits()
+            },
+            |e| matches!(e, Error::InvalidArgument(_)),
+        ),
+        (
+            "grad_weight and grad_bias in one buffer",
+            Gradients {
+                grad_weight: Some(in_shared(0)),
+                grad_bias: Some(in_shared(align)),
+                ..fits()
+            },
+            |e| matches!(e, Error::InvalidArgument(_)),
+        ),
+        (
+            "grad_input of another context",
+            Gradients {
+                grad_input: other.zeros(&shape, DType::F32).unwrap(),
+                ..fits()
+            },
+            |e| matches!(e, Error::InvalidArgument(m) if m.contains("another Context")),
+        ),
+    ];
+    for (what, grads, kind) in cases {
+        let mut encoder = ctx
+            .device()
+            .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+        let err = bn
+            .record_backward_into(ctx, &mut encoder, &dy, &grads)
+            .expect_err(what);
+        assert!(kind(&err), "{what}: {err:?}");
+    }
+    // Without affine, parameter gradients must be absent.
+    let mut plain = BatchNorm::new(ctx, 3, BatchNormConfig::torch_2d().affine(false)).unwrap();
+    plain
+        .forward(ctx, &up(ctx, &d.x, &shape), Mode::Train)
+        .unwrap();
+    let mut encoder = ctx
+        .device()
+        .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+    let err = plain
+        .record_backward_into(ctx, &mut encoder, &dy, &fits())
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+}
+
+#[test]
 fn backward_passes_recorded_into_one_encoder_share_the_scratch_safely() {
     // The backward scratch is one buffer per context: two layers' passes
     // (the second smaller, so the buffer is not regrown between them)

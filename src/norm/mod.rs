@@ -435,6 +435,26 @@ macro_rules! impl_backward {
                 let $s = self;
                 $crate::backward::record_backward(ctx, encoder, $saved, $affine, dy)
             }
+
+            /// Records the backward pass into the caller's encoder, writing
+            /// the caller's gradients (allocated once, say, and reused every
+            /// step): `grad_input` of the forward input's shape and dtype,
+            /// and `grad_weight` and `grad_bias` (f32, the parameters' sizes)
+            /// exactly where the layer has γ and β. Each must have its
+            /// buffer to itself among the tensors of the pass; they need not
+            /// be zeroed. A refused call records nothing.
+            pub fn record_backward_into(
+                &self,
+                ctx: &$crate::Context,
+                encoder: &mut wgpu::CommandEncoder,
+                dy: &$crate::GpuTensor,
+                grads: &$crate::backward::Gradients,
+            ) -> $crate::Result<Vec<$crate::backward::Dispatch>> {
+                let $s = self;
+                $crate::backward::record_backward_into(
+                    ctx, encoder, $saved, $affine, dy, None, grads,
+                )
+            }
         }
     };
 }

@@ -246,7 +246,20 @@ impl Bench {
                 .create_command_encoder(&wgpu_encoder_descriptor());
             layer.record(ctx, &mut encoder, &x, &y, mode)?;
             ctx.submit_and_wait(encoder)?;
-            Some(dy)
+            // Gradients allocated once, as a training loop would: the
+            // timed passes only record and run the kernels.
+            let param = |t: &Option<GpuTensor>| {
+                t.as_ref()
+                    .map(|t| ctx.zeros(t.shape(), gpunorm::DType::F32))
+                    .transpose()
+            };
+            let affine = layer.affine();
+            let grads = gpunorm::Gradients {
+                grad_input: ctx.zeros(shape, dtype)?,
+                grad_weight: param(&affine.weight)?,
+                grad_bias: param(&affine.bias)?,
+            };
+            Some((dy, grads))
         } else {
             None
         };
@@ -266,7 +279,7 @@ impl Bench {
         };
         let mut record = |encoder: &mut gpunorm::wgpu::CommandEncoder| {
             dispatches = match &dy {
-                Some(dy) => layer.record_backward(ctx, encoder, dy)?,
+                Some((dy, grads)) => layer.record_backward(ctx, encoder, dy, grads)?,
                 None => layer.record(ctx, encoder, &x, &y, mode)?,
             };
             Ok(())
@@ -509,13 +522,14 @@ impl BenchLayer {
         ctx: &Context,
         encoder: &mut gpunorm::wgpu::CommandEncoder,
         dy: &GpuTensor,
+        grads: &gpunorm::Gradients,
     ) -> Result<usize> {
-        let (_gradients, dispatches) = match self {
-            BenchLayer::Batch(l, _) => l.record_backward(ctx, encoder, dy)?,
-            BenchLayer::Layer(l) => l.record_backward(ctx, encoder, dy)?,
-            BenchLayer::Rms(l) => l.record_backward(ctx, encoder, dy)?,
-            BenchLayer::Group(l, _) => l.record_backward(ctx, encoder, dy)?,
-            BenchLayer::Instance(l) => l.record_backward(ctx, encoder, dy)?,
+        let dispatches = match self {
+            BenchLayer::Batch(l, _) => l.record_backward_into(ctx, encoder, dy, grads)?,
+            BenchLayer::Layer(l) => l.record_backward_into(ctx, encoder, dy, grads)?,
+            BenchLayer::Rms(l) => l.record_backward_into(ctx, encoder, dy, grads)?,
+            BenchLayer::Group(l, _) => l.record_backward_into(ctx, encoder, dy, grads)?,
+            BenchLayer::Instance(l) => l.record_backward_into(ctx, encoder, dy, grads)?,
         };
         Ok(dispatches.len())
     }
