@@ -477,11 +477,9 @@ fn channel_strips(v: &View) -> usize {
 }
 
 /// Vectors per lane when the channels-last kernels hold their channels
-/// ([`crate::engine::HELD_COLUMNS`], the forward's rule): whole backward
-/// against the strips on lavapipe, 6 and 8 vectors per lane (192 and 256
-/// channels) 10–30% faster, 2 and 4 slower, 16 no faster, 32 1.7x slower.
+/// ([`crate::engine::HELD_COLUMNS_BACKWARD`]).
 fn held_channels(v: &View, caps: &Caps) -> Option<u32> {
-    crate::engine::held_columns_per_lane(v.g * v.b, caps)
+    crate::engine::held_columns_per_lane(v.g * v.b, caps, crate::engine::HELD_COLUMNS_BACKWARD)
 }
 
 /// Whether the subgroup row kernel takes a backward the row kernel takes.

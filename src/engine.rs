@@ -283,21 +283,32 @@ pub fn uses_columns(view: &View, chunks: &Chunks) -> bool {
 }
 
 /// Vectors per lane of the smallest subgroup for which the channels-last
-/// kernels, forward and backward, walk each row with one subgroup whose
-/// lanes hold their columns (columns_held.wgsl, backward_channels_held.wgsl).
-/// Measured on lavapipe (subgroups of 8) against the strip kernels: 6 and
-/// 8 vectors per lane (192 and 256 channels) faster; 2 and 4 slower (a
-/// SIMD of strips already covers most of a row); 16 no faster, 32 much
-/// slower (the held values no longer fit in registers).
-pub(crate) const HELD_COLUMNS: std::ops::RangeInclusive<u32> = 5..=8;
+/// forward walks each row with one subgroup whose lanes hold their columns
+/// (columns_held.wgsl). Measured on lavapipe (subgroups of 8) against the
+/// strip kernels, old and new builds alternated six times: BatchNorm NHWC
+/// 32x56x56x64 (2 per lane) train 0.62-0.67 -> 0.69-0.76 of copy, eval
+/// 0.79-0.93 -> 1.15-1.2; 128 channels about 5% faster; Keras GroupNorm at
+/// 256 channels 0.47 -> 0.75 (median); BatchNorm at 512 channels (16 per
+/// lane) slower. One vector per lane would leave lanes idle.
+pub(crate) const HELD_COLUMNS_FORWARD: std::ops::RangeInclusive<u32> = 2..=8;
 
-/// Vectors per lane when rows of `columns` columns are held
-/// ([`HELD_COLUMNS`]): CPU adapters with subgroups only. GPUs keep the
-/// strips, whose neighbouring invocations read neighbouring strips.
-pub(crate) fn held_columns_per_lane(columns: usize, caps: &Caps) -> Option<u32> {
+/// The same for the backward's channel kernels (backward_channels_held.wgsl),
+/// which hold twice as much per slot: whole backward against the strips, 6
+/// and 8 vectors per lane (192 and 256 channels) 10–30% faster; 2 and 4
+/// slower; 16 no faster; 32 1.7x slower (the held values spill).
+pub(crate) const HELD_COLUMNS_BACKWARD: std::ops::RangeInclusive<u32> = 5..=8;
+
+/// Vectors per lane when rows of `columns` columns are held, if that count
+/// is in `range`: CPU adapters with subgroups only. GPUs keep the strips,
+/// whose neighbouring invocations read neighbouring strips.
+pub(crate) fn held_columns_per_lane(
+    columns: usize,
+    caps: &Caps,
+    range: std::ops::RangeInclusive<u32>,
+) -> Option<u32> {
     let lanes = caps.subgroup_min.clamp(1, kernels::ROWS_SG_WG) as usize;
     let per_lane = (columns / 4).div_ceil(lanes) as u32;
-    (caps.cpu && caps.subgroups && columns.is_multiple_of(4) && HELD_COLUMNS.contains(&per_lane))
+    (caps.cpu && caps.subgroups && columns.is_multiple_of(4) && range.contains(&per_lane))
         .then_some(per_lane)
 }
 
@@ -308,7 +319,7 @@ pub(crate) fn held_columns_per_lane(columns: usize, caps: &Caps) -> Option<u32> 
 pub fn held_columns(view: &View, chunks: &Chunks, caps: &Caps) -> Option<u32> {
     let channels_last = view.b < 4 || (view.a > 1 && view.b < kernels::COLUMNS_MAX_RUN as usize);
     (!chunks.split() && channels_last)
-        .then(|| held_columns_per_lane(view.g * view.b, caps))
+        .then(|| held_columns_per_lane(view.g * view.b, caps, HELD_COLUMNS_FORWARD))
         .flatten()
 }
 
@@ -839,6 +850,7 @@ fn record_forward_with(
         rms: spec.rms,
         affine: kernels::AffineMode::of(v.affine_div, v.b),
         rows_per_step: rows_per_step(v, &ctx.caps()),
+        // Held rows need G = 1, where held columns count the same vectors.
         held_vectors: held_vectors(v, &ctx.caps())
             .or(held_columns(v, &chunks, &ctx.caps()))
             .unwrap_or(0),
@@ -1289,7 +1301,7 @@ mod tests {
     }
 
     #[test]
-    fn cpus_hold_the_columns_of_rows_of_132_to_256_channels() {
+    fn cpus_hold_the_columns_of_rows_of_36_to_256_channels() {
         let lavapipe = Caps {
             subgroups: true,
             subgroup_max: 8,
@@ -1325,9 +1337,15 @@ mod tests {
             kernels_of(&eval, &Chunks::whole(nhwc.numel()), &lavapipe),
             [Kernel::EvalStats, Kernel::NormalizeColumnsHeld]
         );
-        // The range's edges (5 to 8 vectors per lane), GPUs, no subgroups
+        // The range's edges (2 to 8 vectors per lane); GPUs, no subgroups
         // and split tensors keep the strips.
-        for (channels, held) in [(128, None), (132, Some(5)), (256, Some(8)), (260, None)] {
+        for (channels, held) in [
+            (32, None),
+            (36, Some(2)),
+            (64, Some(2)),
+            (256, Some(8)),
+            (260, None),
+        ] {
             let v = View::batch_norm(&[64, channels], 1);
             let chunks = Chunks::whole(v.numel());
             assert_eq!(held_columns(&v, &chunks, &lavapipe), held, "{channels}");

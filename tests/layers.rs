@@ -327,13 +327,15 @@ fn channels_last_batch_norm_case(shape: &[usize], seed: u64) {
 fn channels_last_batch_norm_matches_f64_in_train_and_eval() {
     // C = 16 columns: the column partials and the fixed-column normalize.
     channels_last_batch_norm_case(&[5, 7, 9, 16], 71);
-    // On lavapipe (subgroups of 8), 132 to 256 channels go a subgroup per
+    // On lavapipe (subgroups of 8), 36 to 256 channels go a subgroup per
     // row block, each lane holding its columns: 256 channels fill a lane's
     // eight slots over 306 rows (partials blocks of 256 and 50 rows,
     // normalize blocks of 128, 128 and 50); 136 channels give a lane 5
     // slots, the fifth live in two lanes only.
     channels_last_batch_norm_case(&[2, 9, 17, 256], 72);
     channels_last_batch_norm_case(&[3, 7, 11, 136], 73);
+    // 64 channels: 2 vectors per lane, the fewest the forward holds.
+    channels_last_batch_norm_case(&[4, 9, 11, 64], 76);
 }
 
 #[test]
@@ -398,10 +400,10 @@ fn channels_last_group_norm_matches_f64() {
     // Keras's GroupNormalization layout: samples of HxW positions, channels
     // in groups of 2 (column partials) or 8 (tiled partials); the
     // fixed-column normalize with statistics per sample in both. On
-    // lavapipe 136 to 256 channels go a subgroup per row block holding its
+    // lavapipe 36 to 256 channels go a subgroup per row block holding its
     // columns: 256 in groups of 8 over 270 rows a sample, 136 in groups of
     // 8 (a fifth slot live in two lanes), 192 in groups of 6 (vectors
-    // straddle groups).
+    // straddle groups), 64 in groups of 8.
     let ctx = ctx();
     for (shape, groups) in [
         ([4usize, 6, 6, 16], 8usize),
@@ -409,6 +411,7 @@ fn channels_last_group_norm_matches_f64() {
         ([3, 9, 30, 256], 32),
         ([2, 11, 13, 136], 17),
         ([2, 7, 7, 192], 32),
+        ([2, 9, 9, 64], 8),
     ] {
         let c = shape[3];
         let x = normal(shape.iter().product(), 73, 20.0, 3.0);
