@@ -24,8 +24,9 @@ fn octet_shifts(p: u32, j: U32x8, l: Livex8) -> Vec4x8 {
     );
 }
 
-// The shifts of an octet's slots plus their centres (column_prefix) over
-// the block's first rows: what the block's sums subtract.
+// The centres of an octet's slots (column_prefix): the mean of x − shift
+// over the block's first rows, which the block's sums subtract after the
+// shift.
 fn slot_centre(p: u32, row0: u32, rows: u32, j4: u32, live: bool, shift: vec4<f32>) -> vec4<f32> {
     if (live) {
         return column_prefix(p, row0, rows, j4, shift);

@@ -1130,7 +1130,6 @@ fn plan_preset_sums(spec: &BackwardSpec, groups: usize) -> Plan {
             BackwardKernel::GradInput
                 | BackwardKernel::ChannelGradInput
                 | BackwardKernel::ChannelGradInputHeld
-                | BackwardKernel::ChannelColsHeld
         )
     });
     full.work_vec4 = full.work_vec4.max(groups);
