@@ -1465,7 +1465,7 @@ mod tests {
             steps(&spec(v, StatsSource::Batch, true), &gpu),
             [(RowsHeld, 2048), (Cols, 128 * 2), (Finalize, 1024 / 64)]
         );
-        // lavapipe: 512 blocks of 32 rows, eight subgroups per workgroup,
+        // lavapipe: 256 blocks of 64 rows, eight subgroups per workgroup,
         // and the blocks' column sums added up per four columns.
         let lavapipe = Caps {
             subgroup_max: 8,
@@ -1476,11 +1476,11 @@ mod tests {
         let short = View::layer_norm(&[16384, 256], 256);
         assert_eq!(
             steps(&spec(short, StatsSource::Batch, true), &lavapipe),
-            [(RowsHeld, 512 / 8), (ColumnSums, 1)]
+            [(RowsHeld, 256 / 8), (ColumnSums, 1)]
         );
         assert_eq!(
             steps(&spec(short, StatsSource::Batch, false), &lavapipe),
-            [(RowsHeld, 512 / 8)]
+            [(RowsHeld, 256 / 8)]
         );
         // InstanceNorm rows each have their channel's γ: not held.
         let inorm = View::instance_norm(&[8, 64, 16, 16]);
@@ -1499,7 +1499,7 @@ mod tests {
             subgroup_min: 8,
             cpu: true,
         };
-        // 2048 runs of 56², in blocks of 4 on 512 subgroups of 8: a partial
+        // 2048 runs of 56², in blocks of 32 on 64 subgroups of 8: a partial
         // per run (32 per channel), then grad_input run by run.
         let v = View::batch_norm(&[32, 64, 56, 56], 1);
         let plan: Vec<_> = plan_backward_on(&spec(v, StatsSource::Batch, true), &lavapipe)
@@ -1509,9 +1509,9 @@ mod tests {
         assert_eq!(
             plan,
             [
-                (PartialsRuns, 512 / 8),
+                (PartialsRuns, 64 / 8),
                 (Finalize, 1),
-                (GradInputRuns, 512 / 8)
+                (GradInputRuns, 64 / 8)
             ]
         );
         // Eval mode without parameter gradients: grad_input only.

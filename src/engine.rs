@@ -1209,7 +1209,7 @@ mod tests {
         );
         // A CPU: a subgroup per run of 56², a partial per run (32 per
         // channel, merged by one invocation each), the normalize run by run
-        // on subgroups; 2048 runs in blocks of 4 on 512 subgroups of 8.
+        // on subgroups; 2048 runs in blocks of 32 on 64 subgroups of 8.
         let cpu = Caps {
             subgroup_min: 8,
             subgroup_max: 8,
@@ -1221,9 +1221,9 @@ mod tests {
         assert_eq!(
             steps,
             [
-                (Kernel::PartialsRuns, 512 / 8),
+                (Kernel::PartialsRuns, 64 / 8),
                 (Kernel::FinalizeSerial, 1),
-                (Kernel::NormalizeRunsSubgroup, 512 / 8)
+                (Kernel::NormalizeRunsSubgroup, 64 / 8)
             ]
         );
         assert_eq!(scratch_bytes(&nchw, &whole, &cpu), 16 * (64 + 64 * 32));

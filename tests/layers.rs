@@ -481,7 +481,7 @@ fn batch_norm_over_14x14_planes_normalizes_run_by_run_and_matches_f64() {
 #[test]
 fn runs_walked_by_subgroups_in_blocks_match_f64_and_update_running_stats() {
     // 16·70 = 1120 runs of 144 elements: on lavapipe a subgroup per run, in
-    // blocks of two contiguous runs (the last block one), a partial per run
+    // blocks of 17 contiguous runs (the last block 15), a partial per run
     // (16 per channel), and the normalize run by run with γ and β.
     let ctx = ctx();
     let shape = [16, 70, 12, 12];
