@@ -583,13 +583,12 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         // A channel kernel over `blocks` row blocks of each p: invocations
         // owning strips of them, or subgroups walking them whole.
         let held = held_channels(v, caps);
-        let subgroups_per_wg = (BWD_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
         let channel_step = |strip_kernel, held_kernel, blocks: usize, mut d: BwdParams| match held {
             Some(k) => {
                 d.flags |= k << BF_HELD_SHIFT;
                 (
                     held_kernel,
-                    (samples * blocks).div_ceil(subgroups_per_wg),
+                    crate::engine::subgroup_workgroups(samples * blocks, caps),
                     d,
                 )
             }
@@ -900,6 +899,26 @@ pub struct Gradients {
     pub grad_bias: Option<GpuTensor>,
 }
 
+impl Gradients {
+    /// Zero-filled gradients for the backward of a forward of input `shape`
+    /// and `dtype` through parameters `affine`: what `record_backward`
+    /// allocates per call, and what `record_backward_into` takes (allocate
+    /// them once, reuse them every step).
+    pub fn zeros(ctx: &Context, shape: &[usize], dtype: DType, affine: &Affine) -> Result<Self> {
+        // Gradients of parameters have the parameter's shape (and dtype, f32).
+        let param = |t: &Option<GpuTensor>| -> Result<Option<GpuTensor>> {
+            t.as_ref()
+                .map(|t| ctx.zeros(t.shape(), DType::F32))
+                .transpose()
+        };
+        Ok(Gradients {
+            grad_input: ctx.zeros(shape, dtype)?,
+            grad_weight: param(&affine.weight)?,
+            grad_bias: param(&affine.bias)?,
+        })
+    }
+}
+
 /// Pipelines and layout of the backward kernels, built once per context:
 /// x (1), grad_output (2), γ (3) and the saved statistics (4) read;
 /// grad_input (5), dγ (6), dβ (7) and the scratch (8) written.
@@ -1148,17 +1167,7 @@ pub(crate) fn record_backward_with(
     preset_sums: Option<&[[f32; 4]]>,
 ) -> Result<(Gradients, Vec<Dispatch>)> {
     let (_, x) = spec_for(saved, affine, dy)?;
-    // Gradients of parameters have the parameter's shape (and dtype, f32).
-    let param = |t: &Option<GpuTensor>| -> Result<Option<GpuTensor>> {
-        t.as_ref()
-            .map(|t| ctx.zeros(t.shape(), DType::F32))
-            .transpose()
-    };
-    let grads = Gradients {
-        grad_input: ctx.zeros(x.shape(), x.dtype())?,
-        grad_weight: param(&affine.weight)?,
-        grad_bias: param(&affine.bias)?,
-    };
+    let grads = Gradients::zeros(ctx, x.shape(), x.dtype(), affine)?;
     let dispatches = record_backward_into(ctx, encoder, saved, affine, dy, preset_sums, &grads)?;
     Ok((grads, dispatches))
 }
@@ -1183,9 +1192,9 @@ fn check_gradients(
             gi.dtype()
         )));
     }
-    for (name, param, grad) in [
-        ("grad_weight", &affine.weight, &grads.grad_weight),
-        ("grad_bias", &affine.bias, &grads.grad_bias),
+    for (name, param_name, param, grad) in [
+        ("grad_weight", "weight", &affine.weight, &grads.grad_weight),
+        ("grad_bias", "bias", &affine.bias, &grads.grad_bias),
     ] {
         match (param, grad) {
             (Some(p), Some(g)) => {
@@ -1201,14 +1210,12 @@ fn check_gradients(
             (None, None) => {}
             (Some(_), None) => {
                 return Err(Error::InvalidArgument(format!(
-                    "the layer has {}, so {name} is needed",
-                    &name[5..]
+                    "the layer has {param_name}, so {name} is needed"
                 )))
             }
             (None, Some(_)) => {
                 return Err(Error::InvalidArgument(format!(
-                    "the layer has no {}, so {name} must be None",
-                    &name[5..]
+                    "the layer has no {param_name}, so {name} must be None"
                 )))
             }
         }

@@ -330,8 +330,9 @@ fn column_partials(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
 }
 
 /// Workgroups of [`kernels::ROWS_SG_WG`] invocations giving each of
-/// `blocks` blocks a subgroup of the smallest size.
-fn subgroup_workgroups(blocks: usize, caps: &Caps) -> usize {
+/// `blocks` blocks a subgroup of the smallest size (larger subgroups are
+/// fewer and take several).
+pub(crate) fn subgroup_workgroups(blocks: usize, caps: &Caps) -> usize {
     blocks.div_ceil((kernels::ROWS_SG_WG / caps.subgroup_min.max(1)).max(1) as usize)
 }
 
@@ -422,8 +423,7 @@ pub fn subgroup_block(count: usize, caps: &Caps) -> usize {
 /// `count` rows or runs a subgroup block ([`subgroup_block`]) with
 /// subgroups of the smallest size (larger ones are fewer and take more).
 pub(crate) fn block_workgroups(count: usize, caps: &Caps) -> usize {
-    let per_wg = (kernels::ROWS_SG_WG / caps.subgroup_min.max(1)).max(1) as usize;
-    count.div_ceil(per_wg * subgroup_block(count, caps))
+    subgroup_workgroups(count.div_ceil(subgroup_block(count, caps)), caps)
 }
 
 /// Whether the normalize pass goes run by run with a subgroup per run

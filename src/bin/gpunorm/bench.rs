@@ -248,17 +248,7 @@ impl Bench {
             ctx.submit_and_wait(encoder)?;
             // Gradients allocated once, as a training loop would: the
             // timed passes only record and run the kernels.
-            let param = |t: &Option<GpuTensor>| {
-                t.as_ref()
-                    .map(|t| ctx.zeros(t.shape(), gpunorm::DType::F32))
-                    .transpose()
-            };
-            let affine = layer.affine();
-            let grads = gpunorm::Gradients {
-                grad_input: ctx.zeros(shape, dtype)?,
-                grad_weight: param(&affine.weight)?,
-                grad_bias: param(&affine.bias)?,
-            };
+            let grads = gpunorm::Gradients::zeros(ctx, shape, dtype, layer.affine())?;
             Some((dy, grads))
         } else {
             None
