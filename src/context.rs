@@ -30,6 +30,10 @@ pub struct ContextOptions {
     /// Use the workgroup-memory kernels even where the adapter has
     /// subgroups (so tests cover both paths on one adapter).
     pub disable_subgroups: bool,
+    /// Choose and size kernels as for a GPU even where the adapter is a
+    /// CPU (lavapipe), so tests on a machine without a GPU run the kernels
+    /// and dispatch sizes a GPU gets (see [`crate::engine::Caps::cpu`]).
+    pub size_for_gpu: bool,
 }
 
 /// What the context knows of its adapter.
@@ -201,7 +205,7 @@ impl Context {
         let mut ctx = Self::build(device, queue, Some(AdapterSummary::from_info(&info)));
         ctx.subgroup_max = info.subgroup_max_size.max(1);
         ctx.subgroup_min = info.subgroup_min_size.max(1);
-        ctx.cpu = info.device_type == wgpu::DeviceType::Cpu;
+        ctx.cpu = info.device_type == wgpu::DeviceType::Cpu && !options.size_for_gpu;
         if options.disable_subgroups {
             ctx.subgroups = false;
         }
