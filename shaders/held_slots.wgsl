@@ -68,6 +68,20 @@ fn octet_x4(base4: u32, j: U32x8, l: Livex8) -> Vec4x8 {
     );
 }
 
+// v − m0 for a live slot, 0 for the others (they add nothing to the sums).
+fn slot_centered(v: vec4<f32>, m0: f32, live: bool) -> vec4<f32> {
+    return select(vec4<f32>(0.0), v - m0, live);
+}
+
+fn octet_centered(v: Vec4x8, m0: f32, l: Livex8) -> Vec4x8 {
+    return Vec4x8(
+        slot_centered(v[0], m0, l[0]), slot_centered(v[1], m0, l[1]),
+        slot_centered(v[2], m0, l[2]), slot_centered(v[3], m0, l[3]),
+        slot_centered(v[4], m0, l[4]), slot_centered(v[5], m0, l[5]),
+        slot_centered(v[6], m0, l[6]), slot_centered(v[7], m0, l[7]),
+    );
+}
+
 fn octet_sum(v: Vec4x8) -> vec4<f32> {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }

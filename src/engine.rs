@@ -408,6 +408,22 @@ pub fn held_vectors(view: &View, caps: &Caps) -> Option<u32> {
         .filter(|&k| k <= caps.cpu_or_gpu(kernels::HELD_SLOTS, kernels::HELD_SLOTS_GPU))
 }
 
+/// Vectors of a row each invocation keeps when the workgroup-held row
+/// kernel takes this view (rows_workgroup_held.wgsl): on a GPU, rows of
+/// whole vectors too long for a subgroup's slots ([`held_vectors`]) and at
+/// most [`kernels::HELD_SLOTS_WORKGROUP`] vectors per invocation of a
+/// workgroup of [`kernels::ROWS_WG_HELD`]. Any rows that share no
+/// parameters across rows qualify (GroupNorm, InstanceNorm): γ and β are
+/// read per row. CPUs keep their subgroup kernels: lavapipe's barriers
+/// carry the held state and ran 4x slower. None where it does not apply.
+pub fn workgroup_held_vectors(view: &View, caps: &Caps) -> Option<u32> {
+    let n4 = view.b / 4;
+    let per_invocation = n4.div_ceil(kernels::ROWS_WG_HELD as usize) as u32;
+    (!caps.cpu && view.b.is_multiple_of(4) && n4 > 0 && held_vectors(view, caps).is_none())
+        .then_some(per_invocation)
+        .filter(|&k| k <= kernels::HELD_SLOTS_WORKGROUP)
+}
+
 /// Contiguous rows (or runs) each subgroup of the block-walking kernels
 /// takes of `count` (held rows forward and backward, runs): a share of
 /// [`kernels::BLOCK_SUBGROUPS_CPU`] on a CPU, at most
@@ -495,6 +511,8 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
         StatsSource::Batch if uses_row_kernel(spec) && !chunks.split() => {
             if held_vectors(v, caps).is_some() {
                 vec![d(Kernel::RowsHeld, block_workgroups(v.groups(), caps), 0)]
+            } else if workgroup_held_vectors(v, caps).is_some() {
+                vec![d(Kernel::RowsWorkgroupHeld, v.groups(), 0)]
             } else if uses_subgroup_rows(spec, caps) {
                 // Enough workgroups for the largest subgroup size; with
                 // smaller subgroups the surplus workgroups find no row.
@@ -852,6 +870,7 @@ fn record_forward_with(
         rows_per_step: rows_per_step(v, &ctx.caps()),
         // Held rows need G = 1, where held columns count the same vectors.
         held_vectors: held_vectors(v, &ctx.caps())
+            .or(workgroup_held_vectors(v, &ctx.caps()))
             .or(held_columns(v, &chunks, &ctx.caps()))
             .unwrap_or(0),
     };
@@ -1142,6 +1161,27 @@ mod tests {
     }
 
     #[test]
+    fn long_rows_are_held_by_a_workgroup_on_a_gpu_up_to_16_vectors_each() {
+        let ln = |b| View::layer_norm(&[64, b], b);
+        // A subgroup of 32 holds rows up to 1024.
+        assert_eq!(workgroup_held_vectors(&ln(1024), &SUBGROUPS), None);
+        assert_eq!(workgroup_held_vectors(&ln(1028), &SUBGROUPS), Some(2));
+        assert_eq!(workgroup_held_vectors(&ln(16384), &SUBGROUPS), Some(16));
+        assert_eq!(workgroup_held_vectors(&ln(16388), &SUBGROUPS), None);
+        // Without subgroups, from the shortest rows.
+        assert_eq!(workgroup_held_vectors(&ln(8), &Caps::baseline()), Some(1));
+        // Rows of their own γ and β qualify; odd rows and CPUs do not.
+        let instance = View::instance_norm(&[8, 4, 4096]);
+        assert_eq!(workgroup_held_vectors(&instance, &SUBGROUPS), Some(4));
+        assert_eq!(workgroup_held_vectors(&ln(2050), &SUBGROUPS), None);
+        let cpu = Caps {
+            cpu: true,
+            ..SUBGROUPS
+        };
+        assert_eq!(workgroup_held_vectors(&ln(4096), &cpu), None);
+    }
+
+    #[test]
     fn rows_take_one_dispatch_on_subgroups_or_workgroup_memory() {
         let ln = spec(
             View::layer_norm(&[4096, 2048], 2048),
@@ -1150,8 +1190,39 @@ mod tests {
             DType::F32,
         );
         let whole = Chunks::whole(ln.view.numel());
-        assert_eq!(kernels_of(&ln, &whole, &SUBGROUPS), [Kernel::RowsSubgroup]);
-        assert_eq!(kernels_of(&ln, &whole, &Caps::baseline()), [Kernel::Rows]);
+        // A GPU holds rows of 2048 in a workgroup, with or without
+        // subgroups; a CPU walks them on subgroups, reading x twice.
+        let lavapipe = Caps {
+            subgroup_max: 8,
+            subgroup_min: 8,
+            cpu: true,
+            ..SUBGROUPS
+        };
+        assert_eq!(
+            kernels_of(&ln, &whole, &SUBGROUPS),
+            [Kernel::RowsWorkgroupHeld]
+        );
+        assert_eq!(
+            kernels_of(&ln, &whole, &Caps::baseline()),
+            [Kernel::RowsWorkgroupHeld]
+        );
+        assert_eq!(kernels_of(&ln, &whole, &lavapipe), [Kernel::RowsSubgroup]);
+        // Past 16 vectors per invocation (16384 elements): a row per
+        // subgroup, or per workgroup through workgroup memory.
+        let longer = spec(
+            View::layer_norm(&[64, 16400], 16400),
+            StatsSource::Batch,
+            false,
+            DType::F32,
+        );
+        assert_eq!(
+            kernels_of(&longer, &whole, &SUBGROUPS),
+            [Kernel::RowsSubgroup]
+        );
+        assert_eq!(
+            kernels_of(&longer, &whole, &Caps::baseline()),
+            [Kernel::Rows]
+        );
         // Rows of 1024 fit 8 vectors per lane of 32.
         let held = spec(
             View::layer_norm(&[4096, 1024], 1024),

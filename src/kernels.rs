@@ -92,6 +92,13 @@ pub const HELD_SLOTS: u32 = 32;
 /// Slots the held-row kernel uses on a GPU: x, γ and β of 8 vectors are 96
 /// registers per lane; more would cost occupancy or spill to memory.
 pub const HELD_SLOTS_GPU: u32 = 8;
+/// Invocations per workgroup of the workgroup-held row kernel
+/// (rows_workgroup_held.wgsl, GPUs): WebGPU's default limit.
+pub const ROWS_WG_HELD: u32 = 256;
+/// Vectors of a row each invocation of the workgroup-held row kernel can
+/// keep: rows up to 4·16·256 = 16384 elements ([`ROWS_MAX_LEN`]). x alone
+/// is then 64 registers per invocation.
+pub const HELD_SLOTS_WORKGROUP: u32 = 16;
 /// Subgroups the block-walking kernels (held rows, runs on subgroups)
 /// spread their rows or runs over on a CPU: several per core of a large
 /// CPU, each walking a block of contiguous ones (at most
@@ -157,6 +164,9 @@ pub enum Kernel {
     /// Row kernel with one subgroup per row held in registers: x read once
     /// (short rows sharing their affine parameters).
     RowsHeld,
+    /// Row kernel with one workgroup per row held in registers: x read once
+    /// (rows too long for a subgroup's slots, GPUs).
+    RowsWorkgroupHeld,
     /// A partial per run of B, one subgroup per run (CPU adapters with
     /// subgroups).
     PartialsRuns,
@@ -174,7 +184,8 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 18] = [
+    pub const ALL: [Kernel; 19] = [
+        Kernel::RowsWorkgroupHeld,
         Kernel::PartialsColumnsHeld,
         Kernel::NormalizeColumnsHeld,
         Kernel::PartialsRuns,
@@ -213,6 +224,7 @@ impl Kernel {
             Kernel::Rows => include_str!("../shaders/rows.wgsl"),
             Kernel::RowsSubgroup => include_str!("../shaders/rows_subgroup.wgsl"),
             Kernel::RowsHeld => include_str!("../shaders/rows_held.wgsl"),
+            Kernel::RowsWorkgroupHeld => include_str!("../shaders/rows_workgroup_held.wgsl"),
             Kernel::PartialsRuns | Kernel::NormalizeRunsSubgroup => {
                 include_str!("../shaders/runs_subgroup.wgsl")
             }
@@ -240,7 +252,10 @@ impl Kernel {
     pub fn holds_rows(self) -> bool {
         matches!(
             self,
-            Kernel::RowsHeld | Kernel::PartialsColumnsHeld | Kernel::NormalizeColumnsHeld
+            Kernel::RowsHeld
+                | Kernel::RowsWorkgroupHeld
+                | Kernel::PartialsColumnsHeld
+                | Kernel::NormalizeColumnsHeld
         )
     }
 
@@ -261,6 +276,7 @@ impl Kernel {
             Kernel::Rows => "rows",
             Kernel::RowsSubgroup => "rows_subgroup",
             Kernel::RowsHeld => "rows_held",
+            Kernel::RowsWorkgroupHeld => "rows_workgroup_held",
             Kernel::PartialsRuns => "partials_runs",
             Kernel::NormalizeRunsSubgroup => "normalize_runs_subgroup",
             Kernel::PartialsColumnsHeld => "partials_columns_held",
@@ -348,6 +364,7 @@ impl Variant {
                 | Kernel::Rows
                 | Kernel::RowsSubgroup
                 | Kernel::RowsHeld
+                | Kernel::RowsWorkgroupHeld
         );
         let shifts = !matches!(
             kernel,
@@ -439,7 +456,8 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
          const ROWS_WG: u32 = {ROWS_WG}u;\n\
          const ROWS_CACHE: u32 = {ROWS_CACHE}u;\n\
          const ROWS_SG_WG: u32 = {ROWS_SG_WG}u;\n\
-         const COLUMN_PREFIX: u32 = {COLUMN_PREFIX}u;\n"
+         const COLUMN_PREFIX: u32 = {COLUMN_PREFIX}u;\n\
+         const ROWS_WG_HELD: u32 = {ROWS_WG_HELD}u;\n"
     );
     [
         prelude.as_str(),

@@ -10,31 +10,18 @@
 //! the GPU's.
 
 mod common;
-use std::sync::OnceLock;
-
-use common::{assert_close, normal};
+use common::{assert_close, gpu_sized, normal};
 use gpunorm::engine::Dispatch;
 use gpunorm::kernels::Kernel;
 use gpunorm::{
-    reference, Affine, BatchNorm, BatchNormConfig, Context, ContextOptions, DType, GpuTensor,
-    Gradients, GroupNorm, GroupNormConfig, InstanceNorm, InstanceNormConfig, LayerNorm, Mode,
-    RmsNorm, RowNormConfig, View,
+    reference, Affine, BatchNorm, BatchNormConfig, Context, DType, GpuTensor, Gradients, GroupNorm,
+    GroupNormConfig, InstanceNorm, InstanceNormConfig, LayerNorm, Mode, RmsNorm, RowNormConfig,
+    View,
 };
 
 const TOL: f64 = 1e-5;
 /// Backward: as tests/backward.rs (dx mixes sums of thousands of terms).
 const BACKWARD_TOL: f64 = 1e-4;
-
-fn gpu_sized() -> &'static Context {
-    static CTX: OnceLock<Context> = OnceLock::new();
-    CTX.get_or_init(|| {
-        Context::with_options(ContextOptions {
-            size_for_gpu: true,
-            ..Default::default()
-        })
-        .expect("a wgpu adapter (run scripts/ensure-vulkan)")
-    })
-}
 
 enum AnyNorm {
     Batch(BatchNorm),
@@ -157,7 +144,15 @@ fn check_case(
 
 fn row_norms(ctx: &Context) -> Vec<Kernel> {
     let mut kernels = Vec::new();
-    for (rows, len) in [(64, 256), (48, 2048), (4100, 264), (2, 20000), (7, 33)] {
+    for (rows, len) in [
+        (64, 256),
+        (48, 2048),
+        (5, 16384),
+        (4100, 264),
+        (64, 16400),
+        (2, 20000),
+        (7, 33),
+    ] {
         let layer = LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
         let view = View::layer_norm(&[rows, len], len);
         let what = format!("layer norm {rows}x{len}");
@@ -255,10 +250,12 @@ fn channel_norms(ctx: &Context) -> Vec<Kernel> {
 #[test]
 fn row_norms_sized_for_a_gpu_match_f64() {
     let kernels = row_norms(gpu_sized());
-    // A GPU holds 8 vectors per lane, walks longer rows one per subgroup,
-    // and spreads a few very long rows over tiles.
+    // A GPU holds 8 vectors per lane of a subgroup, rows up to 16384 in a
+    // workgroup, walks longer rows one per subgroup, and spreads a few very
+    // long rows over tiles.
     for k in [
         Kernel::RowsHeld,
+        Kernel::RowsWorkgroupHeld,
         Kernel::RowsSubgroup,
         Kernel::Rows,
         Kernel::PartialsEach,

@@ -2,9 +2,10 @@
 //! stores (overflow, NaN, subnormals), packed words at odd lengths.
 
 mod common;
-use common::{ctx, normal};
+use common::{ctx, gpu_sized, normal};
 use gpunorm::{
-    reference, BatchNorm, BatchNormConfig, DType, GpuTensor, LayerNorm, Mode, RowNormConfig, View,
+    reference, BatchNorm, BatchNormConfig, Context, DType, GpuTensor, LayerNorm, Mode,
+    RowNormConfig, View,
 };
 
 /// Stored values of `dtype` as f32 (what the GPU actually reads).
@@ -42,7 +43,17 @@ fn layer_norm(
     x: &[f32],
     weight: Option<&[f32]>,
 ) -> (Vec<f32>, Vec<f64>) {
-    let ctx = ctx();
+    layer_norm_on(ctx(), dtype, rows, len, x, weight)
+}
+
+fn layer_norm_on(
+    ctx: &Context,
+    dtype: DType,
+    rows: usize,
+    len: usize,
+    x: &[f32],
+    weight: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f64>) {
     let x = stored(x, dtype);
     let mut ln = LayerNorm::new(
         ctx,
@@ -72,6 +83,17 @@ fn f16_and_bf16_layer_norm_round_once_within_2_ulp() {
     for dtype in [DType::F16, DType::BF16] {
         let (got, want) = layer_norm(dtype, 16, 256, &normal(16 * 256, 3, 300.0, 1.0), None);
         assert_within_ulps(&format!("{dtype} offset 300"), &got, &want, dtype, 2.0);
+    }
+}
+
+#[test]
+fn half_rows_held_by_a_workgroup_round_once_within_2_ulp() {
+    // The GPU's workgroup-held rows: 3 vectors per invocation of 256, the
+    // third live in 4 invocations (2064 elements: 516 vectors).
+    for dtype in [DType::F16, DType::BF16] {
+        let x = normal(6 * 2064, 5, -20.0, 3.0);
+        let (got, want) = layer_norm_on(gpu_sized(), dtype, 6, 2064, &x, None);
+        assert_within_ulps(&format!("{dtype} 6x2064"), &got, &want, dtype, 2.0);
     }
 }
 

@@ -12,6 +12,20 @@ pub fn ctx() -> &'static Context {
     CTX.get_or_init(|| Context::new().expect("a wgpu adapter (run scripts/ensure-vulkan)"))
 }
 
+/// A context that chooses and sizes kernels as for a GPU on whatever
+/// adapter the machine has (`ContextOptions::size_for_gpu`): on lavapipe it
+/// runs the kernels CI could not otherwise reach.
+pub fn gpu_sized() -> &'static Context {
+    static CTX: OnceLock<Context> = OnceLock::new();
+    CTX.get_or_init(|| {
+        Context::with_options(gpunorm::ContextOptions {
+            size_for_gpu: true,
+            ..Default::default()
+        })
+        .expect("a wgpu adapter (run scripts/ensure-vulkan)")
+    })
+}
+
 /// Deterministic pseudo-random normal values (xorshift + Box-Muller).
 pub fn normal(n: usize, seed: u64, mean: f32, std: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;

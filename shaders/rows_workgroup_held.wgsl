@@ -1,0 +1,119 @@
+// Row kernel for GPUs, for rows too long for a subgroup's held slots
+// (rows_held.wgsl) and up to HELD_K ≤ 16 vectors per invocation: one
+// workgroup of ROWS_WG_HELD invocations per row (A = 1, B a multiple of 4),
+// invocation `lid` keeping the vectors lid, lid + ROWS_WG_HELD, ... of the
+// row in registers (the slots of held_slots.wgsl) from the load to the
+// store. x is read once and y written once, the floor of a normalization;
+// the standard layout of the fast CUDA LayerNorms (a block per row, the row
+// in registers). Rows that a subgroup walks alone keep one warp per row in
+// flight, far too few memory requests to fill a GPU's bandwidth.
+//
+// Reductions go through workgroup memory in two stages (a sixteenth of the
+// invocations add sixteen partials each, then every invocation adds those
+// sixteen in the same order), so every invocation gets the same bits and no
+// subgroup operation is needed: any adapter can run it. CPU adapters never
+// get it: lavapipe runs a barrier by switching coroutines, which carried
+// all the held state and ran 4x slower than two reads of x.
+//
+// Statistics as in rows_held: the mean m0 of the held values, then Σd and
+// Σd² of d = x − m0, a corrected two-pass mean and variance (SPEC §6).
+// Stored as vec4(shift = m0, dmean, rstd, var), as the other kernels do.
+const ROWS_WG_HELD_STAGE: u32 = 16u;
+
+var<workgroup> wg_partials: array<vec2<f32>, ROWS_WG_HELD>;
+var<workgroup> wg_stage: array<vec2<f32>, ROWS_WG_HELD_STAGE>;
+
+// Σ v over the workgroup, the same in every invocation. Called in uniform
+// control flow. Back to back calls are safe: a call's first barrier comes
+// after every invocation has read the previous call's wg_stage.
+fn workgroup_total(lid: u32, v: vec2<f32>) -> vec2<f32> {
+    wg_partials[lid] = v;
+    workgroupBarrier();
+    let per = ROWS_WG_HELD / ROWS_WG_HELD_STAGE;
+    if (lid < ROWS_WG_HELD_STAGE) {
+        var s = vec2<f32>(0.0);
+        for (var i = 0u; i < per; i++) {
+            s += wg_partials[lid * per + i];
+        }
+        wg_stage[lid] = s;
+    }
+    workgroupBarrier();
+    var total = vec2<f32>(0.0);
+    for (var i = 0u; i < ROWS_WG_HELD_STAGE; i++) {
+        total += wg_stage[i];
+    }
+    return total;
+}
+
+// Stores a live slot's y; γ and β of group g are read here (a GPU's cache
+// serves them to every row).
+fn slot_store_row(base4: u32, g: u32, j4: u32, live: bool, d: vec4<f32>, dmean: f32, rstd: f32) {
+    if (live) {
+        let a = affine_params4(g, g * (params.b / 4u) + j4);
+        store_y4(base4 + j4, apply_affine4((d - dmean) * rstd, a));
+    }
+}
+
+fn octet_store_row(base4: u32, g: u32, j: U32x8, l: Livex8, d: Vec4x8, dmean: f32, rstd: f32) {
+    slot_store_row(base4, g, j[0], l[0], d[0], dmean, rstd);
+    slot_store_row(base4, g, j[1], l[1], d[1], dmean, rstd);
+    slot_store_row(base4, g, j[2], l[2], d[2], dmean, rstd);
+    slot_store_row(base4, g, j[3], l[3], d[3], dmean, rstd);
+    slot_store_row(base4, g, j[4], l[4], d[4], dmean, rstd);
+    slot_store_row(base4, g, j[5], l[5], d[5], dmean, rstd);
+    slot_store_row(base4, g, j[6], l[6], d[6], dmean, rstd);
+    slot_store_row(base4, g, j[7], l[7], d[7], dmean, rstd);
+}
+
+@compute @workgroup_size(ROWS_WG_HELD)
+fn rows_workgroup_held(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = linear_workgroup(wid, nwg);
+    if (row >= params.n_groups) {
+        return;
+    }
+    let n4 = params.b / 4u;
+    let n = f32(params.b);
+    let slots = held_slots(lid, ROWS_WG_HELD, n4);
+    let base4 = row * n4;
+    let v0 = octet_x4(base4, slots.j0, slots.l0);
+    let v1 = octet_x4(base4, slots.j1, slots.l1);
+    let v2 = octet_x4(base4, slots.j2, slots.l2);
+    let v3 = octet_x4(base4, slots.j3, slots.l3);
+    var m0 = 0.0;
+    if (!IS_RMS) {
+        let s = (octet_sum(v0) + octet_sum(v1)) + (octet_sum(v2) + octet_sum(v3));
+        m0 = workgroup_total(lid, vec2<f32>(hsum(s), 0.0)).x / n;
+    }
+    let d0 = octet_centered(v0, m0, slots.l0);
+    let d1 = octet_centered(v1, m0, slots.l1);
+    let d2 = octet_centered(v2, m0, slots.l2);
+    let d3 = octet_centered(v3, m0, slots.l3);
+    let s1 = (octet_sum(d0) + octet_sum(d1)) + (octet_sum(d2) + octet_sum(d3));
+    let s2 = (octet_dot(d0, d0) + octet_dot(d1, d1)) + (octet_dot(d2, d2) + octet_dot(d3, d3));
+    let t = workgroup_total(lid, vec2<f32>(hsum(s1), hsum(s2)));
+    var dmean = 0.0;
+    var t1 = 0.0;
+    if (!IS_RMS) {
+        t1 = t.x;
+        dmean = t1 / n;
+    }
+    // Rounding can leave a tiny negative; a NaN (inf or NaN in the row)
+    // must stay NaN, as in torch, so no max() here.
+    var variance = (t.y - t1 * dmean) / n;
+    if (variance < 0.0) {
+        variance = 0.0;
+    }
+    let rstd = 1.0 / sqrt(variance + params.eps);
+    if (lid == 0u) {
+        scratch[row] = vec4<f32>(m0, dmean, rstd, variance);
+    }
+    let g = row - fast_div(row, params.div_g) * params.g;
+    octet_store_row(base4, g, slots.j0, slots.l0, d0, dmean, rstd);
+    octet_store_row(base4, g, slots.j1, slots.l1, d1, dmean, rstd);
+    octet_store_row(base4, g, slots.j2, slots.l2, d2, dmean, rstd);
+    octet_store_row(base4, g, slots.j3, slots.l3, d3, dmean, rstd);
+}
