@@ -8,9 +8,7 @@
 // in registers). Rows that a subgroup walks alone keep one warp per row in
 // flight, far too few memory requests to fill a GPU's bandwidth.
 //
-// Reductions go through workgroup memory in two stages (a sixteenth of the
-// invocations add sixteen partials each, then every invocation adds those
-// sixteen in the same order), so every invocation gets the same bits and no
+// Reductions go through workgroup memory (workgroup_total.wgsl), so no
 // subgroup operation is needed: any adapter can run it. CPU adapters never
 // get it: lavapipe runs a barrier by switching coroutines, which carried
 // all the held state and ran 4x slower than two reads of x.
@@ -18,32 +16,6 @@
 // Statistics as in rows_held: the mean m0 of the held values, then Σd and
 // Σd² of d = x − m0, a corrected two-pass mean and variance (SPEC §6).
 // Stored as vec4(shift = m0, dmean, rstd, var), as the other kernels do.
-const ROWS_WG_HELD_STAGE: u32 = 16u;
-
-var<workgroup> wg_partials: array<vec2<f32>, ROWS_WG_HELD>;
-var<workgroup> wg_stage: array<vec2<f32>, ROWS_WG_HELD_STAGE>;
-
-// Σ v over the workgroup, the same in every invocation. Called in uniform
-// control flow. Back to back calls are safe: a call's first barrier comes
-// after every invocation has read the previous call's wg_stage.
-fn workgroup_total(lid: u32, v: vec2<f32>) -> vec2<f32> {
-    wg_partials[lid] = v;
-    workgroupBarrier();
-    let per = ROWS_WG_HELD / ROWS_WG_HELD_STAGE;
-    if (lid < ROWS_WG_HELD_STAGE) {
-        var s = vec2<f32>(0.0);
-        for (var i = 0u; i < per; i++) {
-            s += wg_partials[lid * per + i];
-        }
-        wg_stage[lid] = s;
-    }
-    workgroupBarrier();
-    var total = vec2<f32>(0.0);
-    for (var i = 0u; i < ROWS_WG_HELD_STAGE; i++) {
-        total += wg_stage[i];
-    }
-    return total;
-}
 
 // Stores a live slot's y; γ and β of group g are read here (a GPU's cache
 // serves them to every row).

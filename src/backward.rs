@@ -126,6 +126,9 @@ pub enum BackwardKernel {
     /// x and dy read once; with `BWD_COLUMN_SUMS`, column sums per block of
     /// rows for [`BackwardKernel::ColumnSums`].
     RowsHeld,
+    /// A row per workgroup held in registers (the forward's workgroup-held
+    /// rows, GPUs): x and dy read once for grad_input.
+    RowsWorkgroupHeld,
     /// A partial per run of SB, a subgroup per run ([`runs_on_subgroups`]).
     PartialsRuns,
     /// grad_input run by run, a subgroup per run ([`runs_on_subgroups`]).
@@ -134,7 +137,8 @@ pub enum BackwardKernel {
 
 impl BackwardKernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [BackwardKernel; 15] = [
+    pub const ALL: [BackwardKernel; 16] = [
+        BackwardKernel::RowsWorkgroupHeld,
         BackwardKernel::ChannelColsHeld,
         BackwardKernel::ChannelGradInputHeld,
         BackwardKernel::RowsHeld,
@@ -168,6 +172,7 @@ impl BackwardKernel {
             BackwardKernel::ChannelGradInputHeld => "bwd_channel_dx_held",
             BackwardKernel::ColumnSums => "bwd_column_sums",
             BackwardKernel::RowsHeld => "bwd_rows_held",
+            BackwardKernel::RowsWorkgroupHeld => "bwd_rows_workgroup_held",
             BackwardKernel::PartialsRuns => "bwd_partials_runs",
             BackwardKernel::GradInputRuns => "bwd_dx_runs",
         }
@@ -179,6 +184,7 @@ impl BackwardKernel {
             self,
             BackwardKernel::RowsSubgroup
                 | BackwardKernel::RowsHeld
+                | BackwardKernel::RowsWorkgroupHeld
                 | BackwardKernel::PartialsRuns
                 | BackwardKernel::GradInputRuns
                 | BackwardKernel::ChannelGradInputHeld
@@ -252,7 +258,9 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
          const BWD_PER_THREAD: u32 = {BWD_PER_THREAD}u;\n\
          const BWD_FINALIZE_WG: u32 = {BWD_FINALIZE_WG}u;\n\
          const BWD_DX_PER_THREAD: u32 = {BWD_DX_PER_THREAD}u;\n\
-         const BWD_DX_RUN_VEC4: u32 = {BWD_DX_RUN_VEC4}u;\n"
+         const BWD_DX_RUN_VEC4: u32 = {BWD_DX_RUN_VEC4}u;\n\
+         const ROWS_WG_HELD: u32 = {ROWS_WG_HELD}u;\n",
+        ROWS_WG_HELD = kernels::ROWS_WG_HELD
     );
     let subgroup_kernel = if subgroups {
         [
@@ -260,6 +268,8 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
             include_str!("../shaders/backward_rows_subgroup.wgsl"),
             kernels::HELD_SLOTS_SOURCE,
             include_str!("../shaders/backward_rows_held.wgsl"),
+            kernels::WORKGROUP_TOTAL,
+            include_str!("../shaders/backward_rows_workgroup_held.wgsl"),
             include_str!("../shaders/backward_runs_subgroup.wgsl"),
             include_str!("../shaders/backward_channels_held.wgsl"),
         ]
@@ -494,6 +504,16 @@ fn held_rows(v: &View, caps: &Caps, row_grads: u32) -> Option<u32> {
     crate::engine::held_vectors(v, caps).filter(|_| v.affine_div <= 1 && row_grads == 0)
 }
 
+/// Vectors per invocation when the workgroup-held row kernel takes a
+/// backward the subgroup row kernel takes: the forward held the rows in a
+/// workgroup ([`crate::engine::workgroup_held_vectors`]), γ is one per
+/// column, no per-channel partials are wanted, and the module has its
+/// subgroup part, where the kernel's helpers live.
+fn workgroup_held_rows(v: &View, caps: &Caps, row_grads: u32) -> Option<u32> {
+    crate::engine::workgroup_held_vectors(v, caps)
+        .filter(|_| caps.subgroups && v.affine_div <= 1 && row_grads == 0)
+}
+
 /// Whether the subgroup row kernel, walking four rows at a time in `steps`
 /// steps, also writes per-step column sums for dγ and dβ (one parameter per column),
 /// finished by [`BackwardKernel::ColumnSums`]. CPU adapters only: that last
@@ -702,6 +722,11 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                     crate::engine::block_workgroups(groups, caps),
                     column_sums.then_some(blocks),
                 ))
+            } else if let Some(held) = workgroup_held_rows(v, caps, row_grads) {
+                // A workgroup per row; dγ and dβ come from the column
+                // kernel.
+                p.flags |= held << BF_HELD_SHIFT;
+                Some((BackwardKernel::RowsWorkgroupHeld, groups, None))
             } else if uses_subgroup_rows(v, caps) {
                 // Enough workgroups for the largest subgroup size; with
                 // smaller subgroups the surplus workgroups find no group.
@@ -1401,17 +1426,27 @@ mod tests {
                 .map(|d| (d.kernel, d.workgroups))
                 .collect()
         };
-        // 4096 rows (too long to hold), four per step of a 32-wide
-        // subgroup, two subgroups per 64-invocation workgroup; columns eight
-        // per invocation; 128 row blocks per column, merged serially, one
-        // invocation per column.
+        // 4096 rows too long for a subgroup to hold: a workgroup per row
+        // holds them; columns eight per invocation; 128 row blocks per
+        // column, merged serially, one invocation per column.
         let v = View::layer_norm(&[4096, 2048], 2048);
         assert_eq!(
             on(&spec(v, StatsSource::Batch, true)),
-            [(RowsSubgroup, 512), (Cols, 128 * 4), (Finalize, 2048 / 64)]
+            [
+                (RowsWorkgroupHeld, 4096),
+                (Cols, 128 * 4),
+                (Finalize, 2048 / 64)
+            ]
+        );
+        // Rows too long for a workgroup too: four per step of a 32-wide
+        // subgroup, two subgroups per 64-invocation workgroup.
+        let longest = View::layer_norm(&[4096, 16400], 16400);
+        assert_eq!(
+            on(&spec(longest, StatsSource::Batch, true))[0],
+            (RowsSubgroup, 512)
         );
         // Fewer rows than a GPU wants in steps of four: one per step.
-        let half = View::layer_norm(&[2048, 2048], 2048);
+        let half = View::layer_norm(&[2048, 16400], 16400);
         assert_eq!(
             on(&spec(half, StatsSource::Batch, true))[0],
             (RowsSubgroup, 1024)

@@ -436,6 +436,10 @@ pub(crate) const SUBGROUP_ROWS: &str = include_str!("../shaders/subgroup_rows.wg
 /// held-row kernels (they need `load_x4` and the `HELD_K` override).
 pub(crate) const HELD_SLOTS_SOURCE: &str = include_str!("../shaders/held_slots.wgsl");
 
+/// The workgroup-memory sum of the workgroup-held row kernels, forward and
+/// backward (needs the `ROWS_WG_HELD` constant).
+pub(crate) const WORKGROUP_TOTAL: &str = include_str!("../shaders/workgroup_total.wgsl");
+
 fn io_source(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => include_str!("../shaders/io_f32.wgsl"),
@@ -472,6 +476,11 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
         },
         if kernel.holds_rows() {
             HELD_SLOTS_SOURCE
+        } else {
+            ""
+        },
+        if kernel == Kernel::RowsWorkgroupHeld {
+            WORKGROUP_TOTAL
         } else {
             ""
         },

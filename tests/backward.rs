@@ -2,7 +2,7 @@
 //! differences, then every op's GPU backward checked against that reference.
 
 mod common;
-use common::{assert_close, ctx, normal};
+use common::{assert_close, ctx, gpu_sized, normal};
 use gpunorm::backward::{plan_backward_on, BackwardKernel};
 use gpunorm::reference::{self, backward_f64, forward_f64};
 use gpunorm::{
@@ -1189,8 +1189,7 @@ impl Half {
 
     /// Checks the GPU gradients against the f64 reference from the stored
     /// inputs; returns the worst grad_input error in half ulps.
-    fn check(&self, got: &Gradients, bias: bool) -> f64 {
-        let ctx = ctx();
+    fn check(&self, ctx: &Context, got: &Gradients, bias: bool) -> f64 {
         let what = &self.what;
         assert_eq!(
             got.grad_input.dtype(),
@@ -1255,7 +1254,17 @@ impl Half {
 const HALVES: [DType; 2] = [DType::F16, DType::BF16];
 
 fn half_layer_norm(dtype: DType, rows: usize, len: usize, rms: bool, offset: f32) -> f64 {
-    let ctx = ctx();
+    half_layer_norm_on(ctx(), dtype, rows, len, rms, offset)
+}
+
+fn half_layer_norm_on(
+    ctx: &Context,
+    dtype: DType,
+    rows: usize,
+    len: usize,
+    rms: bool,
+    offset: f32,
+) -> f64 {
     let shape = [rows, len];
     let name = if rms { "rms norm" } else { "layer norm" };
     let mut h = Half::new(
@@ -1281,7 +1290,7 @@ fn half_layer_norm(dtype: DType, rows: usize, len: usize, rms: bool, offset: f32
         m.forward(ctx, &h.upload(ctx, &h.x), Mode::Train).unwrap();
         m.backward(ctx, &h.upload(ctx, &h.dy)).unwrap()
     };
-    h.check(&got, !rms)
+    h.check(ctx, &got, !rms)
 }
 
 #[test]
@@ -1297,6 +1306,14 @@ fn half_layer_norm_backward_matches_f64_within_2_ulp() {
     // An offset input (the f16 forward test's 300).
     let u = half_layer_norm(DType::F16, 8, 512, false, 300.0);
     eprintln!("layer norm f16 offset 300: {u:.3} ulp");
+    // A GPU's rows held by a workgroup: 3 vectors per invocation of 256, the
+    // third live in 4 invocations.
+    for dtype in HALVES {
+        for rms in [false, true] {
+            let u = half_layer_norm_on(gpu_sized(), dtype, 6, 2064, rms, 0.5);
+            eprintln!("gpu-sized rms={rms} {dtype} 6x2064: {u:.3} ulp");
+        }
+    }
 }
 
 #[test]
@@ -1333,7 +1350,7 @@ fn half_batch_norm(dtype: DType, shape: &[usize], mode: Mode) -> f64 {
     if mode == Mode::Eval {
         h.running = Some((rm, rv));
     }
-    h.check(&got, true)
+    h.check(ctx, &got, true)
 }
 
 #[test]
@@ -1379,7 +1396,7 @@ fn half_group_norm(dtype: DType, shape: &[usize], groups: usize, keras: bool) ->
     gn.set_affine(h.affine(ctx, true)).unwrap();
     gn.forward(ctx, &h.upload(ctx, &h.x)).unwrap();
     let got = gn.backward(ctx, &h.upload(ctx, &h.dy)).unwrap();
-    h.check(&got, true)
+    h.check(ctx, &got, true)
 }
 
 #[test]
@@ -1428,7 +1445,7 @@ fn half_instance_norm(dtype: DType, shape: &[usize], mode: Mode, tracked: bool) 
     if mode == Mode::Eval && tracked {
         h.running = Some((rm, rv));
     }
-    h.check(&got, true)
+    h.check(ctx, &got, true)
 }
 
 #[test]
