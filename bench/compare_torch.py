@@ -127,6 +127,27 @@ def run_gpunorm(binary, op, shape, flags, iters):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cpu_name():
+    """The CPU as Linux names it, with its family/model and last-level cache:
+    lavapipe's fractions depend on the CPU (a large L3 speeds the copy kernel
+    more than the normalizations, which are bound by per-access work)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(
+                (k.strip(), v.strip())
+                for k, _, v in (line.partition(":") for line in f)
+                if k.strip() in ("model name", "cpu family", "model")
+            )
+        cache = ""
+        path = "/sys/devices/system/cpu/cpu0/cache/index3/size"
+        if os.path.exists(path):
+            with open(path) as f:
+                cache = f", L3 {f.read().strip()}"
+        return f"{info['model name']} (family {info['cpu family']}, model {info['model']}{cache})"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
@@ -135,7 +156,7 @@ def main():
     if not os.path.exists(args.gpunorm):
         sys.exit(f"error: {args.gpunorm} not found; run `cargo build --release` first")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
           + (f", CUDA: {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     rows = []
