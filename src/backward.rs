@@ -514,6 +514,26 @@ fn workgroup_held_rows(v: &View, caps: &Caps, row_grads: u32) -> Option<u32> {
         .filter(|_| caps.subgroups && v.affine_div <= 1 && row_grads == 0)
 }
 
+/// Whether a GPU's backward spreads contiguous groups over tiles instead of
+/// giving each a subgroup of the row kernel: fewer groups than a GPU keeps
+/// busy ([`kernels::ROWS_SG_MIN_STEPS_GPU`] subgroups), each at least two
+/// tiles long, and no held-row kernel for them (InstanceNorm 8x64x128x128
+/// is 512 subgroups, a few per multiprocessor, against 2048 workgroups of
+/// tiles). The tiled passes read x and dy twice, as the subgroup row kernel
+/// does, unless the row kernel's per-channel sums would have given the
+/// affine gradients of channels that are not the groups (channels-first
+/// GroupNorm): tiles would read them a third time, so those keep the row
+/// kernel.
+fn tiles_fill_gpu(v: &View, caps: &Caps, row_grads: u32, per_channel: bool) -> bool {
+    !caps.cpu
+        && (per_channel || row_grads == 0)
+        && uses_subgroup_rows(v, caps)
+        && v.groups() < kernels::ROWS_SG_MIN_STEPS_GPU
+        && v.group_len() >= 2 * BWD_TILE as usize
+        && held_rows(v, caps, row_grads).is_none()
+        && workgroup_held_rows(v, caps, row_grads).is_none()
+}
+
 /// Whether the subgroup row kernel, walking four rows at a time in `steps`
 /// steps, also writes per-step column sums for dγ and dβ (one parameter per column),
 /// finished by [`BackwardKernel::ColumnSums`]. CPU adapters only: that last
@@ -686,20 +706,24 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
             work_vec4: work_vec4.max(groups),
         };
     }
+    // The row kernels write each channel's sums as its partial when groups
+    // are whole channels; Finalize sums them over samples.
+    let channels_per_group = if per_channel {
+        Some(1)
+    } else {
+        row_channels(v)
+    };
+    let row_grads = if channels_per_group.is_some() {
+        grad_flags
+    } else {
+        0
+    };
     match spec.source {
-        StatsSource::Batch if uses_rows(v, spec.dtype) && !tiled => {
-            // The row kernels write each channel's sums as its partial when
-            // groups are whole channels; Finalize sums them over samples.
-            let channels_per_group = if per_channel {
-                Some(1)
-            } else {
-                row_channels(v)
-            };
-            let row_grads = if channels_per_group.is_some() {
-                grad_flags
-            } else {
-                0
-            };
+        StatsSource::Batch
+            if uses_rows(v, spec.dtype)
+                && !tiled
+                && !tiles_fill_gpu(v, caps, row_grads, per_channel) =>
+        {
             let mut p = base;
             if row_grads != 0 {
                 p.flags |= BF_WRITE_PARTIALS;
@@ -1478,9 +1502,28 @@ mod tests {
                 (Finalize, 1023usize.div_ceil(64) as u32)
             ]
         );
+        // InstanceNorm 8x64x128x128: 512 groups would be 512 subgroups, too
+        // few for a GPU; tiles spread them over 2048 workgroups. A CPU, or
+        // 1024 groups, keep the row kernel.
         let inorm = View::instance_norm(&[8, 64, 128, 128]);
         assert_eq!(
-            kernels_of_on(&spec(inorm, StatsSource::Batch, true), &caps),
+            on(&spec(inorm, StatsSource::Batch, true)),
+            [(PartialsEach, 2048), (Finalize, 64), (GradInput, 8192)]
+        );
+        assert_eq!(
+            kernels_of_on(&spec(inorm, StatsSource::Batch, true), &cpu),
+            [RowsSubgroup, Finalize]
+        );
+        let more = View::instance_norm(&[16, 64, 128, 128]);
+        assert_eq!(
+            kernels_of_on(&spec(more, StatsSource::Batch, true), &caps),
+            [RowsSubgroup, Finalize]
+        );
+        // Channels-first GroupNorm keeps its row kernel: tiles would read x
+        // and dy a third time for dγ and dβ.
+        let gn = View::group_norm(&[8, 256, 32, 32], 32);
+        assert_eq!(
+            kernels_of_on(&spec(gn, StatsSource::Batch, true), &caps),
             [RowsSubgroup, Finalize]
         );
     }

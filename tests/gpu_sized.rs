@@ -11,6 +11,7 @@
 
 mod common;
 use common::{assert_close, gpu_sized, normal};
+use gpunorm::backward::BackwardKernel;
 use gpunorm::engine::Dispatch;
 use gpunorm::kernels::Kernel;
 use gpunorm::{
@@ -50,15 +51,21 @@ impl AnyNorm {
         .unwrap()
     }
 
-    fn backward(&self, ctx: &Context, dy: &GpuTensor) -> Gradients {
-        match self {
-            AnyNorm::Batch(l) => l.backward(ctx, dy),
-            AnyNorm::Layer(l) => l.backward(ctx, dy),
-            AnyNorm::Rms(l) => l.backward(ctx, dy),
-            AnyNorm::Instance(l) => l.backward(ctx, dy),
-            AnyNorm::Group(l) => l.backward(ctx, dy),
+    /// The backward, recorded and submitted, with its kernels.
+    fn backward(&self, ctx: &Context, dy: &GpuTensor) -> (Gradients, Vec<BackwardKernel>) {
+        let mut encoder = ctx
+            .device()
+            .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+        let (grads, plan) = match self {
+            AnyNorm::Batch(l) => l.record_backward(ctx, &mut encoder, dy),
+            AnyNorm::Layer(l) => l.record_backward(ctx, &mut encoder, dy),
+            AnyNorm::Rms(l) => l.record_backward(ctx, &mut encoder, dy),
+            AnyNorm::Instance(l) => l.record_backward(ctx, &mut encoder, dy),
+            AnyNorm::Group(l) => l.record_backward(ctx, &mut encoder, dy),
         }
-        .unwrap()
+        .unwrap();
+        ctx.submit_and_wait(encoder).unwrap();
+        (grads, plan.iter().map(|d| d.kernel).collect())
     }
 
     fn set_affine(&mut self, w: Option<GpuTensor>, b: Option<GpuTensor>) {
@@ -73,8 +80,16 @@ impl AnyNorm {
     }
 }
 
+/// The kernels of the forwards and backwards a test ran.
+#[derive(Default)]
+struct Ran {
+    forward: Vec<Kernel>,
+    backward: Vec<BackwardKernel>,
+}
+
 /// One forward (batch statistics) and its backward on `ctx`, checked
-/// against the f64 reference; returns the forward's kernels.
+/// against the f64 reference, its kernels added to `ran`.
+#[allow(clippy::too_many_arguments)]
 fn check_case(
     ctx: &Context,
     what: &str,
@@ -83,7 +98,8 @@ fn check_case(
     view: View,
     rms: bool,
     eps: f64,
-) -> Vec<Kernel> {
+    ran: &mut Ran,
+) {
     let n = view.numel();
     let seed = n as u64 + view.b as u64;
     let x = normal(n, seed, 3.0, 2.0);
@@ -111,7 +127,7 @@ fn check_case(
         TOL,
     );
 
-    let got = layer.backward(ctx, &up(&dy, shape));
+    let (got, backward) = layer.backward(ctx, &up(&dy, shape));
     let want = reference::backward(&x, &dy, &view, rms, eps, Some(&w), None);
     assert_close(
         &format!("{what} grad_input"),
@@ -139,11 +155,12 @@ fn check_case(
             BACKWARD_TOL,
         );
     }
-    plan.iter().map(|d| d.kernel).collect()
+    ran.forward.extend(plan.iter().map(|d| d.kernel));
+    ran.backward.extend(backward);
 }
 
-fn row_norms(ctx: &Context) -> Vec<Kernel> {
-    let mut kernels = Vec::new();
+fn row_norms(ctx: &Context) -> Ran {
+    let mut ran = Ran::default();
     for (rows, len) in [
         (64, 256),
         (48, 2048),
@@ -156,64 +173,47 @@ fn row_norms(ctx: &Context) -> Vec<Kernel> {
         let layer = LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
         let view = View::layer_norm(&[rows, len], len);
         let what = format!("layer norm {rows}x{len}");
-        kernels.extend(check_case(
-            ctx,
-            &what,
-            AnyNorm::Layer(layer),
-            &[rows, len],
-            view,
-            false,
-            1e-5,
-        ));
+        let layer = AnyNorm::Layer(layer);
+        check_case(ctx, &what, layer, &[rows, len], view, false, 1e-5, &mut ran);
     }
-    let layer = RmsNorm::new(ctx, &[1000], RowNormConfig::torch_rms_norm()).unwrap();
+    let layer = AnyNorm::Rms(RmsNorm::new(ctx, &[1000], RowNormConfig::torch_rms_norm()).unwrap());
     let view = View::layer_norm(&[16, 1000], 1000);
     let eps = f32::EPSILON as f64;
-    kernels.extend(check_case(
+    check_case(
         ctx,
-        "rms norm 16x1000",
-        AnyNorm::Rms(layer),
+        "rms norm",
+        layer,
         &[16, 1000],
         view,
         true,
         eps,
-    ));
-    kernels
+        &mut ran,
+    );
+    ran
 }
 
-fn channel_norms(ctx: &Context) -> Vec<Kernel> {
-    let mut kernels = Vec::new();
+fn channel_norms(ctx: &Context) -> Ran {
+    let mut ran = Ran::default();
     for (shape, axis, config) in [
         (vec![8, 16, 20, 20], 1, BatchNormConfig::torch_2d()),
         (vec![8, 10, 10, 64], 3, BatchNormConfig::keras()),
         (vec![4, 6, 6, 136], 3, BatchNormConfig::keras()),
     ] {
         let eps = config.eps as f64;
-        let layer = BatchNorm::new(ctx, shape[axis], config).unwrap();
+        let layer = AnyNorm::Batch(BatchNorm::new(ctx, shape[axis], config).unwrap());
         let view = View::batch_norm(&shape, axis);
         let what = format!("batch norm {shape:?}");
-        kernels.extend(check_case(
-            ctx,
-            &what,
-            AnyNorm::Batch(layer),
-            &shape,
-            view,
-            false,
-            eps,
-        ));
+        check_case(ctx, &what, layer, &shape, view, false, eps, &mut ran);
     }
-    let shape = [4, 6, 30, 30];
-    let layer = InstanceNorm::new(ctx, 6, InstanceNormConfig::torch()).unwrap();
-    let view = View::instance_norm(&shape);
-    kernels.extend(check_case(
-        ctx,
-        "instance norm",
-        AnyNorm::Instance(layer),
-        &shape,
-        view,
-        false,
-        1e-5,
-    ));
+    // Rows of 900 (a workgroup each); 8 groups of 9216, spread over tiles
+    // in the backward.
+    for shape in [[4, 6, 30, 30], [2, 4, 96, 96]] {
+        let config = InstanceNormConfig::torch();
+        let layer = AnyNorm::Instance(InstanceNorm::new(ctx, shape[1], config).unwrap());
+        let view = View::instance_norm(&shape);
+        let what = format!("instance norm {shape:?}");
+        check_case(ctx, &what, layer, &shape, view, false, 1e-5, &mut ran);
+    }
     for (shape, config, view) in [
         (
             [4, 16, 10, 10],
@@ -227,61 +227,99 @@ fn channel_norms(ctx: &Context) -> Vec<Kernel> {
         ),
     ] {
         let eps = config.eps as f64;
-        let channels = if config.convention == gpunorm::Convention::Keras {
-            shape[3]
-        } else {
-            shape[1]
-        };
-        let layer = GroupNorm::new(ctx, 4, channels, config).unwrap();
+        let keras = config.convention == gpunorm::Convention::Keras;
+        let channels = if keras { shape[3] } else { shape[1] };
+        let layer = AnyNorm::Group(GroupNorm::new(ctx, 4, channels, config).unwrap());
         let what = format!("group norm {shape:?}");
-        kernels.extend(check_case(
-            ctx,
-            &what,
-            AnyNorm::Group(layer),
-            &shape,
-            view,
-            false,
-            eps,
-        ));
+        check_case(ctx, &what, layer, &shape, view, false, eps, &mut ran);
     }
-    kernels
+    ran
+}
+
+/// Every kernel of `want` is in `ran`.
+fn assert_ran<K: PartialEq + std::fmt::Debug>(ran: &[K], want: &[K]) {
+    for k in want {
+        assert!(ran.contains(k), "{k:?} not in {ran:?}");
+    }
 }
 
 #[test]
 fn row_norms_sized_for_a_gpu_match_f64() {
-    let kernels = row_norms(gpu_sized());
+    let ran = row_norms(gpu_sized());
     // A GPU holds 8 vectors per lane of a subgroup, rows up to 16384 in a
     // workgroup, walks longer rows one per subgroup, and spreads a few very
     // long rows over tiles.
-    for k in [
-        Kernel::RowsHeld,
-        Kernel::RowsWorkgroupHeld,
-        Kernel::RowsSubgroup,
-        Kernel::Rows,
-        Kernel::PartialsEach,
-        Kernel::NormalizeRuns,
-    ] {
-        assert!(kernels.contains(&k), "{k:?} not in {kernels:?}");
-    }
+    assert_ran(
+        &ran.forward,
+        &[
+            Kernel::RowsHeld,
+            Kernel::RowsWorkgroupHeld,
+            Kernel::RowsSubgroup,
+            Kernel::Rows,
+            Kernel::PartialsEach,
+            Kernel::NormalizeRuns,
+        ],
+    );
+    // The backward: held rows, workgroup-held rows, tiles for the 64 rows
+    // of 16400 (too few for subgroups to fill a GPU), and the column kernel
+    // for dγ and dβ.
+    assert_ran(
+        &ran.backward,
+        &[
+            BackwardKernel::RowsHeld,
+            BackwardKernel::RowsWorkgroupHeld,
+            BackwardKernel::Rows,
+            BackwardKernel::GradInput,
+            BackwardKernel::Cols,
+        ],
+    );
 }
 
 #[test]
 fn channel_norms_sized_for_a_gpu_match_f64() {
-    let kernels = channel_norms(gpu_sized());
+    let ran = channel_norms(gpu_sized());
     // The GPU's tiles and column strips, not the CPU's subgroup walks.
-    for k in [
-        Kernel::PartialsColumns,
-        Kernel::NormalizeColumns,
-        Kernel::NormalizeRuns,
-    ] {
-        assert!(kernels.contains(&k), "{k:?} not in {kernels:?}");
-    }
+    assert_ran(
+        &ran.forward,
+        &[
+            Kernel::PartialsColumns,
+            Kernel::NormalizeColumns,
+            Kernel::NormalizeRuns,
+            Kernel::RowsWorkgroupHeld,
+        ],
+    );
+    assert_ran(
+        &ran.backward,
+        &[
+            BackwardKernel::PartialsEach,
+            BackwardKernel::GradInput,
+            BackwardKernel::ChannelCols,
+            BackwardKernel::ChannelGradInput,
+            BackwardKernel::RowsSubgroup,
+        ],
+    );
     for k in [
         Kernel::PartialsRuns,
         Kernel::NormalizeRunsSubgroup,
         Kernel::PartialsColumnsHeld,
         Kernel::NormalizeColumnsHeld,
     ] {
-        assert!(!kernels.contains(&k), "a CPU kernel, {k:?}, in {kernels:?}");
+        assert!(
+            !ran.forward.contains(&k),
+            "a CPU kernel, {k:?}, in {:?}",
+            ran.forward
+        );
+    }
+    for k in [
+        BackwardKernel::PartialsRuns,
+        BackwardKernel::GradInputRuns,
+        BackwardKernel::ChannelColsHeld,
+        BackwardKernel::ChannelGradInputHeld,
+    ] {
+        assert!(
+            !ran.backward.contains(&k),
+            "a CPU kernel, {k:?}, in {:?}",
+            ran.backward
+        );
     }
 }
