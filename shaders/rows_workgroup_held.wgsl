@@ -58,7 +58,7 @@ fn rows_workgroup_held(
     var m0 = 0.0;
     if (!IS_RMS) {
         let s = (octet_sum(v0) + octet_sum(v1)) + (octet_sum(v2) + octet_sum(v3));
-        m0 = workgroup_total(lid, vec2<f32>(hsum(s), 0.0)).x / n;
+        m0 = workgroup_total(lid, vec4<f32>(hsum(s), 0.0, 0.0, 0.0)).x / n;
     }
     let d0 = octet_centered(v0, m0, slots.l0);
     let d1 = octet_centered(v1, m0, slots.l1);
@@ -66,7 +66,7 @@ fn rows_workgroup_held(
     let d3 = octet_centered(v3, m0, slots.l3);
     let s1 = (octet_sum(d0) + octet_sum(d1)) + (octet_sum(d2) + octet_sum(d3));
     let s2 = (octet_dot(d0, d0) + octet_dot(d1, d1)) + (octet_dot(d2, d2) + octet_dot(d3, d3));
-    let t = workgroup_total(lid, vec2<f32>(hsum(s1), hsum(s2)));
+    let t = workgroup_total(lid, vec4<f32>(hsum(s1), hsum(s2), 0.0, 0.0));
     var dmean = 0.0;
     var t1 = 0.0;
     if (!IS_RMS) {

@@ -6,25 +6,25 @@
 // and no subgroup operation is needed.
 const ROWS_WG_HELD_STAGE: u32 = 16u;
 
-var<workgroup> wg_partials: array<vec2<f32>, ROWS_WG_HELD>;
-var<workgroup> wg_stage: array<vec2<f32>, ROWS_WG_HELD_STAGE>;
+var<workgroup> wg_partials: array<vec4<f32>, ROWS_WG_HELD>;
+var<workgroup> wg_stage: array<vec4<f32>, ROWS_WG_HELD_STAGE>;
 
 // Σ v over the workgroup, the same in every invocation. Called in uniform
 // control flow. Back to back calls are safe: a call's first barrier comes
 // after every invocation has read the previous call's wg_stage.
-fn workgroup_total(lid: u32, v: vec2<f32>) -> vec2<f32> {
+fn workgroup_total(lid: u32, v: vec4<f32>) -> vec4<f32> {
     wg_partials[lid] = v;
     workgroupBarrier();
     let per = ROWS_WG_HELD / ROWS_WG_HELD_STAGE;
     if (lid < ROWS_WG_HELD_STAGE) {
-        var s = vec2<f32>(0.0);
+        var s = vec4<f32>(0.0);
         for (var i = 0u; i < per; i++) {
             s += wg_partials[lid * per + i];
         }
         wg_stage[lid] = s;
     }
     workgroupBarrier();
-    var total = vec2<f32>(0.0);
+    var total = vec4<f32>(0.0);
     for (var i = 0u; i < ROWS_WG_HELD_STAGE; i++) {
         total += wg_stage[i];
     }

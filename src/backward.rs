@@ -126,8 +126,9 @@ pub enum BackwardKernel {
     /// x and dy read once; with `BWD_COLUMN_SUMS`, column sums per block of
     /// rows for [`BackwardKernel::ColumnSums`].
     RowsHeld,
-    /// A row per workgroup held in registers (the forward's workgroup-held
-    /// rows, GPUs): x and dy read once for grad_input.
+    /// A group per workgroup held in registers (the forward's workgroup-held
+    /// rows, GPUs): x and dy read once for grad_input and, where channels
+    /// have their own γ, per-channel partials.
     RowsWorkgroupHeld,
     /// A partial per run of SB, a subgroup per run ([`runs_on_subgroups`]).
     PartialsRuns,
@@ -504,34 +505,45 @@ fn held_rows(v: &View, caps: &Caps, row_grads: u32) -> Option<u32> {
     crate::engine::held_vectors(v, caps).filter(|_| v.affine_div <= 1 && row_grads == 0)
 }
 
+/// Most channels per group the workgroup-held backward takes when it
+/// writes per-channel partials: one workgroup sum (two barriers) each.
+const WORKGROUP_HELD_CHANNELS: usize = 16;
+
 /// Vectors per invocation when the workgroup-held row kernel takes a
 /// backward the subgroup row kernel takes: the forward held the rows in a
-/// workgroup ([`crate::engine::workgroup_held_vectors`]), γ is one per
-/// column, no per-channel partials are wanted, and the module has its
+/// workgroup ([`crate::engine::workgroup_held_vectors`]), groups have at
+/// most [`WORKGROUP_HELD_CHANNELS`] channels of their own γ
+/// (`channels_per_group`, [`row_channels`]), and the module has its
 /// subgroup part, where the kernel's helpers live.
-fn workgroup_held_rows(v: &View, caps: &Caps, row_grads: u32) -> Option<u32> {
+fn workgroup_held_rows(v: &View, caps: &Caps, channels_per_group: Option<usize>) -> Option<u32> {
     crate::engine::workgroup_held_vectors(v, caps)
-        .filter(|_| caps.subgroups && v.affine_div <= 1 && row_grads == 0)
+        .filter(|_| caps.subgroups && channels_per_group.unwrap_or(1) <= WORKGROUP_HELD_CHANNELS)
 }
 
 /// Whether a GPU's backward spreads contiguous groups over tiles instead of
 /// giving each a subgroup of the row kernel: fewer groups than a GPU keeps
 /// busy ([`kernels::ROWS_SG_MIN_STEPS_GPU`] subgroups), each at least two
-/// tiles long, and no held-row kernel for them (InstanceNorm 8x64x128x128
-/// is 512 subgroups, a few per multiprocessor, against 2048 workgroups of
-/// tiles). The tiled passes read x and dy twice, as the subgroup row kernel
-/// does, unless the row kernel's per-channel sums would have given the
+/// tiles long, and no held-row kernel for them (InstanceNorm 8x64x128x130
+/// would be 512 subgroups, a few per multiprocessor, against 2560
+/// workgroups of tiles). The tiled passes read x and dy twice, as the
+/// subgroup row kernel does, unless the row kernel's per-channel sums would have given the
 /// affine gradients of channels that are not the groups (channels-first
 /// GroupNorm): tiles would read them a third time, so those keep the row
 /// kernel.
-fn tiles_fill_gpu(v: &View, caps: &Caps, row_grads: u32, per_channel: bool) -> bool {
+fn tiles_fill_gpu(
+    v: &View,
+    caps: &Caps,
+    row_grads: u32,
+    per_channel: bool,
+    channels_per_group: Option<usize>,
+) -> bool {
     !caps.cpu
         && (per_channel || row_grads == 0)
         && uses_subgroup_rows(v, caps)
         && v.groups() < kernels::ROWS_SG_MIN_STEPS_GPU
         && v.group_len() >= 2 * BWD_TILE as usize
         && held_rows(v, caps, row_grads).is_none()
-        && workgroup_held_rows(v, caps, row_grads).is_none()
+        && workgroup_held_rows(v, caps, channels_per_group).is_none()
 }
 
 /// Whether the subgroup row kernel, walking four rows at a time in `steps`
@@ -722,7 +734,7 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         StatsSource::Batch
             if uses_rows(v, spec.dtype)
                 && !tiled
-                && !tiles_fill_gpu(v, caps, row_grads, per_channel) =>
+                && !tiles_fill_gpu(v, caps, row_grads, per_channel, channels_per_group) =>
         {
             let mut p = base;
             if row_grads != 0 {
@@ -746,9 +758,10 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                     crate::engine::block_workgroups(groups, caps),
                     column_sums.then_some(blocks),
                 ))
-            } else if let Some(held) = workgroup_held_rows(v, caps, row_grads) {
-                // A workgroup per row; dγ and dβ come from the column
-                // kernel.
+            } else if let Some(held) = workgroup_held_rows(v, caps, channels_per_group) {
+                // A workgroup per row; per-channel partials where the
+                // channels have their own γ, else dγ and dβ come from the
+                // column kernel.
                 p.flags |= held << BF_HELD_SHIFT;
                 Some((BackwardKernel::RowsWorkgroupHeld, groups, None))
             } else if uses_subgroup_rows(v, caps) {
@@ -1502,28 +1515,46 @@ mod tests {
                 (Finalize, 1023usize.div_ceil(64) as u32)
             ]
         );
-        // InstanceNorm 8x64x128x128: 512 groups would be 512 subgroups, too
-        // few for a GPU; tiles spread them over 2048 workgroups. A CPU, or
-        // 1024 groups, keep the row kernel.
+        // InstanceNorm 8x64x128x128: a workgroup per group of 16384, as
+        // the forward held it; per-channel partials, merged over samples.
         let inorm = View::instance_norm(&[8, 64, 128, 128]);
         assert_eq!(
             on(&spec(inorm, StatsSource::Batch, true)),
-            [(PartialsEach, 2048), (Finalize, 64), (GradInput, 8192)]
+            [(RowsWorkgroupHeld, 512), (Finalize, 1)]
         );
+        // Groups too long to hold: 512 would be 512 subgroups, too few for
+        // a GPU, so tiles spread them over workgroups (5 tiles of 4096 per
+        // group of 16640; grad_input in 17 blocks of 256 vectors); 1024
+        // groups, or a CPU, keep the row kernel.
+        let long = View::instance_norm(&[8, 64, 128, 130]);
         assert_eq!(
-            kernels_of_on(&spec(inorm, StatsSource::Batch, true), &cpu),
-            [RowsSubgroup, Finalize]
+            on(&spec(long, StatsSource::Batch, true)),
+            [
+                (PartialsEach, 512 * 5),
+                (Finalize, 64),
+                (GradInput, 512 * 17)
+            ]
         );
-        let more = View::instance_norm(&[16, 64, 128, 128]);
+        let more = View::instance_norm(&[16, 64, 128, 130]);
         assert_eq!(
             kernels_of_on(&spec(more, StatsSource::Batch, true), &caps),
             [RowsSubgroup, Finalize]
         );
-        // Channels-first GroupNorm keeps its row kernel: tiles would read x
-        // and dy a third time for dγ and dβ.
+        assert_eq!(
+            kernels_of_on(&spec(long, StatsSource::Batch, true), &cpu),
+            [RowsSubgroup, Finalize]
+        );
+        // Channels-first GroupNorm: a workgroup per group of 8 channels,
+        // one sum per channel; with more than 16 channels per group, the
+        // row kernel (tiles would read x and dy a third time for dγ, dβ).
         let gn = View::group_norm(&[8, 256, 32, 32], 32);
         assert_eq!(
             kernels_of_on(&spec(gn, StatsSource::Batch, true), &caps),
+            [RowsWorkgroupHeld, Finalize]
+        );
+        let wide = View::group_norm(&[8, 256, 4, 4], 8);
+        assert_eq!(
+            kernels_of_on(&spec(wide, StatsSource::Batch, true), &caps),
             [RowsSubgroup, Finalize]
         );
     }

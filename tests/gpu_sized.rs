@@ -205,31 +205,32 @@ fn channel_norms(ctx: &Context) -> Ran {
         let what = format!("batch norm {shape:?}");
         check_case(ctx, &what, layer, &shape, view, false, eps, &mut ran);
     }
-    // Rows of 900 (a workgroup each); 8 groups of 9216, spread over tiles
-    // in the backward.
-    for shape in [[4, 6, 30, 30], [2, 4, 96, 96]] {
+    // Groups of 900 and 9216 (a workgroup each, forward and backward); 4
+    // groups of 16900, too long to hold, spread over tiles in the backward.
+    for shape in [[4, 6, 30, 30], [2, 4, 96, 96], [2, 2, 130, 130]] {
         let config = InstanceNormConfig::torch();
         let layer = AnyNorm::Instance(InstanceNorm::new(ctx, shape[1], config).unwrap());
         let view = View::instance_norm(&shape);
         let what = format!("instance norm {shape:?}");
         check_case(ctx, &what, layer, &shape, view, false, 1e-5, &mut ran);
     }
-    for (shape, config, view) in [
-        (
-            [4, 16, 10, 10],
-            GroupNormConfig::torch(),
-            View::group_norm(&[4, 16, 10, 10], 4),
-        ),
-        (
-            [4, 8, 8, 32],
-            GroupNormConfig::keras(),
-            View::group_norm_channels_last(&[4, 8, 8, 32], 4),
-        ),
+    // Channels-first groups of 4 channels of 100 (channels straddle the
+    // workgroup's invocations) and of 34 channels (more than the
+    // workgroup-held backward sums one by one: the subgroup row kernel);
+    // Keras's channels-last groups.
+    for (shape, groups, config) in [
+        ([4, 16, 10, 10], 4, GroupNormConfig::torch()),
+        ([2, 34, 8, 8], 1, GroupNormConfig::torch()),
+        ([4, 8, 8, 32], 4, GroupNormConfig::keras()),
     ] {
         let eps = config.eps as f64;
         let keras = config.convention == gpunorm::Convention::Keras;
-        let channels = if keras { shape[3] } else { shape[1] };
-        let layer = AnyNorm::Group(GroupNorm::new(ctx, 4, channels, config).unwrap());
+        let (channels, view) = if keras {
+            (shape[3], View::group_norm_channels_last(&shape, groups))
+        } else {
+            (shape[1], View::group_norm(&shape, groups))
+        };
+        let layer = AnyNorm::Group(GroupNorm::new(ctx, groups, channels, config).unwrap());
         let what = format!("group norm {shape:?}");
         check_case(ctx, &what, layer, &shape, view, false, eps, &mut ran);
     }
@@ -295,6 +296,7 @@ fn channel_norms_sized_for_a_gpu_match_f64() {
             BackwardKernel::GradInput,
             BackwardKernel::ChannelCols,
             BackwardKernel::ChannelGradInput,
+            BackwardKernel::RowsWorkgroupHeld,
             BackwardKernel::RowsSubgroup,
         ],
     );
