@@ -1368,8 +1368,13 @@ fn half_batch_norm_train_and_eval_backward_match_f64_within_2_ulp() {
     }
 }
 
-fn half_group_norm(dtype: DType, shape: &[usize], groups: usize, keras: bool) -> f64 {
-    let ctx = ctx();
+fn half_group_norm(
+    ctx: &Context,
+    dtype: DType,
+    shape: &[usize],
+    groups: usize,
+    keras: bool,
+) -> f64 {
     let c = if keras {
         shape[shape.len() - 1]
     } else {
@@ -1409,14 +1414,23 @@ fn half_group_norm_backward_matches_f64_within_2_ulp() {
             (&[2, 5, 5, 12], 4, true),      // channels-last
             (&[2, 7, 6], 6, true),          // channels-last, one per group
         ] {
-            let u = half_group_norm(dtype, shape, groups, keras);
+            let u = half_group_norm(ctx(), dtype, shape, groups, keras);
             eprintln!("group norm {dtype} {shape:?}/{groups}: {u:.3} ulp");
         }
+        // A GPU's workgroup per group of 4 channels of 100, with a sum per
+        // channel.
+        let u = half_group_norm(gpu_sized(), dtype, &[2, 8, 10, 10], 2, false);
+        eprintln!("gpu-sized group norm {dtype}: {u:.3} ulp");
     }
 }
 
-fn half_instance_norm(dtype: DType, shape: &[usize], mode: Mode, tracked: bool) -> f64 {
-    let ctx = ctx();
+fn half_instance_norm(
+    ctx: &Context,
+    dtype: DType,
+    shape: &[usize],
+    mode: Mode,
+    tracked: bool,
+) -> f64 {
     let c = shape[1];
     let mut h = Half::new(
         &format!("instance norm {mode:?} tracked {tracked}"),
@@ -1456,9 +1470,12 @@ fn half_instance_norm_backward_matches_f64_within_2_ulp() {
             (&[3, 4, 7, 7], Mode::Train, false),     // odd: tiled
             (&[2, 3, 5, 5], Mode::Eval, true),       // running stats
         ] {
-            let u = half_instance_norm(dtype, shape, mode, tracked);
+            let u = half_instance_norm(ctx(), dtype, shape, mode, tracked);
             eprintln!("instance norm {dtype} {shape:?} {mode:?}: {u:.3} ulp");
         }
+        // A GPU's workgroup per group of 1600.
+        let u = half_instance_norm(gpu_sized(), dtype, &[2, 3, 40, 40], Mode::Train, false);
+        eprintln!("gpu-sized instance norm {dtype}: {u:.3} ulp");
     }
 }
 
