@@ -325,3 +325,21 @@ fn channel_norms_sized_for_a_gpu_match_f64() {
         );
     }
 }
+
+#[test]
+fn row_norms_sized_for_a_gpu_without_subgroups_match_f64() {
+    // A GPU without subgroups (WebGPU in a browser, some GL drivers) holds
+    // rows up to 16384 in a workgroup too, and walks the others with the
+    // workgroup-memory row kernel, forward and backward.
+    let ctx = gpunorm::Context::with_options(gpunorm::ContextOptions {
+        size_for_gpu: true,
+        disable_subgroups: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let ran = row_norms(&ctx);
+    assert_ran(&ran.forward, &[Kernel::RowsWorkgroupHeld, Kernel::Rows]);
+    assert_ran(&ran.backward, &[BackwardKernel::Rows]);
+    assert!(!ran.forward.contains(&Kernel::RowsSubgroup));
+    assert!(!ran.backward.contains(&BackwardKernel::RowsWorkgroupHeld));
+}
