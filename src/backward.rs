@@ -526,10 +526,10 @@ fn workgroup_held_rows(v: &View, caps: &Caps, channels_per_group: Option<usize>)
 /// tiles long, and no held-row kernel for them (InstanceNorm 8x64x128x130
 /// would be 512 subgroups, a few per multiprocessor, against 2560
 /// workgroups of tiles). The tiled passes read x and dy twice, as the
-/// subgroup row kernel does, unless the row kernel's per-channel sums would have given the
-/// affine gradients of channels that are not the groups (channels-first
-/// GroupNorm): tiles would read them a third time, so those keep the row
-/// kernel.
+/// subgroup row kernel does, unless the row kernel's per-channel sums would
+/// have given the affine gradients of channels that are not the groups
+/// (channels-first GroupNorm): tiles would read them a third time, so
+/// those keep the row kernel.
 fn tiles_fill_gpu(
     v: &View,
     caps: &Caps,
