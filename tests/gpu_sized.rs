@@ -5,9 +5,9 @@
 //! columns, runs walked by subgroups. Without this file the choices a GPU
 //! gets (a row per subgroup, tiles, column strips, per-invocation partials)
 //! would run in no test. A context with `size_for_gpu` makes them on
-//! lavapipe; each case checks y, the running statistics' effect through
-//! eval, and the gradients against the f64 reference, and that the plan is
-//! the GPU's.
+//! lavapipe; each case checks y and the gradients of a train-mode forward
+//! against the f64 reference, and each test that the kernels were the
+//! GPU's.
 
 mod common;
 use common::{assert_close, gpu_sized, normal};
@@ -146,6 +146,7 @@ fn check_case(
         atol,
         BACKWARD_TOL,
     );
+    assert_eq!(got.grad_bias.is_some(), b.is_some(), "{what}: grad_bias");
     if let Some(gb) = &got.grad_bias {
         assert_close(
             &format!("{what} grad_bias"),
