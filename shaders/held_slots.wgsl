@@ -1,5 +1,7 @@
 // Rows held in registers by the held-row kernels (rows_held.wgsl forward,
-// backward_rows_held.wgsl): a lane of a `w`-wide subgroup holds the vectors
+// backward_rows_held.wgsl; on GPUs their workgroup twins,
+// rows_workgroup_held.wgsl and backward_rows_workgroup_held.wgsl, with w
+// the workgroup size): a lane of a `w`-wide subgroup holds the vectors
 // lane, lane + w, ... of a row in up to 32 slots, four octets of eight.
 // Octets are arrays of eight values passed by value and indexed only with
 // constants, so they stay in registers: lavapipe kept an array indexed in a
