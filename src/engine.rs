@@ -412,9 +412,9 @@ pub fn held_vectors(view: &View, caps: &Caps) -> Option<u32> {
 /// kernel takes this view (rows_workgroup_held.wgsl): on a GPU, rows of
 /// whole vectors too long for a subgroup's slots ([`held_vectors`]) and at
 /// most [`kernels::HELD_SLOTS_WORKGROUP`] vectors per invocation of a
-/// workgroup of [`kernels::ROWS_WG_HELD`]. Any rows that share no
-/// parameters across rows qualify (GroupNorm, InstanceNorm): γ and β are
-/// read per row. CPUs keep their subgroup kernels: lavapipe's barriers
+/// workgroup of [`kernels::ROWS_WG_HELD`]. Rows with γ and β of their own
+/// (GroupNorm, InstanceNorm) qualify as well as LayerNorm/RMSNorm rows: the
+/// kernel reads γ and β per row. CPUs keep their subgroup kernels: lavapipe's barriers
 /// carry the held state and ran 4x slower. None where it does not apply.
 pub fn workgroup_held_vectors(view: &View, caps: &Caps) -> Option<u32> {
     let n4 = view.b / 4;
