@@ -37,21 +37,21 @@ fn octet_affine(j: U32x8, l: Livex8) -> Affine4x8 {
     );
 }
 
-fn slot_store(base4: u32, j4: u32, live: bool, d: vec4<f32>, dmean: f32, rstd: f32, a: Affine4) {
+fn slot_store(base4: u32, j4: u32, live: bool, v: vec4<f32>, m0: f32, dmean: f32, rstd: f32, a: Affine4) {
     if (live) {
-        store_y4(base4 + j4, apply_affine4((d - dmean) * rstd, a));
+        store_y4(base4 + j4, apply_affine4(((v - m0) - dmean) * rstd, a));
     }
 }
 
-fn octet_store(base4: u32, j: U32x8, l: Livex8, d: Vec4x8, dmean: f32, rstd: f32, a: Affine4x8) {
-    slot_store(base4, j[0], l[0], d[0], dmean, rstd, a[0]);
-    slot_store(base4, j[1], l[1], d[1], dmean, rstd, a[1]);
-    slot_store(base4, j[2], l[2], d[2], dmean, rstd, a[2]);
-    slot_store(base4, j[3], l[3], d[3], dmean, rstd, a[3]);
-    slot_store(base4, j[4], l[4], d[4], dmean, rstd, a[4]);
-    slot_store(base4, j[5], l[5], d[5], dmean, rstd, a[5]);
-    slot_store(base4, j[6], l[6], d[6], dmean, rstd, a[6]);
-    slot_store(base4, j[7], l[7], d[7], dmean, rstd, a[7]);
+fn octet_store(base4: u32, j: U32x8, l: Livex8, v: Vec4x8, m0: f32, dmean: f32, rstd: f32, a: Affine4x8) {
+    slot_store(base4, j[0], l[0], v[0], m0, dmean, rstd, a[0]);
+    slot_store(base4, j[1], l[1], v[1], m0, dmean, rstd, a[1]);
+    slot_store(base4, j[2], l[2], v[2], m0, dmean, rstd, a[2]);
+    slot_store(base4, j[3], l[3], v[3], m0, dmean, rstd, a[3]);
+    slot_store(base4, j[4], l[4], v[4], m0, dmean, rstd, a[4]);
+    slot_store(base4, j[5], l[5], v[5], m0, dmean, rstd, a[5]);
+    slot_store(base4, j[6], l[6], v[6], m0, dmean, rstd, a[6]);
+    slot_store(base4, j[7], l[7], v[7], m0, dmean, rstd, a[7]);
 }
 
 @compute @workgroup_size(ROWS_SG_WG)
@@ -82,19 +82,18 @@ fn rows_held(
             let s = (octet_sum(v0) + octet_sum(v1)) + (octet_sum(v2) + octet_sum(v3));
             m0 = subgroupAdd(hsum(s)) / n;
         }
-        let d0 = octet_centered(v0, m0, slots.l0);
-        let d1 = octet_centered(v1, m0, slots.l1);
-        let d2 = octet_centered(v2, m0, slots.l2);
-        let d3 = octet_centered(v3, m0, slots.l3);
+        let c0 = octet_centered_sums(v0, m0, slots.l0);
+        let c1 = octet_centered_sums(v1, m0, slots.l1);
+        let c2 = octet_centered_sums(v2, m0, slots.l2);
+        let c3 = octet_centered_sums(v3, m0, slots.l3);
         var dmean = 0.0;
         var t1 = 0.0;
         if (!IS_RMS) {
-            let s = (octet_sum(d0) + octet_sum(d1)) + (octet_sum(d2) + octet_sum(d3));
+            let s = (c0.s + c1.s) + (c2.s + c3.s);
             t1 = subgroupAdd(hsum(s));
             dmean = t1 / n;
         }
-        let s2 = (octet_dot(d0, d0) + octet_dot(d1, d1))
-            + (octet_dot(d2, d2) + octet_dot(d3, d3));
+        let s2 = (c0.q + c1.q) + (c2.q + c3.q);
         // Rounding can leave a tiny negative; a NaN (inf or NaN in the row)
         // must stay NaN, as in torch, so no max() here.
         var variance = (subgroupAdd(hsum(s2)) - t1 * dmean) / n;
@@ -105,9 +104,9 @@ fn rows_held(
         if (lane == 0u) {
             scratch[row] = vec4<f32>(m0, dmean, rstd, variance);
         }
-        octet_store(base4, slots.j0, slots.l0, d0, dmean, rstd, a0);
-        octet_store(base4, slots.j1, slots.l1, d1, dmean, rstd, a1);
-        octet_store(base4, slots.j2, slots.l2, d2, dmean, rstd, a2);
-        octet_store(base4, slots.j3, slots.l3, d3, dmean, rstd, a3);
+        octet_store(base4, slots.j0, slots.l0, v0, m0, dmean, rstd, a0);
+        octet_store(base4, slots.j1, slots.l1, v1, m0, dmean, rstd, a1);
+        octet_store(base4, slots.j2, slots.l2, v2, m0, dmean, rstd, a2);
+        octet_store(base4, slots.j3, slots.l3, v3, m0, dmean, rstd, a3);
     }
 }

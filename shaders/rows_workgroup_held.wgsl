@@ -19,22 +19,22 @@
 
 // Stores a live slot's y; γ and β of group g are read here (a GPU's cache
 // serves them to every row).
-fn slot_store_row(base4: u32, g: u32, j4: u32, live: bool, d: vec4<f32>, dmean: f32, rstd: f32) {
+fn slot_store_row(base4: u32, g: u32, j4: u32, live: bool, v: vec4<f32>, m0: f32, dmean: f32, rstd: f32) {
     if (live) {
         let a = affine_params4(g, g * (params.b / 4u) + j4);
-        store_y4(base4 + j4, apply_affine4((d - dmean) * rstd, a));
+        store_y4(base4 + j4, apply_affine4(((v - m0) - dmean) * rstd, a));
     }
 }
 
-fn octet_store_row(base4: u32, g: u32, j: U32x8, l: Livex8, d: Vec4x8, dmean: f32, rstd: f32) {
-    slot_store_row(base4, g, j[0], l[0], d[0], dmean, rstd);
-    slot_store_row(base4, g, j[1], l[1], d[1], dmean, rstd);
-    slot_store_row(base4, g, j[2], l[2], d[2], dmean, rstd);
-    slot_store_row(base4, g, j[3], l[3], d[3], dmean, rstd);
-    slot_store_row(base4, g, j[4], l[4], d[4], dmean, rstd);
-    slot_store_row(base4, g, j[5], l[5], d[5], dmean, rstd);
-    slot_store_row(base4, g, j[6], l[6], d[6], dmean, rstd);
-    slot_store_row(base4, g, j[7], l[7], d[7], dmean, rstd);
+fn octet_store_row(base4: u32, g: u32, j: U32x8, l: Livex8, v: Vec4x8, m0: f32, dmean: f32, rstd: f32) {
+    slot_store_row(base4, g, j[0], l[0], v[0], m0, dmean, rstd);
+    slot_store_row(base4, g, j[1], l[1], v[1], m0, dmean, rstd);
+    slot_store_row(base4, g, j[2], l[2], v[2], m0, dmean, rstd);
+    slot_store_row(base4, g, j[3], l[3], v[3], m0, dmean, rstd);
+    slot_store_row(base4, g, j[4], l[4], v[4], m0, dmean, rstd);
+    slot_store_row(base4, g, j[5], l[5], v[5], m0, dmean, rstd);
+    slot_store_row(base4, g, j[6], l[6], v[6], m0, dmean, rstd);
+    slot_store_row(base4, g, j[7], l[7], v[7], m0, dmean, rstd);
 }
 
 @compute @workgroup_size(ROWS_WG_HELD)
@@ -60,12 +60,12 @@ fn rows_workgroup_held(
         let s = (octet_sum(v0) + octet_sum(v1)) + (octet_sum(v2) + octet_sum(v3));
         m0 = workgroup_total(lid, vec4<f32>(hsum(s), 0.0, 0.0, 0.0)).x / n;
     }
-    let d0 = octet_centered(v0, m0, slots.l0);
-    let d1 = octet_centered(v1, m0, slots.l1);
-    let d2 = octet_centered(v2, m0, slots.l2);
-    let d3 = octet_centered(v3, m0, slots.l3);
-    let s1 = (octet_sum(d0) + octet_sum(d1)) + (octet_sum(d2) + octet_sum(d3));
-    let s2 = (octet_dot(d0, d0) + octet_dot(d1, d1)) + (octet_dot(d2, d2) + octet_dot(d3, d3));
+    let c0 = octet_centered_sums(v0, m0, slots.l0);
+    let c1 = octet_centered_sums(v1, m0, slots.l1);
+    let c2 = octet_centered_sums(v2, m0, slots.l2);
+    let c3 = octet_centered_sums(v3, m0, slots.l3);
+    let s1 = (c0.s + c1.s) + (c2.s + c3.s);
+    let s2 = (c0.q + c1.q) + (c2.q + c3.q);
     let t = workgroup_total(lid, vec4<f32>(hsum(s1), hsum(s2), 0.0, 0.0));
     var dmean = 0.0;
     var t1 = 0.0;
@@ -84,8 +84,8 @@ fn rows_workgroup_held(
         scratch[row] = vec4<f32>(m0, dmean, rstd, variance);
     }
     let g = row - fast_div(row, params.div_g) * params.g;
-    octet_store_row(base4, g, slots.j0, slots.l0, d0, dmean, rstd);
-    octet_store_row(base4, g, slots.j1, slots.l1, d1, dmean, rstd);
-    octet_store_row(base4, g, slots.j2, slots.l2, d2, dmean, rstd);
-    octet_store_row(base4, g, slots.j3, slots.l3, d3, dmean, rstd);
+    octet_store_row(base4, g, slots.j0, slots.l0, v0, m0, dmean, rstd);
+    octet_store_row(base4, g, slots.j1, slots.l1, v1, m0, dmean, rstd);
+    octet_store_row(base4, g, slots.j2, slots.l2, v2, m0, dmean, rstd);
+    octet_store_row(base4, g, slots.j3, slots.l3, v3, m0, dmean, rstd);
 }
