@@ -561,7 +561,11 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             // channel with an update): serially when they are few.
             let groups_per_output = if spec.update.is_some() { v.p } else { 1 };
             let merged = merge_tiles_for(v, chunks, caps) as usize * groups_per_output;
-            if merged <= kernels::FINALIZE_SERIAL_MAX as usize {
+            let serial_max = caps.cpu_or_gpu(
+                kernels::FINALIZE_SERIAL_MAX_CPU,
+                kernels::FINALIZE_SERIAL_MAX,
+            );
+            if merged <= serial_max as usize {
                 plan.push(d(
                     Kernel::FinalizeSerial,
                     finalize_wg.div_ceil(kernels::FINALIZE_WG as usize),
@@ -1301,6 +1305,24 @@ mod tests {
         // Channels-last on a CPU: blocks of 256 rows, 392 partials per
         // channel.
         assert_eq!(scratch_bytes(&nhwc, &whole, &cpu), 16 * (64 + 64 * 392));
+        // A CPU lane merges those 392 serially; sized for a GPU, 392 take
+        // a workgroup tree, as do more than 1024 on a CPU.
+        let nhwc_train = spec(nhwc, StatsSource::Batch, true, DType::F32);
+        assert_eq!(
+            kernels_of(&nhwc_train, &whole, &cpu)[1],
+            Kernel::FinalizeSerial
+        );
+        let gpu_sized_392 = Caps { cpu: false, ..cpu };
+        assert_eq!(
+            kernels_of(&nhwc_train, &whole, &gpu_sized_392)[1],
+            Kernel::Finalize
+        );
+        let taller = View::batch_norm(&[65, 64, 64, 64], 3);
+        let taller_train = spec(taller, StatsSource::Batch, true, DType::F32);
+        assert_eq!(
+            kernels_of(&taller_train, &Chunks::whole(taller.numel()), &cpu)[1],
+            Kernel::Finalize
+        );
         // Runs longer than a subgroup sums alone keep the tiles.
         let long = View::instance_norm(&[1, 2, 20_000]);
         let tracked = spec(long, StatsSource::Batch, true, DType::F32);

@@ -2,7 +2,8 @@
 //! encoder, and the guarantee that a failing call changes nothing.
 
 mod common;
-use common::{assert_close, ctx, normal};
+use common::{assert_close, ctx, gpu_sized, normal};
+use gpunorm::kernels::Kernel;
 use gpunorm::{
     reference, BatchNorm, BatchNormConfig, Error, GpuTensor, InstanceNorm, InstanceNormConfig,
     LayerNorm, Mode, RowNormConfig, View,
@@ -557,26 +558,38 @@ fn group_norm_with_one_group_holds_rows_and_finds_each_channels_parameters() {
 
 #[test]
 fn batch_norm_with_many_partials_per_channel_matches_f64() {
-    // 20·16·16 = 5120 rows of 4 channels: 320 column blocks per channel,
-    // more than one invocation merges (kernels::FINALIZE_SERIAL_MAX), so
-    // the finalize pass reduces them in a workgroup tree.
-    let ctx = ctx();
-    let shape = [20, 16, 16, 4];
-    let x = normal(20 * 16 * 16 * 4, 79, 5.0, 2.0);
-    let mut bn = BatchNorm::new(ctx, 4, BatchNormConfig::keras()).unwrap();
-    let xt = ctx.upload(&x, &shape).unwrap();
+    // 65·64·64 = 266240 rows of 4 channels: 1040 column blocks per channel
+    // on a CPU adapter (256 rows each), 4160 sized for a GPU (64 rows each).
+    // That is more than one invocation merges on either
+    // (kernels::FINALIZE_SERIAL_MAX_CPU, FINALIZE_SERIAL_MAX), so the
+    // finalize pass reduces them in a workgroup tree: the plan must say so.
+    let shape = [65, 64, 64, 4];
+    let x = normal(shape.iter().product(), 79, 5.0, 2.0);
     let view = View::batch_norm(&shape, 3);
-    let y = ctx
-        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
-        .unwrap();
     let want = reference::forward(&x, &view, false, 1e-3, None, None);
-    assert_close("train", &y, &want, 1e-5, 1e-5);
     let stats = reference::group_stats(&x, &view, false);
-    let (rm, rv, _) = running(&bn);
     let want_rm: Vec<f64> = stats.iter().map(|s| 0.01 * s.0).collect();
     let want_rv: Vec<f64> = stats.iter().map(|s| 0.99 + 0.01 * s.1).collect();
-    assert_close("moving_mean", &rm, &want_rm, 1e-6, 1e-5);
-    assert_close("moving_variance", &rv, &want_rv, 1e-6, 1e-5);
+    for ctx in [ctx(), gpu_sized()] {
+        let mut bn = BatchNorm::new(ctx, 4, BatchNormConfig::keras()).unwrap();
+        let xt = ctx.upload(&x, &shape).unwrap();
+        let y = ctx.zeros(&shape, gpunorm::DType::F32).unwrap();
+        let mut encoder = ctx
+            .device()
+            .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+        let plan = bn.record(ctx, &mut encoder, &xt, &y, Mode::Train).unwrap();
+        ctx.submit_and_wait(encoder).unwrap();
+        assert!(
+            plan.iter().any(|d| d.kernel == Kernel::Finalize),
+            "no tree finalize in {plan:?}"
+        );
+        assert_close("train", &ctx.download(&y).unwrap(), &want, 1e-5, 1e-5);
+        let r = bn.running_stats().unwrap();
+        let rm = ctx.download(&r.mean).unwrap();
+        let rv = ctx.download(&r.var).unwrap();
+        assert_close("moving_mean", &rm, &want_rm, 1e-6, 1e-5);
+        assert_close("moving_variance", &rv, &want_rv, 1e-6, 1e-5);
+    }
 }
 
 #[test]
