@@ -5,9 +5,12 @@ Usage (from the repository root, with torch installed, e.g. in .venv):
 
     cargo build --release
     .venv/bin/python bench/compare_torch.py [--iters N] [--gpunorm PATH]
+        [--scale K] [--torch-devices cpu,cuda]
 
-For every shape of the criterion benches it times torch on the CPU (and on
-CUDA when torch sees a GPU), runs `gpunorm bench --json` on the same shape,
+For every shape of the criterion benches (the first dimension times
+`--scale`: a GPU's L2 holds the 16 MiB tensors of scale 1) it times torch
+on the CPU and on CUDA when torch sees a GPU (`--torch-devices` picks),
+runs `gpunorm bench --json` on the same shape,
 and prints one table: ms, GB/s (the byte model of `gpunorm bench --help`:
 input read once, output written once, parameters and statistics),
 gpunorm's fraction of its adapter's WGSL copy kernel, and the ratio of
@@ -81,41 +84,47 @@ def torch_input(shape, layout, device):
     return x
 
 
+def median_ms(step, device, iters, warmup=3):
+    """Median time of `step()` in ms: CUDA events around each call on a GPU
+    (device time, as gpunorm's timestamp queries; a host clock with a
+    synchronize per call would add the launch and sync to kernels of a few
+    microseconds), the host clock on the CPU."""
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize()
+        times = sorted(start.elapsed_time(end) for start, end in events)
+        return times[len(times) // 2]
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
 def time_torch_backward(factory, shape, layout, device, iters):
     module = factory(shape).to(device)
     x = torch_input(shape, layout, device).requires_grad_()
     y = module(x)
     dy = torch.randn_like(y)
     inputs = [x] + [p for p in module.parameters() if p.requires_grad]
-    times = []
-    for i in range(iters + 3):
-        start = time.perf_counter()
-        torch.autograd.grad(y, inputs, dy, retain_graph=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+    return median_ms(lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True), device, iters)
 
 
 def time_torch(factory, shape, layout, device, iters):
     module = factory(shape).to(device)
     x = torch_input(shape, layout, device)
     with torch.no_grad():
-        for _ in range(3):
-            module(x)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            module(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+        return median_ms(lambda: module(x), device, iters)
 
 
 def run_gpunorm(binary, op, shape, flags, iters):
@@ -152,16 +161,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--gpunorm", default=os.path.join("target", "release", "gpunorm"))
+    parser.add_argument("--scale", type=int, default=1,
+                        help="multiply the first dimension of every shape by this")
+    parser.add_argument("--torch-devices", default="cpu,cuda",
+                        help="torch devices to time, of cpu and cuda (cuda only where torch sees one)")
     args = parser.parse_args()
     if not os.path.exists(args.gpunorm):
         sys.exit(f"error: {args.gpunorm} not found; run `cargo build --release` first")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.scale < 1:
+        sys.exit("error: --scale must be at least 1")
+    wanted = args.torch_devices.split(",") if args.torch_devices else []
+    if any(d not in ("cpu", "cuda") for d in wanted):
+        sys.exit(f"error: --torch-devices takes cpu and cuda, got {args.torch_devices!r}")
+    devices = [d for d in wanted if d == "cpu" or torch.cuda.is_available()]
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
           + (f", CUDA: {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     rows = []
     cases = [(case, False) for case in CASES] + [(case, True) for case in BACKWARD_CASES]
     for (label, op, shape, flags, factory, layout), backward in cases:
+        shape = [shape[0] * args.scale] + shape[1:]
         extra = ["--backward"] if backward else []
         g = run_gpunorm(args.gpunorm, op, shape, flags + extra, args.iters)
         row = {"label": label, "shape": "x".join(map(str, shape)), "g": g}
