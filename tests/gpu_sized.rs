@@ -238,8 +238,19 @@ fn channel_norms(ctx: &Context) -> Ran {
     ran
 }
 
-/// Every kernel of `want` is in `ran`.
+/// Whether the kernel checks apply. They pin the GPU sizes of
+/// src/kernels.rs; scripts/gpu-pack builds variants with other sizes, whose
+/// kernels differ by design, and runs this file with
+/// GPUNORM_TEST_ANY_KERNELS=1 to check their results alone.
+fn kernels_pinned() -> bool {
+    std::env::var_os("GPUNORM_TEST_ANY_KERNELS").is_none()
+}
+
+/// Every kernel of `want` is in `ran` (unless [`kernels_pinned`] is off).
 fn assert_ran<K: PartialEq + std::fmt::Debug>(ran: &[K], want: &[K]) {
+    if !kernels_pinned() {
+        return;
+    }
     for k in want {
         assert!(ran.contains(k), "{k:?} not in {ran:?}");
     }
@@ -341,6 +352,8 @@ fn row_norms_sized_for_a_gpu_without_subgroups_match_f64() {
     let ran = row_norms(&ctx);
     assert_ran(&ran.forward, &[Kernel::RowsWorkgroupHeld, Kernel::Rows]);
     assert_ran(&ran.backward, &[BackwardKernel::Rows]);
-    assert!(!ran.forward.contains(&Kernel::RowsSubgroup));
-    assert!(!ran.backward.contains(&BackwardKernel::RowsWorkgroupHeld));
+    if kernels_pinned() {
+        assert!(!ran.forward.contains(&Kernel::RowsSubgroup));
+        assert!(!ran.backward.contains(&BackwardKernel::RowsWorkgroupHeld));
+    }
 }
