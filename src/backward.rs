@@ -344,20 +344,16 @@ const BF_HELD_SHIFT: u32 = 24;
 /// every adapter offers.
 const COLUMN_SUMS_MAX_BYTES: usize = 128 << 20;
 
-/// Most partials one finalize output merges serially, one invocation per
-/// output; with more, a workgroup per output merges them in a tree. Few
-/// partials per output are the common case (column sums, GroupNorm
-/// groups), and there a workgroup per output spent its time at barriers:
-/// lavapipe paid ~10 µs per workgroup, 20 ms for Keras GroupNorm's 2304
-/// outputs.
-const FINALIZE_SERIAL_MAX: u32 = 256;
-
 /// The finalize step for `outputs` outputs with parameters `f`: serial
-/// (one invocation per output, [`FINALIZE_SERIAL_MAX`]) or a workgroup per
-/// output. Returns its workgroups and parameters.
+/// (one invocation per output, up to [`kernels::FINALIZE_SERIAL_MAX`]
+/// partials each) or a workgroup per output. Few partials per output are
+/// the common case (column sums, GroupNorm groups), and there a workgroup
+/// per output spent its time at barriers: lavapipe paid ~10 µs per
+/// workgroup, 20 ms for Keras GroupNorm's 2304 outputs. Returns its
+/// workgroups and parameters.
 fn finalize_step(outputs: usize, mut f: BwdParams) -> (usize, BwdParams) {
     let merged = if f.flags & BF_LOOP_P != 0 { f.rp } else { 1 };
-    if f.tiles.saturating_mul(merged) <= FINALIZE_SERIAL_MAX {
+    if f.tiles.saturating_mul(merged) <= kernels::FINALIZE_SERIAL_MAX {
         f.flags |= BF_SERIAL;
         (outputs.div_ceil(BWD_FINALIZE_WG as usize), f)
     } else {
