@@ -345,15 +345,16 @@ const BF_HELD_SHIFT: u32 = 24;
 const COLUMN_SUMS_MAX_BYTES: usize = 128 << 20;
 
 /// The finalize step for `outputs` outputs with parameters `f`: serial
-/// (one invocation per output, up to [`kernels::FINALIZE_SERIAL_MAX`]
-/// partials each) or a workgroup per output. Few partials per output are
-/// the common case (column sums, GroupNorm groups), and there a workgroup
-/// per output spent its time at barriers: lavapipe paid ~10 µs per
-/// workgroup, 20 ms for Keras GroupNorm's 2304 outputs. Returns its
-/// workgroups and parameters.
-fn finalize_step(outputs: usize, mut f: BwdParams) -> (usize, BwdParams) {
+/// (one invocation per output, up to `serial_max` partials each:
+/// [`kernels::FINALIZE_SERIAL_MAX`], or [`kernels::FINALIZE_SERIAL_MAX_CPU`]
+/// on a CPU) or a workgroup per output. Few partials per output are the
+/// common case (column sums, GroupNorm groups), and there a workgroup per
+/// output spent its time at barriers: lavapipe paid ~10 µs per workgroup,
+/// 20 ms for Keras GroupNorm's 2304 outputs. Returns its workgroups and
+/// parameters.
+fn finalize_step(outputs: usize, mut f: BwdParams, serial_max: u32) -> (usize, BwdParams) {
     let merged = if f.flags & BF_LOOP_P != 0 { f.rp } else { 1 };
-    if f.tiles.saturating_mul(merged) <= kernels::FINALIZE_SERIAL_MAX {
+    if f.tiles.saturating_mul(merged) <= serial_max {
         f.flags |= BF_SERIAL;
         (outputs.div_ceil(BWD_FINALIZE_WG as usize), f)
     } else {
@@ -583,6 +584,10 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
     }
     let params_wanted = grad_flags != 0;
     let per_channel = affine_is_channel(v);
+    let finalize_serial_max = caps.cpu_or_gpu(
+        kernels::FINALIZE_SERIAL_MAX_CPU,
+        kernels::FINALIZE_SERIAL_MAX,
+    );
     let base = BwdParams {
         sp: v.p as u32,
         sa: v.a as u32,
@@ -607,7 +612,7 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
     };
     let mut push = |kernel, workgroups: usize, params: BwdParams| {
         let (workgroups, params) = if kernel == BackwardKernel::Finalize {
-            finalize_step(workgroups, params)
+            finalize_step(workgroups, params, finalize_serial_max)
         } else {
             (workgroups, params)
         };

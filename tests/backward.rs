@@ -441,7 +441,21 @@ fn batch_norm_case_at(
     running: bool,
     offset: f32,
 ) {
-    let ctx = ctx();
+    batch_norm_case_on(ctx(), what, shape, config, axis, mode, running, offset);
+}
+
+/// batch_norm_case_at on the context `ctx`.
+#[allow(clippy::too_many_arguments)]
+fn batch_norm_case_on(
+    ctx: &Context,
+    what: &str,
+    shape: &[usize],
+    config: BatchNormConfig,
+    axis: usize,
+    mode: Mode,
+    running: bool,
+    offset: f32,
+) {
     let c = shape[axis];
     let d = inputs(shape, c, shape.iter().sum::<usize>() as u64, offset);
     let rm = normal(c, 5, 0.5, 0.5);
@@ -465,7 +479,7 @@ fn batch_norm_case_at(
     let view = View::batch_norm(shape, axis);
     let constants = (mode == Mode::Eval && running).then_some((rm.as_slice(), rv.as_slice()));
     let want = reference::backward(&d.x, &d.dy, &view, false, eps, Some(&d.w), constants);
-    check(what, &got, &want, true, true, view.group_len());
+    check_on(ctx, what, &got, &want, true, true, view.group_len());
 }
 
 #[test]
@@ -570,6 +584,52 @@ fn channels_last_backward_of_whole_vector_channels_matches_f64() {
         Mode::Train,
         true,
     );
+}
+
+#[test]
+fn channels_last_backward_merges_hundreds_of_row_blocks_serially_on_a_cpu() {
+    // 32768 rows of 32 channels: 512 row blocks per channel on a CPU
+    // adapter, 1024 sized for a GPU. A CPU merges up to
+    // kernels::FINALIZE_SERIAL_MAX_CPU partials in one invocation, a GPU up
+    // to FINALIZE_SERIAL_MAX (256): one serial workgroup for the 32 channels
+    // on a CPU, a workgroup tree per channel on a GPU. 65536 rows of 4
+    // channels make 2048 blocks, a tree everywhere.
+    for ctx in [ctx(), gpu_sized()] {
+        for shape in [[8usize, 64, 64, 32], [16, 64, 64, 4]] {
+            let channels = shape[3];
+            let serial = ctx.caps().cpu && channels == 32;
+            let spec = gpunorm::backward::BackwardSpec {
+                view: View::batch_norm(&shape, 3),
+                dtype: DType::F32,
+                rms: false,
+                source: gpunorm::engine::StatsSource::Batch,
+                weight: true,
+                grad_weight: true,
+                grad_bias: true,
+            };
+            let finalize: Vec<u32> = plan_backward_on(&spec, &ctx.caps())
+                .iter()
+                .filter(|d| d.kernel == BackwardKernel::Finalize)
+                .map(|d| d.workgroups)
+                .collect();
+            assert_eq!(
+                finalize,
+                [if serial { 1 } else { channels as u32 }],
+                "{shape:?}, cpu: {}",
+                ctx.caps().cpu
+            );
+            batch_norm_case_on(
+                ctx,
+                &format!("channels-last batch norm {shape:?}"),
+                &shape,
+                BatchNormConfig::keras(),
+                3,
+                Mode::Train,
+                true,
+                1.0,
+            );
+        }
+    }
 }
 
 fn group_norm_case(what: &str, shape: &[usize], groups: usize, config: GroupNormConfig) {
