@@ -208,6 +208,20 @@ fn inputs(shape: &[usize], affine_len: usize, seed: u64, offset: f32) -> Inputs 
     }
 }
 
+/// The backward of an f32 `view` with γ, batch statistics and both affine
+/// gradients, as the modules plan it.
+fn affine_batch_spec(view: View) -> gpunorm::backward::BackwardSpec {
+    gpunorm::backward::BackwardSpec {
+        view,
+        dtype: DType::F32,
+        rms: false,
+        source: gpunorm::engine::StatsSource::Batch,
+        weight: true,
+        grad_weight: true,
+        grad_bias: true,
+    }
+}
+
 fn up(ctx: &Context, v: &[f32], shape: &[usize]) -> GpuTensor {
     ctx.upload(v, shape).unwrap()
 }
@@ -428,23 +442,10 @@ fn batch_norm_case(
     mode: Mode,
     running: bool,
 ) {
-    batch_norm_case_at(what, shape, config, axis, mode, running, 1.0);
+    batch_norm_case_on(ctx(), what, shape, config, axis, mode, running, 1.0);
 }
 
-/// batch_norm_case with x drawn around `offset`.
-fn batch_norm_case_at(
-    what: &str,
-    shape: &[usize],
-    config: BatchNormConfig,
-    axis: usize,
-    mode: Mode,
-    running: bool,
-    offset: f32,
-) {
-    batch_norm_case_on(ctx(), what, shape, config, axis, mode, running, offset);
-}
-
-/// batch_norm_case_at on the context `ctx`.
+/// batch_norm_case on the context `ctx`, with x drawn around `offset`.
 #[allow(clippy::too_many_arguments)]
 fn batch_norm_case_on(
     ctx: &Context,
@@ -495,7 +496,8 @@ fn batch_norm_train_backward_over_channels_of_several_tiles_matches_f64() {
     );
     // grad_input by runs is regrouped around a value of the channel: a
     // large common offset costs no digits.
-    batch_norm_case_at(
+    batch_norm_case_on(
+        ctx(),
         "batch norm 2d train, offset 1e3",
         &[8, 3, 40, 40],
         BatchNormConfig::torch_2d(),
@@ -565,7 +567,8 @@ fn channels_last_backward_of_whole_vector_channels_matches_f64() {
         (&[2, 5, 7, 1024], 1.0),
     ] {
         for mode in [Mode::Train, Mode::Eval] {
-            batch_norm_case_at(
+            batch_norm_case_on(
+                ctx(),
                 &format!("channels-last batch norm {shape:?} {mode:?}"),
                 shape,
                 BatchNormConfig::keras(),
@@ -598,15 +601,7 @@ fn channels_last_backward_merges_hundreds_of_row_blocks_serially_on_a_cpu() {
         for shape in [[8usize, 64, 64, 32], [16, 64, 64, 4]] {
             let channels = shape[3];
             let serial = ctx.caps().cpu && channels == 32;
-            let spec = gpunorm::backward::BackwardSpec {
-                view: View::batch_norm(&shape, 3),
-                dtype: DType::F32,
-                rms: false,
-                source: gpunorm::engine::StatsSource::Batch,
-                weight: true,
-                grad_weight: true,
-                grad_bias: true,
-            };
+            let spec = affine_batch_spec(View::batch_norm(&shape, 3));
             let finalize: Vec<u32> = plan_backward_on(&spec, &ctx.caps())
                 .iter()
                 .filter(|d| d.kernel == BackwardKernel::Finalize)
@@ -864,18 +859,7 @@ fn record_backward_records_into_the_callers_encoder_and_reports_its_dispatches()
         true,
         view.group_len(),
     );
-    let spec_plan = plan_backward_on(
-        &gpunorm::backward::BackwardSpec {
-            view,
-            dtype: DType::F32,
-            rms: false,
-            source: gpunorm::engine::StatsSource::Batch,
-            weight: true,
-            grad_weight: true,
-            grad_bias: true,
-        },
-        &ctx.caps(),
-    );
+    let spec_plan = plan_backward_on(&affine_batch_spec(view), &ctx.caps());
     assert_eq!(spec_plan, dispatches);
 }
 
