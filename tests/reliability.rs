@@ -259,3 +259,38 @@ fn odd_rows_and_first_element_outliers_normalize_accurately() {
     let want = reference::forward(&x, &View::batch_norm(&shape, 1), false, 1e-5, None, None);
     assert_close("batch norm with an outlier first", &y, &want, 1e-3, 0.0);
 }
+
+#[test]
+fn a_stdout_that_cannot_be_written_is_an_error_line_not_a_panic() {
+    // /dev/full refuses every write (ENOSPC), as a closed pipe or a full
+    // disk would. Every command that prints reports it and exits 1.
+    let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") else {
+        eprintln!("no /dev/full here: skipped");
+        return;
+    };
+    for args in [
+        &["adapters"][..],
+        &["demo", "--iters", "1"],
+        &[
+            "bench",
+            "--op",
+            "layer-norm",
+            "--shape",
+            "8,64",
+            "--iters",
+            "2",
+        ],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpunorm"))
+            .args(args)
+            .stdout(full.try_clone().unwrap())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: cannot write to stdout") && stderr.lines().count() == 1,
+            "{args:?}: {stderr}"
+        );
+    }
+}

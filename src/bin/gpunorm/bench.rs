@@ -172,14 +172,12 @@ impl Measurement {
 
     /// Prints the measurement (a closed stdout is an error, not a panic).
     pub fn print(&self, json: bool) -> Result<()> {
-        use std::io::Write as _;
         let line = if json {
             serde_json::to_string(self).map_err(|e| Error::File(e.to_string()))?
         } else {
             self.line()
         };
-        writeln!(std::io::stdout().lock(), "{line}")
-            .map_err(|e| Error::File(format!("cannot write to stdout: {e}")))
+        outln!("{line}")
     }
 }
 

@@ -96,11 +96,16 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
         .adapter()
         .map(|a| format!("{} ({}, {})", a.name, a.backend, a.device_type))
         .unwrap_or_default();
-    println!("adapter: {adapter}");
-    println!(
+    outln!("adapter: {adapter}")?;
+    outln!(
         "{:<22} {:<18} {:<5} {:>12} {:>10} {:>9}  check",
-        "op", "shape", "dtype", "max error", "time ms", "GB/s"
-    );
+        "op",
+        "shape",
+        "dtype",
+        "max error",
+        "time ms",
+        "GB/s"
+    )?;
     let mut failures = 0;
     for (i, mut case) in cases(&ctx)?.into_iter().enumerate() {
         let n: usize = case.shape.iter().product();
@@ -134,7 +139,7 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
             failures += 1;
         }
         let gbps = (2 * n * 4) as f64 / median / 1e9;
-        println!(
+        outln!(
             "{:<22} {:<18} {:<5} {:>12.3e} {:>10.3} {:>9.2}  {}",
             case.op,
             format!("{:?}", case.shape),
@@ -143,14 +148,14 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
             median * 1e3,
             gbps,
             if ok { "ok" } else { "FAILED" }
-        );
+        )?;
     }
     failures += extra_checks(&ctx)?;
     if failures > 0 {
-        println!("{failures} op(s) out of tolerance");
+        outln!("{failures} op(s) out of tolerance")?;
         return Ok(ExitCode::FAILURE);
     }
-    println!("all ops within tolerance of the f64 reference (time: wall clock of forward incl. submit and wait)");
+    outln!("all ops within tolerance of the f64 reference (time: wall clock of forward incl. submit and wait)")?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -160,11 +165,11 @@ pub fn run(args: DemoArgs) -> Result<ExitCode> {
 /// the f64 autograd result). Returns how many are out of tolerance.
 fn extra_checks(ctx: &Context) -> Result<usize> {
     let mut failures = 0;
-    let mut report = |what: &str, shape: &[usize], dtype: &str, err: f64, ok: bool| {
+    let mut report = |what: &str, shape: &[usize], dtype: &str, err: f64, ok: bool| -> Result<()> {
         if !ok {
             failures += 1;
         }
-        println!(
+        outln!(
             "{:<22} {:<18} {:<5} {:>12.3e} {:>10} {:>9}  {}",
             what,
             format!("{shape:?}"),
@@ -173,7 +178,7 @@ fn extra_checks(ctx: &Context) -> Result<usize> {
             "-",
             "-",
             if ok { "ok" } else { "FAILED" }
-        );
+        )
     };
 
     // f16 storage: stored inputs, f64 reference, at most 2 ulp.
@@ -191,7 +196,7 @@ fn extra_checks(ctx: &Context) -> Result<usize> {
         let ulp = 2f64.powi(w.abs().max(2f64.powi(-14)).log2().floor() as i32 - 10);
         (g as f64 - w).abs() / ulp
     }));
-    report("layer-norm, in ulp", &shape, "f16", ulps, ulps <= 2.0);
+    report("layer-norm, in ulp", &shape, "f16", ulps, ulps <= 2.0)?;
 
     // Backward passes against f64 autograd.
     let dy_host = data(1 << 20, 0xd1, 0.0);
@@ -210,7 +215,7 @@ fn extra_checks(ctx: &Context) -> Result<usize> {
         None,
     );
     let err = grad_error(&ctx.download(&grads.grad_input)?, &want.grad_input);
-    report("layer-norm bwd, /tol", &shape, "f32", err, err <= 1.0);
+    report("layer-norm bwd, /tol", &shape, "f32", err, err <= 1.0)?;
 
     let bn_shape = [16, 64, 32, 32];
     let mut bn = BatchNorm::new(ctx, 64, BatchNormConfig::torch_2d())?;
@@ -229,7 +234,7 @@ fn extra_checks(ctx: &Context) -> Result<usize> {
         None,
     );
     let err = grad_error(&ctx.download(&grads.grad_input)?, &want.grad_input);
-    report("batch-norm bwd, /tol", &bn_shape, "f32", err, err <= 1.0);
+    report("batch-norm bwd, /tol", &bn_shape, "f32", err, err <= 1.0)?;
     Ok(failures)
 }
 

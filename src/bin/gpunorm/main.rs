@@ -1,5 +1,15 @@
 //! `gpunorm`: the command line of ../shared/CLI.md — apply, demo, adapters.
 
+/// `println!` that returns an error instead of panicking when stdout cannot
+/// be written (a closed pipe, a full disk): CLI.md allows no panic.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+            .map_err(|e| gpunorm::Error::File(format!("cannot write to stdout: {e}")))
+    }};
+}
+
 mod adapters;
 mod apply;
 mod bench;
