@@ -124,6 +124,11 @@ fn run_case(case: &Value, out_dir: &Path) -> Result<(), String> {
         if stderr.contains("panicked") {
             return Err(format!("{name}: panicked: {stderr}"));
         }
+        if let Some(word) = case["error_mentions"].as_str() {
+            if !first.contains(word) {
+                return Err(format!("{name}: the error should name {word:?}: {first:?}"));
+            }
+        }
         if output.exists() {
             return Err(format!(
                 "{name}: an output file was written despite the error"

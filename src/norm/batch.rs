@@ -5,7 +5,7 @@ use crate::engine::{Dispatch, ForwardSpec, RunningUpdate, StatsSource};
 use crate::error::{Error, Result};
 use crate::norm::{
     check_eps, check_input_dtype, check_momentum, check_vector, forward_into_new, record_layer,
-    Affine, Convention, Mode, RunningStats, Saved,
+    record_running_nan, Affine, Convention, Mode, RunningStats, Saved,
 };
 use crate::tensor::GpuTensor;
 use crate::view::View;
@@ -346,8 +346,9 @@ impl BatchNorm {
         mode: Mode,
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec(x, mode)?;
+        let keras_update = spec.update.is_some() && self.config.convention == Convention::Keras;
         let running = self.running.as_ref();
-        record_layer(
+        let dispatches = record_layer(
             ctx,
             encoder,
             spec,
@@ -356,7 +357,13 @@ impl BatchNorm {
             &self.affine,
             running,
             &mut self.saved,
-        )
+        )?;
+        // Keras moves its moving statistics toward the batch moments even
+        // when the batch is empty: they become NaN. torch leaves them alone.
+        if let (Some(r), true, 0) = (running, keras_update, x.numel()) {
+            record_running_nan(ctx, encoder, r)?;
+        }
+        Ok(dispatches)
     }
 }
 

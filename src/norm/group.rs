@@ -132,6 +132,9 @@ impl GroupNorm {
             )));
         }
         self.affine.check(self.num_channels)?;
+        if !channels_last {
+            check_torch_group_sizes(shape, self.num_groups)?;
+        }
         let view = if channels_last {
             View::group_norm_channels_last(shape, self.num_groups)
         } else {
@@ -183,3 +186,24 @@ impl GroupNorm {
 }
 
 crate::norm::impl_backward!(GroupNorm, |s| s.saved.as_ref(), &s.affine);
+
+/// torch's own checks of a GroupNorm input `[N, C, *S]`, in train and eval
+/// mode alike: a zero spatial size (`HxW`), and a single value in all the
+/// groups of the batch together (torch counts N·C/G·∏S, so N = 1, C = G and
+/// ∏S = 1 is refused but N = 2 is not). Keras checks neither.
+fn check_torch_group_sizes(shape: &[usize], groups: usize) -> Result<()> {
+    let hxw: usize = shape[2..].iter().product();
+    if hxw == 0 {
+        return Err(Error::Shape(format!(
+            "Expected HxW to be greater than 0, got 0 (input of size {shape:?})"
+        )));
+    }
+    if shape[0] * (shape[1] / groups) * hxw == 1 {
+        let mut size = vec![shape[0] * shape[1] / groups, groups];
+        size.extend_from_slice(&shape[2..]);
+        return Err(Error::Shape(format!(
+            "Expected more than 1 value per channel when training, got input size {size:?}"
+        )));
+    }
+    Ok(())
+}

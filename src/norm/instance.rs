@@ -5,8 +5,8 @@ use crate::context::Context;
 use crate::engine::{Dispatch, ForwardSpec, RunningUpdate, StatsSource};
 use crate::error::{Error, Result};
 use crate::norm::{
-    check_eps, check_input_dtype, check_momentum, forward_into_new, record_layer, Affine,
-    Convention, Mode, RunningStats, Saved,
+    check_eps, check_input_dtype, check_momentum, forward_into_new, record_layer,
+    record_running_nan, Affine, Convention, Mode, RunningStats, Saved,
 };
 use crate::tensor::GpuTensor;
 use crate::view::View;
@@ -139,7 +139,9 @@ impl InstanceNorm {
         let view = View::instance_norm(shape);
         let train = mode == Mode::Train;
         let batch_stats = train || self.running.is_none();
-        if batch_stats && view.b == 1 && view.numel() > 0 {
+        // torch checks the spatial size alone, so an empty batch of one
+        // spatial element is refused too.
+        if batch_stats && view.b == 1 {
             return Err(Error::Shape(format!(
                 "Expected more than 1 spatial element when training, got input size {shape:?}"
             )));
@@ -191,7 +193,7 @@ impl InstanceNorm {
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec(x, mode)?;
         let running = self.running.as_ref();
-        record_layer(
+        let dispatches = record_layer(
             ctx,
             encoder,
             spec,
@@ -200,7 +202,13 @@ impl InstanceNorm {
             &self.affine,
             running,
             &mut self.saved,
-        )
+        )?;
+        // torch averages the updated statistics over the N instances, with
+        // any momentum (None too): over none they are NaN.
+        if let (Some(r), Mode::Train, 0) = (running, mode, x.shape()[0]) {
+            record_running_nan(ctx, encoder, r)?;
+        }
+        Ok(dispatches)
     }
 }
 

@@ -235,6 +235,30 @@ impl<'a> State<'a> {
         })
     }
 
+    /// Refuses a parameter or running statistic of the file whose shape is
+    /// not `expected`, naming it as the file does: torch's
+    /// `load_state_dict` refuses a size mismatch, and the library checks
+    /// only the element count.
+    fn check_shapes(&self, op: Op, expected: &[usize]) -> Result<()> {
+        let (mean, var) = self.running_names();
+        let shift = (op != Op::RmsNorm).then(|| self.shift_name());
+        for name in [Some(self.scale_name(op)), shift, Some(mean), Some(var)]
+            .into_iter()
+            .flatten()
+        {
+            match self.get(name) {
+                Some(t) if t.shape != expected => {
+                    return Err(Error::Shape(format!(
+                        "expected {name} of shape {expected:?}, got shape {:?}",
+                        t.shape
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     fn running_names(&self) -> (&'static str, &'static str) {
         if self.keras {
             ("moving_mean", "moving_variance")
@@ -324,16 +348,9 @@ fn normalized_shape(a: &ApplyArgs, st: &State, op: Op, shape: &[usize]) -> Resul
     if st.keras {
         return keras_normalized_shape(a.flags.axis.as_deref(), shape);
     }
-    let param_shape = st
-        .get(st.scale_name(op))
-        .or_else(|| {
-            if op == Op::RmsNorm {
-                None
-            } else {
-                st.get(st.shift_name())
-            }
-        })
-        .map(|t| t.shape.clone());
+    // CLI.md: the weight's shape, else the last dimension (a bias alone
+    // does not set it; check_shapes then holds it to that shape).
+    let param_shape = st.get(st.scale_name(op)).map(|t| t.shape.clone());
     match (&a.flags.normalized_shape, param_shape) {
         (Some(s), param) => {
             let flag: Vec<usize> = parse_list("--normalized-shape", s)?;
@@ -532,6 +549,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
                 )));
             }
             let axis_index = resolve_axis(channel_axis, shape.len())?;
+            st.check_shapes(a.op, &shape[axis_index..=axis_index])?;
             config.axis = channel_axis as isize;
             config.eps = eps_or(&a, config.eps)?;
             config.momentum = momentum_or(&a, config.momentum.unwrap_or(0.1))?;
@@ -553,6 +571,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
                     "instance-norm expects a batched input [N, C, *S] of at least 3D, got size {shape:?}"
                 )));
             }
+            st.check_shapes(a.op, &shape[1..2])?;
             let mut config = InstanceNormConfig::torch();
             config.eps = eps_or(&a, config.eps)?;
             config.momentum = momentum_or(&a, 0.1)?;
@@ -608,6 +627,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
                     "Expected number of channels in input to be divisible by num_groups, but got input of shape {shape:?} and num_groups={groups}"
                 )));
             }
+            st.check_shapes(a.op, &[channels])?;
             let mut gn = GroupNorm::new(&ctx, groups, channels, config)?;
             gn.set_affine(affine)?;
             let y = gn.forward(&ctx, &x)?;
@@ -616,6 +636,7 @@ pub fn run(a: ApplyArgs) -> Result<ExitCode> {
         }
         Op::LayerNorm | Op::RmsNorm => {
             let dims = normalized_shape(&a, &st, a.op, &shape)?;
+            st.check_shapes(a.op, &dims)?;
             let (config, rms) = match (a.op, keras) {
                 (Op::LayerNorm, false) => (RowNormConfig::torch_layer_norm(), false),
                 (Op::LayerNorm, true) => (RowNormConfig::keras_layer_norm(), false),
