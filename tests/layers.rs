@@ -250,6 +250,57 @@ fn tracked_instance_norm_averages_instances_and_leaves_the_counter() {
 }
 
 #[test]
+fn instance_norm_2d_takes_an_unbatched_input_as_a_batch_of_one_and_refuses_other_ranks() {
+    // torch InstanceNorm2d: [C, H, W] is normalized as [1, C, H, W], with
+    // the running update of a batch of one; [H, W] and [N, C, D, H, W] are
+    // errors that change nothing.
+    let ctx = ctx();
+    let x = normal(3 * 5 * 4, 17, 2.0, 3.0);
+    let view = View::instance_norm(&[1, 3, 5, 4]);
+    let want = reference::forward(&x, &view, false, 1e-5, None, None);
+    let stats = reference::group_stats(&x, &view, false);
+    let want_rm: Vec<f64> = stats.iter().map(|s| 0.1 * s.0).collect();
+    let config = InstanceNormConfig {
+        track_running_stats: true,
+        ..InstanceNormConfig::torch_2d()
+    };
+    let mut inorm = InstanceNorm::new(ctx, 3, config).unwrap();
+    let y = inorm
+        .forward(ctx, &ctx.upload(&x, &[3, 5, 4]).unwrap(), Mode::Train)
+        .unwrap();
+    assert_eq!(y.shape(), &[3, 5, 4]);
+    assert_close("unbatched", &ctx.download(&y).unwrap(), &want, 1e-5, 1e-5);
+    let dy = normal(60, 18, 0.0, 1.0);
+    let grads = inorm
+        .backward(ctx, &ctx.upload(&dy, &[3, 5, 4]).unwrap())
+        .unwrap();
+    assert_eq!(grads.grad_input.shape(), &[3, 5, 4]);
+    let want_dx = reference::backward(&x, &dy, &view, false, 1e-5, None, None).grad_input;
+    let dx = ctx.download(&grads.grad_input).unwrap();
+    assert_close("unbatched grad_input", &dx, &want_dx, 1e-4, 1e-4);
+    let running_mean = |l: &InstanceNorm| ctx.download(&l.running_stats().unwrap().mean).unwrap();
+    let rm = running_mean(&inorm);
+    assert_close("running_mean", &rm, &want_rm, 1e-6, 1e-5);
+    for shape in [&[5usize, 4][..], &[1, 3, 2, 5, 2]] {
+        let n: usize = shape.iter().product();
+        let bad = ctx.upload(&x[..n], shape).unwrap();
+        let err = inorm.forward(ctx, &bad, Mode::Train).unwrap_err();
+        assert!(
+            err.to_string().starts_with("expected 3D or 4D input"),
+            "{shape:?}: {err}"
+        );
+        assert_eq!(running_mean(&inorm), rm, "{shape:?}");
+    }
+    // The generic config takes any batched rank of at least 3 only.
+    let mut any = InstanceNorm::new(ctx, 3, InstanceNormConfig::torch()).unwrap();
+    let two_d = ctx.upload(&x[..15], &[3, 5]).unwrap();
+    assert!(matches!(
+        any.forward(ctx, &two_d, Mode::Train),
+        Err(Error::Shape(_))
+    ));
+}
+
+#[test]
 fn batch_norm_with_long_spatial_runs_matches_f64_in_train_and_eval() {
     // Spatial size 576 >= RUNS_MIN_LEN: the run-by-run normalize kernel.
     let ctx = ctx();

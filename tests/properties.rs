@@ -312,6 +312,7 @@ impl Subject {
                     momentum: case.momentum,
                     affine: false,
                     track_running_stats: case.track,
+                    ..InstanceNormConfig::torch()
                 };
                 let mut l = InstanceNorm::new(ctx, c, cfg).unwrap();
                 l.set_affine(Affine { weight, bias }).unwrap();

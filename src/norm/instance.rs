@@ -24,21 +24,51 @@ pub struct InstanceNormConfig {
     pub affine: bool,
     /// Keep running statistics (used in eval mode).
     pub track_running_stats: bool,
+    /// torch's `InstanceNorm1d/2d/3d`: `Some(k)` takes `[N, C, *S]` and the
+    /// unbatched `[C, *S]` with `k` spatial dims, normalizing an unbatched
+    /// input as a batch of one, and refuses other ranks. `None` takes any
+    /// batched `[N, C, *S]` of at least one spatial dim.
+    pub spatial_dims: Option<usize>,
 }
 
 impl InstanceNormConfig {
-    /// torch's defaults: eps 1e-5, momentum 0.1, no affine, no running stats.
+    /// torch's defaults: eps 1e-5, momentum 0.1, no affine, no running stats;
+    /// any batched rank of at least 3.
     pub fn torch() -> Self {
         InstanceNormConfig {
             eps: 1e-5,
             momentum: Some(0.1),
             affine: false,
             track_running_stats: false,
+            spatial_dims: None,
+        }
+    }
+
+    /// torch `InstanceNorm1d`: `[N, C, L]` or unbatched `[C, L]`.
+    pub fn torch_1d() -> Self {
+        Self::torch_spatial(1)
+    }
+
+    /// torch `InstanceNorm2d`: `[N, C, H, W]` or unbatched `[C, H, W]`.
+    pub fn torch_2d() -> Self {
+        Self::torch_spatial(2)
+    }
+
+    /// torch `InstanceNorm3d`: `[N, C, D, H, W]` or unbatched `[C, D, H, W]`.
+    pub fn torch_3d() -> Self {
+        Self::torch_spatial(3)
+    }
+
+    fn torch_spatial(k: usize) -> Self {
+        InstanceNormConfig {
+            spatial_dims: Some(k),
+            ..Self::torch()
         }
     }
 }
 
-/// Instance normalization of `[N, C, *S]` inputs.
+/// Instance normalization of `[N, C, *S]` inputs (and unbatched `[C, *S]`
+/// with [`InstanceNormConfig::spatial_dims`]).
 #[derive(Debug)]
 pub struct InstanceNorm {
     num_features: usize,
@@ -117,19 +147,33 @@ impl InstanceNorm {
         Ok(())
     }
 
+    /// `x`'s shape as `[N, C, *S]`: an unbatched input is a batch of one.
+    fn batched_shape(&self, x: &GpuTensor) -> Result<Vec<usize>> {
+        let shape = x.shape();
+        let rank = shape.len();
+        match self.config.spatial_dims {
+            None if rank < 3 => Err(Error::Shape(format!(
+                "expected a batched input [N, C, *S] of at least 3D (got {rank}D input of size {shape:?})"
+            ))),
+            None => Ok(shape.to_vec()),
+            Some(k) if rank == k + 2 => Ok(shape.to_vec()),
+            Some(k) if rank == k + 1 => Ok([&[1], shape].concat()),
+            Some(k) => Err(Error::Shape(format!(
+                "expected {}D or {}D input (got {rank}D input of size {shape:?})",
+                k + 1,
+                k + 2
+            ))),
+        }
+    }
+
     fn spec(&self, x: &GpuTensor, mode: Mode) -> Result<ForwardSpec> {
         check_input_dtype(x)?;
-        let shape = x.shape();
-        if shape.len() < 3 {
-            return Err(Error::Shape(format!(
-                "expected a batched input [N, C, *S] of at least 3D (got {}D input of size {shape:?})",
-                shape.len()
-            )));
-        }
+        let shape = &self.batched_shape(x)?[..];
         if shape[1] != self.num_features {
             return Err(Error::Shape(format!(
-                "expected input with {} channels, got input of size {shape:?}",
-                self.num_features
+                "expected input with {} channels, got input of size {:?}",
+                self.num_features,
+                x.shape()
             )));
         }
         self.affine.check(self.num_features)?;
@@ -192,6 +236,7 @@ impl InstanceNorm {
         mode: Mode,
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec(x, mode)?;
+        let batch = spec.view.p;
         let running = self.running.as_ref();
         let dispatches = record_layer(
             ctx,
@@ -205,7 +250,7 @@ impl InstanceNorm {
         )?;
         // torch averages the updated statistics over the N instances, with
         // any momentum (None too): over none they are NaN.
-        if let (Some(r), Mode::Train, 0) = (running, mode, x.shape()[0]) {
+        if let (Some(r), Mode::Train, 0) = (running, mode, batch) {
             record_running_nan(ctx, encoder, r)?;
         }
         Ok(dispatches)
