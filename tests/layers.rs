@@ -301,6 +301,42 @@ fn instance_norm_2d_takes_an_unbatched_input_as_a_batch_of_one_and_refuses_other
 }
 
 #[test]
+fn keras_batch_norm_that_is_not_trainable_normalizes_with_its_moving_statistics_in_training() {
+    // Keras `trainable=False` (fine-tuning with frozen BatchNormalization):
+    // training=True runs in inference mode and moves nothing. Checked
+    // against Keras 3.15 (torch backend) on [8, 3]: y = (x − mm)/√(mv + eps).
+    let ctx = ctx();
+    let shape = [8, 3];
+    let x = normal(24, 23, 1.0, 2.0);
+    let (mm, mv) = ([0.5f32, -1.0, 2.0], [2.0f32, 0.5, 1.5]);
+    let config = BatchNormConfig {
+        trainable: false,
+        ..BatchNormConfig::keras()
+    };
+    let mut bn = BatchNorm::new(ctx, 3, config).unwrap();
+    let moving = (
+        ctx.upload(&mm, &[3]).unwrap(),
+        ctx.upload(&mv, &[3]).unwrap(),
+    );
+    bn.set_running_stats(ctx, Some((moving.0, moving.1, None)))
+        .unwrap();
+    let y = bn
+        .forward(ctx, &ctx.upload(&x, &shape).unwrap(), Mode::Train)
+        .unwrap();
+    let wide = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+    let (x64, mm64, mv64) = (wide(&x), wide(&mm), wide(&mv));
+    let view = View::batch_norm(&shape, 1);
+    let moving64 = Some((mm64.as_slice(), mv64.as_slice()));
+    let want = reference::forward_f64(&x64, &view, false, 1e-3, None, None, moving64);
+    assert_close("frozen", &ctx.download(&y).unwrap(), &want, 1e-6, 1e-5);
+    assert_eq!(
+        running(&bn),
+        (mm.to_vec(), mv.to_vec(), None),
+        "moving statistics moved"
+    );
+}
+
+#[test]
 fn batch_norm_with_long_spatial_runs_matches_f64_in_train_and_eval() {
     // Spatial size 576 >= RUNS_MIN_LEN: the run-by-run normalize kernel.
     let ctx = ctx();
