@@ -21,6 +21,25 @@ fn bump_counter() {
     bump_counter_once();
 }
 
+// Training on an empty batch where the framework still averages the batch
+// into the running statistics (torch's tracked InstanceNorm, Keras's
+// BatchNormalization): the mean of no values is NaN, and so are they. One
+// invocation per channel (G); the NaN's bits come from a variable, since a
+// constant expression may not be NaN in WGSL.
+@compute @workgroup_size(STATS_WG)
+fn running_nan(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let c = linear_workgroup(wid, nwg) * STATS_WG + lid;
+    var nan_bits = 0x7fc00000u;
+    if (c < params.g) {
+        running_mean[c] = bitcast<f32>(nan_bits);
+        running_var[c] = bitcast<f32>(nan_bits);
+    }
+}
+
 @compute @workgroup_size(STATS_WG)
 fn partials(
     @builtin(workgroup_id) wid: vec3<u32>,

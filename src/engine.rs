@@ -47,6 +47,10 @@ pub struct ForwardSpec {
     pub update: Option<RunningUpdate>,
     /// Increment num_batches_tracked on the device.
     pub bump_counter: bool,
+    /// An empty input sets the running statistics to NaN (a training step
+    /// of torch's tracked InstanceNorm on an empty batch, or of Keras's
+    /// BatchNormalization on an empty input); ignored otherwise.
+    pub empty_batch_nan: bool,
 }
 
 /// One recorded dispatch.
@@ -486,11 +490,18 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
         chunk: chunk as u32,
     };
     if numel == 0 {
-        return if spec.bump_counter {
-            vec![d(Kernel::BumpCounter, 1, 0)]
-        } else {
-            Vec::new()
-        };
+        let mut plan = Vec::new();
+        if spec.bump_counter {
+            plan.push(d(Kernel::BumpCounter, 1, 0));
+        }
+        if spec.empty_batch_nan {
+            plan.push(d(
+                Kernel::RunningNan,
+                v.g.div_ceil(kernels::STATS_WG as usize),
+                0,
+            ));
+        }
+        return plan;
     }
     let per_chunk = |kernel, workgroups: &dyn Fn(usize) -> usize| {
         (0..chunks.count)
@@ -1064,6 +1075,7 @@ mod tests {
                 unbiased: true,
             }),
             bump_counter: update,
+            empty_batch_nan: false,
         }
     }
 
@@ -1479,6 +1491,34 @@ mod tests {
             kernels_of(&train, &Chunks::whole(0), &SUBGROUPS),
             [Kernel::BumpCounter]
         );
+    }
+
+    #[test]
+    fn an_empty_batch_that_averages_nothing_writes_nan_for_every_channel_and_nothing_else() {
+        // 300 channels: two workgroups of STATS_WG invocations.
+        let empty = ForwardSpec {
+            update: None,
+            bump_counter: false,
+            empty_batch_nan: true,
+            ..spec(
+                View::instance_norm(&[0, 300, 5]),
+                StatsSource::Batch,
+                false,
+                DType::F32,
+            )
+        };
+        let plan = plan_forward_chunked(&empty, &Chunks::whole(0), &SUBGROUPS);
+        assert_eq!(
+            plan.iter()
+                .map(|d| (d.kernel, d.workgroups))
+                .collect::<Vec<_>>(),
+            [(Kernel::RunningNan, 300u32.div_ceil(kernels::STATS_WG))]
+        );
+        let full = ForwardSpec {
+            view: View::instance_norm(&[2, 300, 5]),
+            ..empty
+        };
+        assert!(!kernels_of(&full, &Chunks::whole(3000), &SUBGROUPS).contains(&Kernel::RunningNan));
     }
 
     /// The shaders' fast_div, in Rust.

@@ -147,6 +147,10 @@ pub enum Kernel {
     PartialsColumns,
     /// Increments num_batches_tracked (empty inputs only).
     BumpCounter,
+    /// Sets the running statistics to NaN (empty inputs only: training on
+    /// no values, as torch's tracked InstanceNorm and Keras's
+    /// BatchNormalization do).
+    RunningNan,
     /// Copies each group's first element, the shift of its statistics, into
     /// the scratch (chunked tensors only: the partials of later chunks
     /// cannot read it from their own binding).
@@ -191,7 +195,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 19] = [
+    pub const ALL: [Kernel; 20] = [
         Kernel::RowsWorkgroupHeld,
         Kernel::PartialsColumnsHeld,
         Kernel::NormalizeColumnsHeld,
@@ -205,6 +209,7 @@ impl Kernel {
         Kernel::Partials,
         Kernel::PartialsEach,
         Kernel::BumpCounter,
+        Kernel::RunningNan,
         Kernel::Shifts,
         Kernel::Finalize,
         Kernel::FinalizeSerial,
@@ -219,6 +224,7 @@ impl Kernel {
             | Kernel::PartialsEach
             | Kernel::PartialsColumns
             | Kernel::BumpCounter
+            | Kernel::RunningNan
             | Kernel::Shifts => {
                 include_str!("../shaders/stats.wgsl")
             }
@@ -273,6 +279,7 @@ impl Kernel {
             Kernel::PartialsEach => "partials_each",
             Kernel::PartialsColumns => "partials_columns",
             Kernel::BumpCounter => "bump_counter",
+            Kernel::RunningNan => "running_nan",
             Kernel::Shifts => "shifts",
             Kernel::Finalize => "finalize",
             Kernel::FinalizeSerial => "finalize_serial",
@@ -376,6 +383,7 @@ impl Variant {
         let shifts = !matches!(
             kernel,
             Kernel::BumpCounter
+                | Kernel::RunningNan
                 | Kernel::EvalStats
                 | Kernel::Normalize
                 | Kernel::NormalizeRuns

@@ -5,8 +5,8 @@ mod common;
 use common::{assert_close, ctx, gpu_sized, normal};
 use gpunorm::kernels::Kernel;
 use gpunorm::{
-    reference, BatchNorm, BatchNormConfig, Error, GpuTensor, InstanceNorm, InstanceNormConfig,
-    LayerNorm, Mode, RowNormConfig, View,
+    reference, BatchNorm, BatchNormConfig, DType, Error, GpuTensor, InstanceNorm,
+    InstanceNormConfig, LayerNorm, Mode, RowNormConfig, View,
 };
 
 fn running(bn: &BatchNorm) -> (Vec<f32>, Vec<f32>, Option<i64>) {
@@ -221,6 +221,102 @@ fn empty_batch_returns_empty_output_and_still_counts_the_batch() {
     let y = bn.forward(ctx, &x, Mode::Train).unwrap();
     assert_eq!(y.shape(), &[0, 4, 3, 3]);
     assert_eq!(running(&bn), (vec![0.0; 4], vec![1.0; 4], Some(1)));
+}
+
+#[test]
+fn training_on_an_empty_batch_makes_keras_and_tracked_instance_norm_statistics_nan() {
+    // Keras BatchNormalization moves its moving statistics toward the
+    // moments of no values, and torch's tracked InstanceNorm averages its
+    // update over no instances: NaN, written on the device in the caller's
+    // encoder. The running buffers are the caller's, with only the usages
+    // GpuTensor::from_buffer asks for (STORAGE, COPY_SRC): no copy into them.
+    let ctx = ctx();
+    let storage_only = |values: &[f32]| {
+        let buffer = ctx
+            .device()
+            .create_buffer(&gpunorm::wgpu::BufferDescriptor {
+                label: Some("running"),
+                size: 4 * values.len() as u64,
+                usage: gpunorm::wgpu::BufferUsages::STORAGE | gpunorm::wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: true,
+            });
+        buffer
+            .slice(..)
+            .get_mapped_range_mut()
+            .unwrap()
+            .copy_from_slice(bytemuck::cast_slice(values));
+        buffer.unmap();
+        let shape = [values.len()];
+        GpuTensor::from_buffer(std::sync::Arc::new(buffer), 0, &shape, DType::F32).unwrap()
+    };
+    let stats = || (storage_only(&[0.5; 4]), storage_only(&[2.0; 4]));
+    let record = |f: &mut dyn FnMut(&mut gpunorm::wgpu::CommandEncoder)| {
+        let mut encoder = ctx
+            .device()
+            .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+        f(&mut encoder);
+        ctx.submit_and_wait(encoder).unwrap();
+    };
+    let nan = |t: &GpuTensor| ctx.download(t).unwrap().iter().all(|v| v.is_nan());
+
+    let mut kbn = BatchNorm::new(ctx, 4, BatchNormConfig::keras()).unwrap();
+    let (mm, mv) = stats();
+    kbn.set_running_stats(ctx, Some((mm, mv, None))).unwrap();
+    let x = ctx.upload(&[], &[0, 4]).unwrap();
+    let y = ctx.zeros(&[0, 4], DType::F32).unwrap();
+    record(&mut |e| {
+        let plan = kbn.record(ctx, e, &x, &y, Mode::Train).unwrap();
+        assert_eq!(
+            plan.iter().map(|d| d.kernel).collect::<Vec<_>>(),
+            [Kernel::RunningNan]
+        );
+    });
+    let r = kbn.running_stats().unwrap();
+    assert!(nan(&r.mean) && nan(&r.var), "keras batch norm");
+
+    let config = InstanceNormConfig {
+        track_running_stats: true,
+        momentum: None,
+        ..InstanceNormConfig::torch_2d()
+    };
+    let mut inorm = InstanceNorm::new(ctx, 4, config).unwrap();
+    let (rm, rv) = stats();
+    inorm
+        .set_running_stats(ctx, Some((rm, rv, Some(3))))
+        .unwrap();
+    let x = ctx.upload(&[], &[0, 4, 3, 3]).unwrap();
+    let y = ctx.zeros(&[0, 4, 3, 3], DType::F32).unwrap();
+    // Eval, and a batch of empty instances, leave them alone.
+    for (x, y, mode) in [
+        (&x, &y, Mode::Eval),
+        (
+            &ctx.upload(&[], &[2, 4, 0]).unwrap(),
+            &ctx.zeros(&[2, 4, 0], DType::F32).unwrap(),
+            Mode::Train,
+        ),
+    ] {
+        let mut untouched = InstanceNorm::new(ctx, 4, InstanceNormConfig::torch()).unwrap();
+        let (rm, rv) = stats();
+        untouched
+            .set_running_stats(ctx, Some((rm, rv, Some(3))))
+            .unwrap();
+        record(&mut |e| {
+            untouched.record(ctx, e, x, y, mode).unwrap();
+        });
+        let r = untouched.running_stats().unwrap();
+        assert_eq!(
+            ctx.download(&r.mean).unwrap(),
+            [0.5; 4],
+            "{mode:?} {:?}",
+            x.shape()
+        );
+    }
+    record(&mut |e| {
+        inorm.record(ctx, e, &x, &y, Mode::Train).unwrap();
+    });
+    let r = inorm.running_stats().unwrap();
+    assert!(nan(&r.mean) && nan(&r.var), "instance norm");
+    assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(3));
 }
 
 #[test]

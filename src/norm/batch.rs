@@ -5,7 +5,7 @@ use crate::engine::{Dispatch, ForwardSpec, RunningUpdate, StatsSource};
 use crate::error::{Error, Result};
 use crate::norm::{
     check_eps, check_input_dtype, check_momentum, check_vector, forward_into_new, record_layer,
-    record_running_nan, Affine, Convention, Mode, RunningStats, Saved,
+    Affine, Convention, Mode, RunningStats, Saved,
 };
 use crate::tensor::GpuTensor;
 use crate::view::View;
@@ -319,6 +319,10 @@ impl BatchNorm {
             },
             update,
             bump_counter: update.is_some() && torch,
+            // Keras moves its moving statistics toward the batch moments
+            // even when the batch is empty: they become NaN. torch leaves
+            // them alone.
+            empty_batch_nan: update.is_some() && !torch,
         })
     }
 
@@ -346,9 +350,8 @@ impl BatchNorm {
         mode: Mode,
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec(x, mode)?;
-        let keras_update = spec.update.is_some() && self.config.convention == Convention::Keras;
         let running = self.running.as_ref();
-        let dispatches = record_layer(
+        record_layer(
             ctx,
             encoder,
             spec,
@@ -357,13 +360,7 @@ impl BatchNorm {
             &self.affine,
             running,
             &mut self.saved,
-        )?;
-        // Keras moves its moving statistics toward the batch moments even
-        // when the batch is empty: they become NaN. torch leaves them alone.
-        if let (Some(r), true, 0) = (running, keras_update, x.numel()) {
-            record_running_nan(ctx, encoder, r)?;
-        }
-        Ok(dispatches)
+        )
     }
 }
 

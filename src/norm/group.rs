@@ -148,6 +148,7 @@ impl GroupNorm {
             source: StatsSource::Batch,
             update: None,
             bump_counter: false,
+            empty_batch_nan: false,
         })
     }
 

@@ -5,8 +5,8 @@ use crate::context::Context;
 use crate::engine::{Dispatch, ForwardSpec, RunningUpdate, StatsSource};
 use crate::error::{Error, Result};
 use crate::norm::{
-    check_eps, check_input_dtype, check_momentum, forward_into_new, record_layer,
-    record_running_nan, Affine, Convention, Mode, RunningStats, Saved,
+    check_eps, check_input_dtype, check_momentum, forward_into_new, record_layer, Affine,
+    Convention, Mode, RunningStats, Saved,
 };
 use crate::tensor::GpuTensor;
 use crate::view::View;
@@ -211,6 +211,10 @@ impl InstanceNorm {
             },
             update,
             bump_counter: false,
+            // torch averages the updated statistics over the N instances,
+            // with any momentum (None too): over none they are NaN. An
+            // empty spatial size leaves them alone.
+            empty_batch_nan: self.running.is_some() && train && shape[0] == 0,
         })
     }
 
@@ -236,9 +240,8 @@ impl InstanceNorm {
         mode: Mode,
     ) -> Result<Vec<Dispatch>> {
         let spec = self.spec(x, mode)?;
-        let batch = spec.view.p;
         let running = self.running.as_ref();
-        let dispatches = record_layer(
+        record_layer(
             ctx,
             encoder,
             spec,
@@ -247,13 +250,7 @@ impl InstanceNorm {
             &self.affine,
             running,
             &mut self.saved,
-        )?;
-        // torch averages the updated statistics over the N instances, with
-        // any momentum (None too): over none they are NaN.
-        if let (Some(r), Mode::Train, 0) = (running, mode, batch) {
-            record_running_nan(ctx, encoder, r)?;
-        }
-        Ok(dispatches)
+        )
     }
 }
 

@@ -120,6 +120,7 @@ impl RowNorm {
             source: StatsSource::Batch,
             update: None,
             bump_counter: false,
+            empty_batch_nan: false,
         })
     }
 

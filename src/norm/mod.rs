@@ -304,31 +304,6 @@ pub(crate) fn check_output(
     Ok(())
 }
 
-/// Records running statistics set to NaN: what torch's tracked
-/// InstanceNorm and Keras's BatchNormalization leave after training on an
-/// empty batch (the mean of no values is NaN). Running statistics are f32.
-pub(crate) fn record_running_nan(
-    ctx: &Context,
-    encoder: &mut wgpu::CommandEncoder,
-    running: &RunningStats,
-) -> Result<()> {
-    let n = running.mean.numel();
-    if n == 0 {
-        return Ok(());
-    }
-    let nan = ctx.upload(&vec![f32::NAN; n], &[n])?;
-    for t in [&running.mean, &running.var] {
-        encoder.copy_buffer_to_buffer(
-            nan.buffer(),
-            nan.offset(),
-            t.buffer(),
-            t.offset(),
-            4 * n as u64,
-        );
-    }
-    Ok(())
-}
-
 /// Records a validated forward of a layer: refuses an aliased output,
 /// records the passes, and keeps what the backward pass needs in `saved`.
 /// The layer's previous scratch serves again when large enough: only the
