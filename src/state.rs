@@ -26,8 +26,11 @@
 //! Loading is all or nothing, like torch's strict `load_state_dict`: every
 //! tensor the layer has must be present with the layer's shape, and no
 //! tensor the layer lacks may be present under the prefix (a `bias` for a
-//! layer without β is an error, as is `running_mean` without `running_var`).
-//! On any error the layer is left exactly as it was.
+//! layer without β is an error, as is `running_mean` without `running_var`,
+//! or a misspelled `weights`). With an empty prefix the layer's keys are
+//! those without the convention's separator (`.` or `/`), so other layers'
+//! keys in a whole model's file are left to them. On any error the layer is
+//! left exactly as it was.
 //!
 //! ```
 //! use gpunorm::state::{StateDict, Stateful};
@@ -431,6 +434,54 @@ fn unexpected(key: &str, why: &str) -> Error {
     Error::State(format!("unexpected {key} in the state: {why}"))
 }
 
+/// Refuses a tensor under the layer's prefix that no layer of its kind has
+/// (a misspelled `weights`, a `running_variance`, a `running_mean` for a
+/// LayerNorm, a counter for a BatchNorm without running statistics), as
+/// torch's strict `load_state_dict` does. With an empty prefix the layer's
+/// keys are those without the convention's separator: a whole model's file
+/// loads one layer by its prefix, and the others' keys are theirs.
+/// Tensors a layer of the kind has but this one lacks (a bias without β)
+/// are refused by [`read_layout`], with the reason.
+fn check_no_stray_keys(
+    layout: &Layout,
+    state: &StateDict,
+    prefix: &str,
+    convention: Convention,
+) -> Result<()> {
+    let [w, b, m, v, n] = names(convention, layout.rms);
+    let mut known = vec![w, b];
+    if layout.has_running_slots {
+        known.extend([m, v]);
+        // torch names write a counter for every tracked layer (0 for one
+        // made under the Keras convention, which reads it back as nothing).
+        if convention == Convention::Torch && layout.running.is_some() {
+            known.push(n);
+        }
+    }
+    let head = key(prefix, "", convention);
+    let sep = match convention {
+        Convention::Torch => '.',
+        Convention::Keras => '/',
+    };
+    for name in state.keys() {
+        let Some(rest) = name.strip_prefix(head.as_str()) else {
+            continue;
+        };
+        if head.is_empty() && rest.contains(sep) {
+            continue;
+        }
+        if !known.contains(&rest) {
+            let why = if rest == n && layout.has_running_slots {
+                "the layer does not track running statistics"
+            } else {
+                "this layer has no tensor of that name"
+            };
+            return Err(unexpected(name, why));
+        }
+    }
+    Ok(())
+}
+
 /// Reads and uploads everything the layer needs, checking that the set of
 /// tensors matches the layer; touches nothing of the layer.
 fn read_layout(
@@ -442,6 +493,7 @@ fn read_layout(
 ) -> Result<Loaded> {
     let [w, b, m, v, n] = names(convention, layout.rms);
     let k = |name: &str| key(prefix, name, convention);
+    check_no_stray_keys(layout, state, prefix, convention)?;
     let one = |name: &str, present: bool, what: &str| -> Result<Option<GpuTensor>> {
         let key = k(name);
         match (present, state.get(&key).is_some()) {

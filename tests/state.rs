@@ -691,6 +691,62 @@ fn a_tensor_the_layer_lacks_is_an_unexpected_key() {
 }
 
 #[test]
+fn a_tensor_no_layer_of_the_kind_has_is_an_unexpected_key_and_changes_nothing() {
+    // torch's strict load_state_dict: "Unexpected key(s) in state_dict".
+    let three = || HostTensor::from_f32(&[3], &[1.0; 3]).unwrap();
+    for (name, tensor) in [
+        ("weights", three()),
+        ("running_variance", three()),
+        (
+            "num_batches_tracked_",
+            HostTensor::from_i64(&[], &[1]).unwrap(),
+        ),
+    ] {
+        let dict = edited(|d| {
+            d.insert(name, tensor);
+        });
+        let err = load_fails(name, &dict);
+        assert!(
+            matches!(err, Error::State(_)) && err.to_string().contains(name),
+            "{name}: {err}"
+        );
+    }
+    let ctx = ctx();
+    // A counter for a BatchNorm without running statistics.
+    let untracked = BatchNormConfig {
+        track_running_stats: false,
+        ..BatchNormConfig::torch_1d()
+    };
+    let mut bn = BatchNorm::new(ctx, 3, untracked).unwrap();
+    let dict = edited(|d| {
+        d.remove("running_mean");
+        d.remove("running_var");
+    });
+    let err = bn
+        .load_state(ctx, &dict, "", Convention::Torch)
+        .unwrap_err();
+    assert!(err.to_string().contains("num_batches_tracked"), "{err}");
+    // Running statistics for a LayerNorm, under a prefix; the keys of
+    // other layers (another prefix, or none) are theirs.
+    let mut ln = LayerNorm::new(ctx, &[3], RowNormConfig::torch_layer_norm()).unwrap();
+    let mut dict = StateDict::new();
+    for (name, tensor) in [
+        ("ln.weight", three()),
+        ("ln.bias", three()),
+        ("ln2.weight", three()),
+        ("weight", three()),
+    ] {
+        dict.insert(name, tensor);
+    }
+    ln.load_state(ctx, &dict, "ln", Convention::Torch).unwrap();
+    dict.insert("ln.running_mean", three());
+    let err = ln
+        .load_state(ctx, &dict, "ln", Convention::Torch)
+        .unwrap_err();
+    assert!(err.to_string().contains("ln.running_mean"), "{err}");
+}
+
+#[test]
 fn wrong_dtypes_are_dtype_errors_and_change_nothing() {
     let weight_as_ints = edited(|d| {
         d.insert("weight", HostTensor::from_i64(&[3], &[1, 2, 3]).unwrap());
