@@ -220,3 +220,98 @@ fn a_replica_with_an_empty_shard_still_takes_the_global_running_stats() {
     );
     assert_eq!(rb.num_batches_tracked(ctx).unwrap(), Some(1));
 }
+
+#[test]
+fn eval_without_running_stats_is_a_local_forward_and_backward_as_in_torch() {
+    // torch syncs in training only: in eval, a SyncBatchNorm without
+    // running statistics normalizes each shard with its own batch
+    // statistics, and refuses a shard of one value per channel.
+    let ctx = ctx();
+    let untracked = || {
+        let config = BatchNormConfig {
+            track_running_stats: false,
+            ..BatchNormConfig::torch_1d()
+        };
+        BatchNorm::new(ctx, 3, config).unwrap()
+    };
+    let x = normal(5 * 3 * 4, 41, 2.0, 3.0);
+    let dy = normal(2 * 3 * 4, 42, 0.0, 1.0);
+    let shards = [
+        ctx.upload(&shard(&x, [5, 3, 4], 0, 2), &[2, 3, 4]).unwrap(),
+        ctx.upload(&shard(&x, [5, 3, 4], 2, 5), &[3, 3, 4]).unwrap(),
+    ];
+    let (mut synced, mut local) = (untracked(), untracked());
+    let stats: Vec<ReplicaStats> = shards
+        .iter()
+        .map(|s| synced.replica_stats(ctx, s).unwrap())
+        .collect();
+    let global = ReplicaStats::merge(&stats).unwrap();
+    let y = synced
+        .forward_synced(ctx, &shards[0], &stats[0], &global, Mode::Eval)
+        .unwrap();
+    let want = local.forward(ctx, &shards[0], Mode::Eval).unwrap();
+    let wide = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
+    let y_want = wide(ctx.download(&want).unwrap());
+    assert_close("eval output", &ctx.download(&y).unwrap(), &y_want, 0.0, 0.0);
+
+    let dy = ctx.upload(&dy, &[2, 3, 4]).unwrap();
+    let sums = synced.replica_grad_sums(ctx, &dy).unwrap();
+    let other = ReplicaGradSums {
+        count: 12.0,
+        sum_dy: vec![5.0; 3],
+        sum_dy_xhat: vec![-7.0; 3],
+    };
+    let all = ReplicaGradSums::all_reduce(&[sums.clone(), other]).unwrap();
+    let got = synced.backward_synced(ctx, &dy, &sums, &all).unwrap();
+    let dx_want = wide(
+        ctx.download(&local.backward(ctx, &dy).unwrap().grad_input)
+            .unwrap(),
+    );
+    let dx = ctx.download(&got.grad_input).unwrap();
+    assert_close("eval grad_input", &dx, &dx_want, 0.0, 0.0);
+
+    let one = ctx.upload(&[1.0, 2.0, 3.0], &[1, 3]).unwrap();
+    let one_stats = synced.replica_stats(ctx, &one).unwrap();
+    let err = synced
+        .forward_synced(ctx, &one, &one_stats, &global, Mode::Eval)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("Expected more than 1 value per channel"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_global_batch_of_one_value_per_channel_is_refused_by_every_replica() {
+    // One value per channel over all replicas: the replica holding it and
+    // the one with an empty shard both refuse the step, and neither's
+    // running statistics or counter move, so the replicas stay equal.
+    let ctx = ctx();
+    let one = ctx.upload(&[1.0, 2.0], &[1, 2]).unwrap();
+    let empty = ctx.upload(&[], &[0, 2]).unwrap();
+    let mut replicas = [
+        BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap(),
+        BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap(),
+    ];
+    let stats: Vec<ReplicaStats> = [&one, &empty]
+        .iter()
+        .zip(&replicas)
+        .map(|(x, bn)| bn.replica_stats(ctx, x).unwrap())
+        .collect();
+    let global = ReplicaStats::merge(&stats).unwrap();
+    for ((bn, x), local) in replicas.iter_mut().zip([&one, &empty]).zip(&stats) {
+        let err = bn
+            .forward_synced(ctx, x, local, &global, Mode::Train)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("Expected more than 1 value per channel"),
+            "{err}"
+        );
+        let r = bn.running_stats().unwrap();
+        assert_eq!(ctx.download(&r.mean).unwrap(), [0.0; 2]);
+        assert_eq!(ctx.download(&r.var).unwrap(), [1.0; 2]);
+        assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(0));
+    }
+}

@@ -260,6 +260,9 @@ pub(crate) struct Saved {
     /// binds the same (they keep the buffers they bind, the output
     /// included, alive until the next forward replaces them).
     pub bindings: Option<engine::ForwardBindings>,
+    /// The forward normalized with statistics merged over replicas
+    /// ([`BatchNorm::forward_synced`]): its backward needs them too.
+    pub synced: bool,
 }
 
 /// Refuses a forward whose tensors or layer state another context created:
@@ -375,6 +378,7 @@ pub(crate) fn record_layer(
         scratch,
         x: x.clone(),
         bindings,
+        synced: false,
     });
     Ok(dispatches)
 }

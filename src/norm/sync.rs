@@ -135,7 +135,8 @@ impl BatchNorm {
 
     /// Normalizes this replica's `x` with the global statistics; in train
     /// mode the running statistics take the global mean and the unbiased
-    /// variance over the global count (torch's SyncBatchNorm).
+    /// variance over the global count (torch's SyncBatchNorm). Eval mode is
+    /// a local [`BatchNorm::forward`], as torch synchronizes training only.
     pub fn forward_synced(
         &mut self,
         ctx: &Context,
@@ -154,16 +155,17 @@ impl BatchNorm {
                 local.shift.len()
             )));
         }
-        if spec.source != StatsSource::Batch {
-            // Eval with running statistics: nothing to synchronize.
+        if mode == Mode::Eval || spec.source != StatsSource::Batch {
+            // torch synchronizes training only ("Don't sync batchnorm stats
+            // in inference mode"): eval, with running statistics or without
+            // (then the shard's own batch statistics, with the shard's
+            // one-value-per-channel check), is a local forward.
             return self.forward(ctx, x, mode);
         }
         // The global count decides the unbiased correction and the
-        // one-value-per-channel rule, not the shard's.
-        if self.config.convention == crate::Convention::Torch
-            && global.count <= 1.0
-            && spec.view.numel() > 0
-        {
+        // one-value-per-channel rule, not the shard's: every replica,
+        // an empty one too, refuses the step, so their states stay equal.
+        if self.config.convention == crate::Convention::Torch && global.count == 1.0 {
             return Err(Error::Shape(format!(
                 "Expected more than 1 value per channel when training, got {} values per channel over all replicas",
                 global.count
@@ -210,6 +212,7 @@ impl BatchNorm {
             scratch,
             x: x.clone(),
             bindings: None,
+            synced: true,
         });
         Ok(y)
     }
@@ -305,7 +308,8 @@ impl BatchNorm {
         let saved = self.saved.as_ref().ok_or_else(|| {
             Error::State("backward was called before any forward: run forward_synced first".into())
         })?;
-        if saved.spec.source != StatsSource::Batch {
+        if !saved.synced || saved.spec.source != StatsSource::Batch {
+            // A local forward (eval): a local backward.
             return self.backward(ctx, dy);
         }
         for sums in [local, global] {
