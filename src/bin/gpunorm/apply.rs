@@ -321,7 +321,11 @@ pub(crate) fn resolve_axis(axis: i64, rank: usize) -> Result<usize> {
 
 /// The dims a Keras layer-norm/rms-norm normalizes: those of `--axis`
 /// (default -1), which must be the trailing ones.
-pub(crate) fn keras_normalized_shape(axis: Option<&str>, shape: &[usize]) -> Result<Vec<usize>> {
+pub(crate) fn keras_normalized_shape(
+    op: Op,
+    axis: Option<&str>,
+    shape: &[usize],
+) -> Result<Vec<usize>> {
     let axes: Vec<i64> = match axis {
         Some(s) => parse_list("--axis", s)?,
         None => vec![-1],
@@ -336,7 +340,8 @@ pub(crate) fn keras_normalized_shape(axis: Option<&str>, shape: &[usize]) -> Res
     let trailing: Vec<usize> = (first..shape.len()).collect();
     if resolved != trailing {
         return Err(invalid(format!(
-            "Keras layer-norm is supported over trailing, contiguous axes only; got axis {axes:?} for an input of rank {}",
+            "Keras {} is supported over trailing, contiguous axes only; got axis {axes:?} for an input of rank {}",
+            op.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
             shape.len()
         )));
     }
@@ -346,7 +351,7 @@ pub(crate) fn keras_normalized_shape(axis: Option<&str>, shape: &[usize]) -> Res
 /// The trailing dims a layer-norm/rms-norm normalizes.
 fn normalized_shape(a: &ApplyArgs, st: &State, op: Op, shape: &[usize]) -> Result<Vec<usize>> {
     if st.keras {
-        return keras_normalized_shape(a.flags.axis.as_deref(), shape);
+        return keras_normalized_shape(op, a.flags.axis.as_deref(), shape);
     }
     // CLI.md: the weight's shape, else the last dimension (a bias alone
     // does not set it; check_shapes then holds it to that shape).

@@ -386,7 +386,7 @@ impl BenchLayer {
         Ok(match flags.op {
             Op::LayerNorm | Op::RmsNorm => {
                 let dims = if keras {
-                    keras_normalized_shape(flags.flags.axis.as_deref(), shape)?
+                    keras_normalized_shape(flags.op, flags.flags.axis.as_deref(), shape)?
                 } else {
                     match &flags.flags.normalized_shape {
                         Some(s) => parse_list("--normalized-shape", s)?,
