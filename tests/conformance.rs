@@ -148,6 +148,22 @@ fn run_case(case: &Value, out_dir: &Path) -> Result<(), String> {
             "{name}: wrote tensors {got_names:?}, expected {want_names:?}"
         ));
     }
+    // The output and grad_input are stored in the input's dtype (the
+    // expected values are F64, so their dtype says nothing of it).
+    let input_dtype = match case["dtype"].as_str() {
+        Some("f16") => Dtype::F16,
+        Some("bf16") => Dtype::BF16,
+        _ => Dtype::F32,
+    };
+    for tensor in ["output", "grad_input"] {
+        if let Some((got_dtype, _, _)) = got.get(tensor) {
+            if *got_dtype != input_dtype {
+                return Err(format!(
+                    "{name}/{tensor}: written as {got_dtype:?}, expected the input's {input_dtype:?}"
+                ));
+            }
+        }
+    }
     for (tensor, (want_dtype, want_shape, want_values)) in &want {
         let (got_dtype, got_shape, got_values) = &got[tensor];
         if got_shape != want_shape {
