@@ -288,12 +288,17 @@ pub(crate) fn check_output(
     y: &GpuTensor,
     others: &[Option<&GpuTensor>],
 ) -> Result<()> {
-    if y.shape() != x.shape() || y.dtype() != x.dtype() {
+    if y.shape() != x.shape() {
         return Err(Error::Shape(format!(
-            "expected an output of shape {:?} and dtype {}, got shape {:?} and dtype {}",
+            "expected an output of shape {:?} (the input's), got {:?}",
             x.shape(),
+            y.shape()
+        )));
+    }
+    if y.dtype() != x.dtype() {
+        return Err(Error::Dtype(format!(
+            "expected an output of dtype {} (the input's), got {}",
             x.dtype(),
-            y.shape(),
             y.dtype()
         )));
     }
