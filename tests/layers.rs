@@ -214,6 +214,35 @@ fn invalid_hyper_parameters_are_typed_errors() {
 }
 
 #[test]
+fn boundary_hyper_parameters_are_accepted_and_mean_what_they_say() {
+    // SPEC §5: momentum in [0, 1] and eps = 0 are valid. momentum 1 takes
+    // the batch's statistics, 0 keeps the running ones; eps = 0 on a
+    // constant channel gives NaN, as torch does where it allows eps = 0.
+    let ctx = ctx();
+    let x = [1.0f32, 5.0, 2.0, 5.0, 3.0, 5.0, 6.0, 5.0];
+    for (momentum, mean, var) in [(1.0f32, 3.0f32, 14.0 / 3.0), (0.0, 0.0, 1.0)] {
+        let config = BatchNormConfig {
+            momentum: Some(momentum),
+            eps: 0.0,
+            ..BatchNormConfig::torch_1d()
+        };
+        let mut bn = BatchNorm::new(ctx, 2, config).unwrap();
+        let y = bn
+            .forward(ctx, &ctx.upload(&x, &[4, 2]).unwrap(), Mode::Train)
+            .unwrap();
+        let y = ctx.download(&y).unwrap();
+        assert!(y.iter().step_by(2).all(|v| v.is_finite()), "{y:?}");
+        assert!(y.iter().skip(1).step_by(2).all(|v| v.is_nan()), "{y:?}");
+        let (m, v, n) = running(&bn);
+        assert_eq!(n, Some(1));
+        assert!(
+            (m[0] - mean).abs() < 1e-6 && (v[0] - var).abs() < 1e-5,
+            "{m:?} {v:?}"
+        );
+    }
+}
+
+#[test]
 fn empty_batch_returns_empty_output_and_still_counts_the_batch() {
     let ctx = ctx();
     let mut bn = BatchNorm::new(ctx, 4, BatchNormConfig::torch_2d()).unwrap();

@@ -190,6 +190,16 @@ fn merge_is_order_independent() {
     let b = ReplicaStats::merge(&[parts[2].clone(), parts[0].clone(), parts[1].clone()]).unwrap();
     assert_eq!(a.count, 9.0);
     assert!((a.mean[0] - b.mean[0]).abs() < 1e-12 && (a.m2[0] - b.m2[0]).abs() < 1e-9);
+    // The pooled moments, from the parts' own: mean Σnᵢmᵢ/n = 49/9, and
+    // M2 = ΣM2ᵢ + Σnᵢ(mᵢ − mean)².
+    let mean = 49.0 / 9.0;
+    let m2 = 9.0
+        + [(3.0, 1.0), (5.0, 10.0), (1.0, -4.0)]
+            .iter()
+            .map(|(n, m): &(f64, f64)| n * (m - mean).powi(2))
+            .sum::<f64>();
+    assert!((a.mean[0] - mean).abs() < 1e-12, "{} vs {mean}", a.mean[0]);
+    assert!((a.m2[0] - m2).abs() < 1e-9, "{} vs {m2}", a.m2[0]);
 }
 
 #[test]
