@@ -351,11 +351,12 @@ fn layer_norm_backward_column_sums_match_f64_for_every_column_strip() {
 
 #[test]
 fn layer_norm_backward_uses_the_statistics_of_rows_walked_four_at_a_time() {
-    // The forward and the backward walk 67 rows four at a time on lavapipe
-    // (the last step repeats row 66): every row's saved statistics must be
-    // its own, and the backward's per-step column sums (dγ, dβ) must count
-    // row 66 once.
-    layer_norm_case(67, 256, true, true, 0.5);
+    // The forward and the backward walk 67 rows of 2048 four at a time on
+    // lavapipe (the last step repeats row 66): every row's saved statistics
+    // must be its own, and the backward's per-step column sums (dγ, dβ)
+    // must count row 66 once.
+    common::assert_four_rows_per_step_on_a_cpu(ctx(), 67, 2048);
+    layer_norm_case(67, 2048, true, true, 0.5);
 }
 
 #[test]

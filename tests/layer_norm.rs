@@ -1,7 +1,10 @@
 //! LayerNorm and RMSNorm forward against the f64 host reference.
 
 mod common;
-use common::{assert_close, ctx, layer_norm_on, layer_norm_reference, normal};
+use common::{
+    assert_close, assert_four_rows_per_step_on_a_cpu, ctx, layer_norm_on, layer_norm_reference,
+    normal,
+};
 use gpunorm::{reference, LayerNorm, Mode, RmsNorm, RowNormConfig, View};
 
 fn layer_norm_matches_reference(rows: usize, len: usize, offset: f32, atol: f64, rtol: f64) {
@@ -51,11 +54,14 @@ fn layer_norm_large_offset_rows_stay_within_1e_3() {
 
 #[test]
 fn layer_norm_rows_walked_four_at_a_time_with_a_partial_last_step_match_f64() {
-    // With 64 rows or more the subgroup row kernel walks rows four at a time
-    // on lavapipe; 67 rows leave a last step of three (it repeats the last
-    // row), and 9 vectors per row leave lanes idle at each row's end.
-    layer_norm_matches_reference(67, 256, 1.0, 1e-5, 1e-5);
-    layer_norm_matches_reference(65, 36, 0.0, 1e-5, 1e-5);
+    // With 64 rows or more, too long to hold (over 1024 elements on
+    // lavapipe), the subgroup row kernel walks rows four at a time; 67 rows
+    // leave a last step of three (it repeats the last row), 65 rows one,
+    // and 257 vectors per row leave lanes idle at each row's end.
+    for (rows, len) in [(67, 2048), (65, 1028)] {
+        assert_four_rows_per_step_on_a_cpu(ctx(), rows, len);
+        layer_norm_matches_reference(rows, len, 1.0, 1e-5, 1e-5);
+    }
 }
 
 #[test]
@@ -130,8 +136,11 @@ fn layer_norm_constant_row_gives_bias_exactly() {
 #[test]
 fn rms_norm_matches_f64() {
     let ctx = ctx();
-    // 66 rows: four at a time on lavapipe, with a last step of two.
-    for (rows, len) in [(33, 96), (66, 64)] {
+    // 66 rows of 2048: four at a time on lavapipe, with a last step of two.
+    for (rows, len) in [(33, 96), (66, 2048)] {
+        if rows == 66 {
+            assert_four_rows_per_step_on_a_cpu(ctx, rows, len);
+        }
         let x = normal(rows * len, 5, 0.5, 2.0);
         let w = normal(len, 6, 1.0, 0.3);
         let mut rms = RmsNorm::new(ctx, &[len], RowNormConfig::torch_rms_norm()).unwrap();

@@ -95,3 +95,37 @@ pub fn layer_norm_reference(x: &[f32], rows: usize, len: usize, eps: f64) -> Vec
     let view = gpunorm::View::layer_norm(&[rows, len], len);
     gpunorm::reference::forward(x, &view, false, eps, None, None)
 }
+
+/// Asserts that a LayerNorm/RMSNorm forward of `rows` rows of `len` takes
+/// the subgroup row kernel four rows per step on `ctx` when it is a CPU
+/// adapter with subgroups (lavapipe), the case the callers mean to cover;
+/// other adapters plan other kernels for the same rows.
+pub fn assert_four_rows_per_step_on_a_cpu(ctx: &Context, rows: usize, len: usize) {
+    let caps = ctx.caps();
+    if !(caps.cpu && caps.subgroups) {
+        return;
+    }
+    let view = gpunorm::View::layer_norm(&[rows, len], len);
+    let spec = gpunorm::engine::ForwardSpec {
+        view,
+        dtype: gpunorm::DType::F32,
+        rms: false,
+        eps: 1e-5,
+        source: gpunorm::engine::StatsSource::Batch,
+        update: None,
+        bump_counter: false,
+        empty_batch_nan: false,
+    };
+    let chunks = gpunorm::engine::Chunks::whole(view.numel());
+    let plan = gpunorm::engine::plan_forward_chunked(&spec, &chunks, &caps);
+    assert!(
+        plan.iter()
+            .all(|d| d.kernel == gpunorm::kernels::Kernel::RowsSubgroup),
+        "{rows}x{len}: {plan:?}"
+    );
+    assert_eq!(
+        gpunorm::engine::rows_per_step(&view, &caps),
+        4,
+        "{rows}x{len}"
+    );
+}
