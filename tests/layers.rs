@@ -737,8 +737,35 @@ fn runs_walked_by_subgroups_in_blocks_match_f64_and_update_running_stats() {
                 .unwrap(),
         )
         .unwrap();
-    let want = reference::forward(&x, &View::instance_norm(&shape), false, 1e-5, None, None);
+    let view = View::instance_norm(&shape);
+    let want = reference::forward(&x, &view, false, 1e-5, None, None);
     assert_close("instance norm", &y, &want, 1e-5, 1e-5);
+    // The update averages the three samples' statistics per channel:
+    // 0.1·mean and 0.9 + 0.1·(unbiased var), and leaves the counter.
+    let stats = reference::group_stats(&x, &view, false);
+    let average = |f: &dyn Fn(&(f64, f64)) -> f64| -> Vec<f64> {
+        (0..5)
+            .map(|c| (0..3).map(|p| f(&stats[p * 5 + c])).sum::<f64>() / 3.0)
+            .collect()
+    };
+    let want_rm: Vec<f64> = average(&|s| 0.1 * s.0);
+    let want_rv: Vec<f64> = average(&|s| 0.9 + 0.1 * s.1 * 256.0 / 255.0);
+    let r = inorm.running_stats().unwrap();
+    assert_close(
+        "in running_mean",
+        &ctx.download(&r.mean).unwrap(),
+        &want_rm,
+        1e-6,
+        1e-5,
+    );
+    assert_close(
+        "in running_var",
+        &ctx.download(&r.var).unwrap(),
+        &want_rv,
+        1e-6,
+        1e-5,
+    );
+    assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(0));
 }
 
 #[test]
