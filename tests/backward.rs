@@ -487,14 +487,27 @@ fn batch_norm_case_on(
 #[test]
 fn batch_norm_train_backward_over_channels_of_several_tiles_matches_f64() {
     // 8·40·40 = 12,800 elements per channel: more than one tile of 4096.
-    batch_norm_case(
-        "batch norm 2d train",
-        &[8, 3, 40, 40],
-        BatchNormConfig::torch_2d(),
-        1,
-        Mode::Train,
-        true,
+    // lavapipe sums them run by run (PartialsRuns); GPU sizes take the
+    // per-invocation tiles over a strided channel (PartialsEach).
+    let view = View::batch_norm(&[8, 3, 40, 40], 1);
+    let plan = plan_backward_on(&affine_batch_spec(view), &gpu_sized().caps());
+    assert!(
+        plan.iter()
+            .any(|d| d.kernel == BackwardKernel::PartialsEach),
+        "{plan:?}"
     );
+    for ctx in [ctx(), gpu_sized()] {
+        batch_norm_case_on(
+            ctx,
+            "batch norm 2d train",
+            &[8, 3, 40, 40],
+            BatchNormConfig::torch_2d(),
+            1,
+            Mode::Train,
+            true,
+            1.0,
+        );
+    }
     // grad_input by runs is regrouped around a value of the channel: a
     // large common offset costs no digits.
     batch_norm_case_on(

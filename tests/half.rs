@@ -150,11 +150,13 @@ fn f16_subnormal_outputs_round_correctly() {
 
 #[test]
 fn half_batch_norm_channels_last_matches_f64() {
-    // 6 channels take the column strips; 192 channels (6 vectors per lane
-    // of 8) rows walked by subgroups holding their columns on lavapipe, and
-    // the GPU's strips on a context sized for one.
+    // 6 channels (not whole vectors) take the tiles and the flat
+    // normalize; 8 channels the column kernels; 192 channels (6 vectors per
+    // lane of 8) rows walked by subgroups holding their columns on
+    // lavapipe, and the GPU's strips on a context sized for one.
     for (ctx, dtype, shape) in [
         (ctx(), DType::BF16, [4usize, 5, 5, 6]),
+        (ctx(), DType::BF16, [4, 5, 5, 8]),
         (ctx(), DType::BF16, [2, 5, 7, 192]),
         (ctx(), DType::F16, [2, 5, 7, 192]),
         (gpu_sized(), DType::F16, [2, 5, 7, 192]),

@@ -670,25 +670,35 @@ fn batch_norm_over_small_planes_matches_f64() {
 
 #[test]
 fn batch_norm_over_14x14_planes_normalizes_run_by_run_and_matches_f64() {
-    // Runs of 196 elements (49 vectors): normalize_runs with most of its
-    // workgroup idle, rather than the flat kernel.
-    let ctx = ctx();
+    // Runs of 196 elements (49 vectors, an odd count): on GPU sizes
+    // normalize_runs, which pairs vectors, with most of its workgroup idle
+    // rather than the flat kernel; on lavapipe a subgroup per run.
     let shape = [4, 8, 14, 14];
     let x = normal(4 * 8 * 196, 97, 2.0, 1.5);
     let w: Vec<f32> = (0..8).map(|c| 0.5 + c as f32 * 0.25).collect();
     let b: Vec<f32> = (0..8).map(|c| c as f32 - 4.0).collect();
-    let mut bn = BatchNorm::new(ctx, 8, BatchNormConfig::torch_2d()).unwrap();
-    bn.set_weight(Some(ctx.upload(&w, &[8]).unwrap())).unwrap();
-    bn.set_bias(Some(ctx.upload(&b, &[8]).unwrap())).unwrap();
-    let y = ctx
-        .download(
-            &bn.forward(ctx, &ctx.upload(&x, &shape).unwrap(), Mode::Train)
-                .unwrap(),
-        )
-        .unwrap();
     let view = View::batch_norm(&shape, 1);
     let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
-    assert_close("train", &y, &want, 1e-5, 1e-5);
+    for ctx in [ctx(), gpu_sized()] {
+        let mut bn = BatchNorm::new(ctx, 8, BatchNormConfig::torch_2d()).unwrap();
+        bn.set_weight(Some(ctx.upload(&w, &[8]).unwrap())).unwrap();
+        bn.set_bias(Some(ctx.upload(&b, &[8]).unwrap())).unwrap();
+        let xt = ctx.upload(&x, &shape).unwrap();
+        let yt = ctx.zeros(&shape, DType::F32).unwrap();
+        let mut encoder = ctx
+            .device()
+            .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+        let plan = bn.record(ctx, &mut encoder, &xt, &yt, Mode::Train).unwrap();
+        ctx.submit_and_wait(encoder).unwrap();
+        let caps = ctx.caps();
+        let normalize = if caps.cpu && caps.subgroups {
+            Kernel::NormalizeRunsSubgroup
+        } else {
+            Kernel::NormalizeRuns
+        };
+        assert!(plan.iter().any(|d| d.kernel == normalize), "{plan:?}");
+        assert_close("train", &ctx.download(&yt).unwrap(), &want, 1e-5, 1e-5);
+    }
 }
 
 #[test]
