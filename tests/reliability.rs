@@ -173,13 +173,34 @@ fn context_and_layers_can_be_shared_across_threads() {
 fn many_alternating_forwards_reuse_nothing_they_should_not() {
     let ctx = ctx();
     let mut bn = BatchNorm::new(ctx, 4, BatchNormConfig::torch_1d()).unwrap();
-    let x = ctx.upload(&normal(32, 3, 0.0, 1.0), &[8, 4]).unwrap();
+    let host = normal(32, 3, 0.0, 1.0);
+    let x = ctx.upload(&host, &[8, 4]).unwrap();
+    let mut last_eval = Vec::new();
     for i in 0..200 {
         let mode = if i % 2 == 0 { Mode::Train } else { Mode::Eval };
-        bn.forward(ctx, &x, mode).unwrap();
+        let y = bn.forward(ctx, &x, mode).unwrap();
+        if i == 199 {
+            last_eval = ctx.download(&y).unwrap();
+        }
     }
     let r = bn.running_stats().unwrap();
     assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(100));
+    // 100 updates toward the same batch: mean (1 − 0.9^100)·m, and the
+    // last eval normalized by the running statistics, not the batch's.
+    let view = View::batch_norm(&[8, 4], 1);
+    let stats = reference::group_stats(&host, &view, false);
+    let k = 1.0 - 0.9f64.powi(100);
+    let want_mean: Vec<f64> = stats.iter().map(|s| k * s.0).collect();
+    let mean = ctx.download(&r.mean).unwrap();
+    assert_close("running_mean", &mean, &want_mean, 1e-6, 1e-5);
+    let var = ctx.download(&r.var).unwrap();
+    let running: Vec<(f64, f64)> = mean
+        .iter()
+        .zip(&var)
+        .map(|(&m, &v)| (m as f64, v as f64))
+        .collect();
+    let want = reference::normalize(&host, &view, &running, 1e-5, None, None);
+    assert_close("last eval", &last_eval, &want, 1e-5, 1e-5);
 }
 
 fn apply(args: &[&str]) -> std::process::Output {
@@ -276,10 +297,15 @@ fn constant_groups_give_beta_exactly_and_finite_gradients() {
         dx.iter().all(|v| v.is_finite()),
         "finite grad_input: {dx:?}"
     );
-    let dw = ctx.download(g.grad_weight.as_ref().unwrap()).unwrap();
+    // On the constant channel x̂ = 0 and rstd = 1/√eps: dx = (dy − mean dy)/√eps.
+    let view = View::batch_norm(&shape, 1);
+    let want = reference::backward(&x, &dy, &view, false, 1e-5, Some(&[1.0, 1.0]), None);
+    assert_close("grad_input", &dx, &want.grad_input, 1e-4, 1e-4);
     let db = ctx.download(g.grad_bias.as_ref().unwrap()).unwrap();
+    assert_close("grad_bias", &db, &want.grad_bias, 1e-5, 1e-5);
+    let dw = ctx.download(g.grad_weight.as_ref().unwrap()).unwrap();
     assert_eq!(dw[0], 0.0, "x̂ is zero on a constant channel");
-    assert!(dw[1].is_finite() && db.iter().all(|v| v.is_finite()));
+    assert!(dw[1].is_finite());
 }
 
 #[test]
