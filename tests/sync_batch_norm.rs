@@ -229,6 +229,25 @@ fn a_replica_with_an_empty_shard_still_takes_the_global_running_stats() {
         ctx.download(&rb.var).unwrap()
     );
     assert_eq!(rb.num_batches_tracked(ctx).unwrap(), Some(1));
+    // And both are those of one BatchNorm over the whole (same) batch.
+    let mut whole = BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap();
+    whole.forward(ctx, &full, Mode::Train).unwrap();
+    let rw = whole.running_stats().unwrap();
+    for (got, want) in [(&rb.mean, &rw.mean), (&rb.var, &rw.var)] {
+        let want: Vec<f64> = ctx
+            .download(want)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        assert_close(
+            "empty replica vs whole",
+            &ctx.download(got).unwrap(),
+            &want,
+            1e-6,
+            1e-5,
+        );
+    }
 }
 
 #[test]
