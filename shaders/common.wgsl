@@ -165,14 +165,10 @@ fn group_shift(p: u32, g: u32) -> f32 {
     );
 }
 
-// NaN and ±inf tests on the bits: a compiler may assume that a float
-// comparison never meets a NaN, so `v != v` proves nothing.
+// A NaN test on the bits: a compiler may assume that a float comparison
+// never meets a NaN, so `v != v` proves nothing.
 fn is_nan(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
-}
-
-fn is_inf(v: f32) -> bool {
-    return (bitcast<u32>(v) & 0x7fffffffu) == 0x7f800000u;
 }
 
 // Chan et al.'s merge of two (count, mean, M2) summaries. Exact in the sense
@@ -194,23 +190,6 @@ fn chan_merge(x: vec3<f32>, y: vec3<f32>) -> vec3<f32> {
     }
     let m2 = x.z + y.z + delta * delta * x.x * wy;
     return vec3<f32>(n, mean, m2);
-}
-
-// 1/sqrt(variance + eps) of a group's batch statistics. A variance that
-// overflowed to +inf from finite values (deviations that square past
-// 3.4e38, such as ±1e20) gives NaN, rather than an rstd of 0 that would
-// quietly make every output of the group β. The exact result is finite;
-// torch's f32 kernels give NaN for LayerNorm and GroupNorm there, and β
-// for BatchNorm and InstanceNorm. An inf among the values already makes
-// the variance NaN (inf − inf), as in torch. RMSNorm keeps torch's rule
-// (rstd 0: y is 0 but where x is ±inf or NaN), which this cannot tell from
-// an overflow. The NaN's bits come from the variance (inf | the quiet
-// bit), never from a constant expression.
-fn batch_rstd(variance: f32) -> f32 {
-    if (!IS_RMS && is_inf(variance)) {
-        return bitcast<f32>(bitcast<u32>(variance) | 0x00400000u);
-    }
-    return 1.0 / sqrt(variance + params.eps);
 }
 
 fn affine(v: f32, g: u32, b: u32) -> f32 {

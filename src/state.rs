@@ -471,7 +471,7 @@ fn check_no_stray_keys(
             continue;
         }
         if !known.contains(&rest) {
-            let why = if rest == n && layout.has_running_slots {
+            let why = if !n.is_empty() && rest == n && layout.has_running_slots {
                 "the layer does not track running statistics"
             } else {
                 "this layer has no tensor of that name"

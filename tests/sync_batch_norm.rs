@@ -203,6 +203,45 @@ fn merge_is_order_independent() {
 }
 
 #[test]
+fn an_infinite_replica_mean_stays_infinite_through_empty_and_finite_replicas() {
+    // torch drops empty replicas and weights the means: an inf among the
+    // values keeps the global mean ±inf. Merging the empty replica's mean
+    // of 0 (delta·0) or a finite one (inf − inf) used to give NaN.
+    let part = |count: f64, mean: f64| ReplicaStats {
+        count,
+        mean: vec![mean],
+        m2: vec![0.0],
+        shift: vec![0.0],
+    };
+    for parts in [
+        vec![part(2.0, f64::INFINITY), part(0.0, 0.0)],
+        vec![part(2.0, f64::INFINITY), part(3.0, 1.0)],
+        vec![part(0.0, 0.0), part(3.0, 1.0), part(2.0, f64::NEG_INFINITY)],
+    ] {
+        let global = ReplicaStats::merge(&parts).unwrap();
+        let want = parts
+            .iter()
+            .map(|p| p.mean[0])
+            .find(|m| m.is_infinite())
+            .unwrap();
+        assert_eq!(
+            global.mean[0],
+            want,
+            "{:?}",
+            parts
+                .iter()
+                .map(|p| (p.count, p.mean[0]))
+                .collect::<Vec<_>>()
+        );
+    }
+    let opposite = ReplicaStats::merge(&[part(1.0, f64::INFINITY), part(1.0, f64::NEG_INFINITY)]);
+    assert!(
+        opposite.unwrap().mean[0].is_nan(),
+        "inf − inf stays NaN, as in torch"
+    );
+}
+
+#[test]
 fn a_replica_with_an_empty_shard_still_takes_the_global_running_stats() {
     let ctx = ctx();
     let x = normal(3 * 2 * 5, 77, 4.0, 2.0);

@@ -67,14 +67,19 @@ impl ReplicaStats {
             mean: vec![0.0; channels],
             m2: vec![0.0; channels],
         };
-        for part in parts {
+        // Empty replicas add nothing (torch drops them): their mean of 0
+        // against an infinite one would make delta·0 a NaN.
+        for part in parts.iter().filter(|p| p.count > 0.0) {
             let n = acc.count + part.count;
-            if n == 0.0 {
-                continue;
-            }
             for c in 0..channels {
                 let delta = part.mean[c] - acc.mean[c];
-                acc.mean[c] += delta * part.count / n;
+                let mut mean = acc.mean[c] + delta * part.count / n;
+                // As chan_merge (common.wgsl): an infinite mean merged with
+                // a finite one keeps its ±inf through the weighted sum.
+                if mean.is_nan() && !acc.mean[c].is_nan() && !part.mean[c].is_nan() {
+                    mean = acc.mean[c] * (acc.count / n) + part.mean[c] * (part.count / n);
+                }
+                acc.mean[c] = mean;
                 acc.m2[c] += part.m2[c] + delta * delta * acc.count * part.count / n;
             }
             acc.count = n;
