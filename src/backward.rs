@@ -20,7 +20,9 @@
 //!   blocks (merged by `Finalize`), `ChannelGradInput` writes grad_input;
 //!   each invocation loads its eight channels' statistics once.
 //! - Other groups (BatchNorm channels-first, channels-last GroupNorm):
-//!   `Partials` over tiles, `Finalize` to per-group sums, elementwise
+//!   per-run partials on a CPU with subgroups (`PartialsRuns`), else one
+//!   partial per invocation over tiles (`PartialsEach`) or per tile
+//!   (`Partials`), `Finalize` to per-group sums, elementwise
 //!   `GradInput` (by runs, with the run's coefficients found once, when runs
 //!   are whole vectors with one γ each).
 //! - Eval mode with running statistics: `grad_input = g·rstd` elementwise.
@@ -28,7 +30,9 @@
 //!   (BatchNorm, InstanceNorm) they come out of the group sums, summed over
 //!   samples by `Finalize`; an affine index per column (LayerNorm, RMSNorm,
 //!   channels-last GroupNorm) uses the coalesced `Cols` kernel (plus a
-//!   `Finalize` when there is more than one block of rows); anything else
+//!   `Finalize` when there is more than one block of rows), or on a CPU
+//!   the row kernel's own per-step column sums finished by `ColumnSums`
+//!   (`fused_column_sums`); anything else
 //!   (channels-first GroupNorm with several channels per group) reduces an
 //!   `[1, R, K, D]` view with `Partials` + `Finalize`.
 //!
@@ -37,8 +41,9 @@
 //! every sum is f32 and `grad_input` is rounded once at the store, one
 //! invocation writing both halves of a word. Parameter gradients are f32.
 //!
-//! Scratch is bounded: at most one vec4 per group plus one per tile of 4096
-//! elements, or per column and block of at least [`COLS_MIN_ROWS`] rows.
+//! Scratch is bounded: at most one vec4 per group plus one per partial (per
+//! tile of 4096 elements, per invocation of a tile, or per run), or per
+//! column and block of at least [`COLS_MIN_ROWS`] rows.
 
 use std::sync::Arc;
 

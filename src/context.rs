@@ -320,7 +320,8 @@ impl Context {
     }
 
     /// Creates a zero-filled device buffer of at least `bytes` (rounded up to
-    /// a multiple of 4, at least 4) usable as storage and copy source/target.
+    /// a multiple of [`crate::tensor::BINDING_ALIGN`], at least one) usable as
+    /// storage and copy source/target.
     pub(crate) fn create_buffer(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
         self.check_buffer_size(label, bytes)?;
         let size =

@@ -3,7 +3,8 @@
 //! Every forward kernel is assembled from plain WGSL files in `shaders/`: a
 //! prelude of the constants below, the load/store file of the storage dtype,
 //! `common.wgsl` (parameters, bindings, helpers) and the kernel's own file.
-//! Pipelines are built once per (kernel, dtype) and cached in the context.
+//! Pipelines are built once per (kernel, dtype, [`Variant`] of override
+//! constants) and cached in the context.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -9,8 +9,10 @@
 //! Every normalization is statistics per group of an `[P, A, G, B]` view of
 //! the input plus a fused normalize-scale-shift ([`View`]); one engine serves
 //! them all. Work is recorded into a `wgpu::CommandEncoder`: `forward` records
-//! and submits, `record` leaves submission to you, and nothing but
-//! [`Context::download`] waits for the device.
+//! and submits, `record` leaves submission to you, and neither waits for
+//! the device: reading results back does ([`Context::download`] and the
+//! few other calls whose docs say they wait, such as
+//! `RunningStats::num_batches_tracked` or `Stateful::save_state`).
 //!
 //! ```
 //! use gpunorm::{BatchNorm, BatchNormConfig, Context, Mode};

@@ -147,7 +147,8 @@ impl GpuTensor {
     }
 
     /// The bytes a binding of this tensor covers: its data rounded up to a
-    /// multiple of 4 (storage bindings must be), at least 4.
+    /// multiple of [`BINDING_ALIGN`] (storage bindings must be a multiple of
+    /// 4), at least one.
     pub(crate) fn binding_size(&self) -> u64 {
         self.byte_len().div_ceil(BINDING_ALIGN).max(1) * BINDING_ALIGN
     }

@@ -4,8 +4,9 @@
 //! byte model that turns a time into GB/s ([`forward_bytes`],
 //! [`backward_bytes`]).
 //!
-//! `gpunorm bench` and the criterion benches share this module, so both read
-//! the same clock and count the same bytes.
+//! `gpunorm bench` and the forward criterion bench (`benches/norms.rs`)
+//! share this module, so both read the same clock and count the same bytes;
+//! `benches/backward.rs` reports its own throughput (x, dy and grad_input).
 //!
 //! ```
 //! use gpunorm::timing::{CopyReference, Timer};
@@ -446,7 +447,8 @@ Byte model (`bytes`): the traffic the op cannot avoid.
               num_batches_tracked, 8 bytes, read and written) when train mode
               updates them.
   backward: input and grad_output read once + grad_input written once
-            + the affine parameters read and their gradients written
+            + weight/gamma read (no bias is needed) and the affine
+              gradients written
             + the saved mean and rstd read (8 bytes per group).
   A kernel that reads the input twice still counts it once: re-reading is
   the kernel's cost. gbps = bytes / median / 1e9.
@@ -463,8 +465,8 @@ pub fn forward_bytes(numel: usize, dtype: DType, param_bytes: u64, stats_bytes: 
 }
 
 /// Bytes a backward pass cannot avoid moving: input and grad_output read,
-/// grad_input written, plus `param_bytes` (parameters read and their
-/// gradients written) and `stats_bytes` (saved statistics read).
+/// grad_input written, plus `param_bytes` (γ read, the affine gradients
+/// written) and `stats_bytes` (saved statistics read).
 pub fn backward_bytes(numel: usize, dtype: DType, param_bytes: u64, stats_bytes: u64) -> u64 {
     3 * (numel * dtype.size()) as u64 + param_bytes + stats_bytes
 }

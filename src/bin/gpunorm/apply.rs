@@ -73,7 +73,7 @@ pub struct OpFlags {
     /// F or `none` (batch-norm, instance-norm). Default 0.1 torch, 0.99 keras.
     #[arg(long, allow_hyphen_values = true, value_name = "F|none")]
     pub momentum: Option<String>,
-    /// torch layer-norm/rms-norm: D1[,D2...]. Default: weight's shape, else the last dim.
+    /// torch layer-norm/rms-norm: D1[,D2...]. Default: weight's shape (apply), else the last dim.
     #[arg(
         long = "normalized-shape",
         allow_hyphen_values = true,

@@ -1,4 +1,5 @@
-//! `gpunorm`: the command line of ../shared/CLI.md — apply, demo, adapters.
+//! `gpunorm`: the command line of ../shared/CLI.md — apply, demo, adapters,
+//! bench.
 
 /// `println!` that returns an error instead of panicking when stdout cannot
 /// be written (a closed pipe, a full disk): CLI.md allows no panic.
