@@ -113,6 +113,14 @@ impl GpuTensor {
                 "a tensor's offset must be a multiple of 4 bytes, got {offset}"
             )));
         }
+        // Without STORAGE every pass binding it would fail in wgpu, after
+        // the caller's encoder had taken the recorded work.
+        if !tensor.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::InvalidArgument(format!(
+                "a tensor's buffer needs STORAGE usage, got {:?}",
+                tensor.buffer.usage()
+            )));
+        }
         Ok(tensor)
     }
 
@@ -195,9 +203,11 @@ impl GpuTensor {
         self.owner
     }
 
-    /// Whether two tensors share a buffer (used to refuse aliasing).
+    /// Whether two tensors share a buffer (used to refuse aliasing). wgpu
+    /// buffers compare by identity, so two clones of one buffer wrapped in
+    /// separate `Arc`s are the same buffer too.
     pub(crate) fn same_buffer(&self, other: &GpuTensor) -> bool {
-        Arc::ptr_eq(&self.buffer, &other.buffer)
+        *self.buffer == *other.buffer
     }
 }
 

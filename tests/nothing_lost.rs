@@ -443,12 +443,42 @@ fn a_tensor_too_large_for_the_device_changes_nothing() {
 }
 
 #[test]
+fn a_buffer_without_storage_usage_cannot_be_wrapped() {
+    let ctx = ctx();
+    let buffer = ctx
+        .device()
+        .create_buffer(&gpunorm::wgpu::BufferDescriptor {
+            label: None,
+            size: 256,
+            usage: gpunorm::wgpu::BufferUsages::COPY_SRC | gpunorm::wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+    let err = GpuTensor::from_buffer(std::sync::Arc::new(buffer), 0, &[C], DType::F32).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument(_)) && err.to_string().contains("STORAGE"),
+        "{err}"
+    );
+}
+
+#[test]
 fn an_output_aliasing_the_input_or_the_state_changes_nothing() {
     let ctx = ctx();
     let is_arg = |e: &Error| matches!(e, Error::InvalidArgument(_));
     let x = ctx.upload(&input(), &SHAPE).unwrap();
     fails_changing_nothing("output = input", ctx, is_arg, |s| {
         s.record(ctx, &x, &x, Mode::Train)
+    });
+    // The same buffer through another handle: a clone of the wgpu buffer in
+    // its own Arc, as an application wrapping an arena twice would make.
+    fails_changing_nothing("output = input, cloned handle", ctx, is_arg, |s| {
+        let y = GpuTensor::from_buffer(
+            std::sync::Arc::new((**x.buffer()).clone()),
+            0,
+            &SHAPE,
+            DType::F32,
+        )
+        .unwrap();
+        s.record(ctx, &x, &y, Mode::Train)
     });
     let before_x = bits(ctx, &x);
     // An output that shares its buffer with the running mean: the mean sits
