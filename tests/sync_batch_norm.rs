@@ -3,12 +3,32 @@
 
 mod common;
 use common::{assert_close, ctx, normal};
-use gpunorm::{BatchNorm, BatchNormConfig, Context, Mode, ReplicaGradSums, ReplicaStats};
+use gpunorm::{
+    BatchNorm, BatchNormConfig, Context, Mode, ReplicaGradSums, ReplicaStats, RunningStats,
+};
 
 /// Splits an `[N, C, L]` batch along N.
 fn shard(x: &[f32], shape: [usize; 3], from: usize, to: usize) -> Vec<f32> {
     let per = shape[1] * shape[2];
     x[from * per..to * per].to_vec()
+}
+
+/// Asserts that running statistics (each read on its own context) agree.
+fn assert_same_running_stats(
+    what: &str,
+    (got_ctx, got): (&Context, &RunningStats),
+    (want_ctx, want): (&Context, &RunningStats),
+    atol: f64,
+) {
+    for (g, w) in [(&got.mean, &want.mean), (&got.var, &want.var)] {
+        let w: Vec<f64> = want_ctx
+            .download(w)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        assert_close(what, &got_ctx.download(g).unwrap(), &w, atol, 1e-5);
+    }
 }
 
 #[test]
@@ -69,21 +89,7 @@ fn two_replicas_equal_one_batch_norm_over_the_whole_batch() {
     let r_whole = whole.running_stats().unwrap();
     for (bn, c) in replicas.iter().zip(contexts) {
         let r = bn.running_stats().unwrap();
-        for (got, want) in [(&r.mean, &r_whole.mean), (&r.var, &r_whole.var)] {
-            let want: Vec<f64> = whole_ctx
-                .download(want)
-                .unwrap()
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
-            assert_close(
-                "synced running stats",
-                &c.download(got).unwrap(),
-                &want,
-                1e-5,
-                1e-5,
-            );
-        }
+        assert_same_running_stats("synced running stats", (c, r), (whole_ctx, r_whole), 1e-5);
         assert_eq!(r.num_batches_tracked(c).unwrap(), Some(1));
     }
 }
@@ -272,21 +278,7 @@ fn a_replica_with_an_empty_shard_still_takes_the_global_running_stats() {
     let mut whole = BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap();
     whole.forward(ctx, &full, Mode::Train).unwrap();
     let rw = whole.running_stats().unwrap();
-    for (got, want) in [(&rb.mean, &rw.mean), (&rb.var, &rw.var)] {
-        let want: Vec<f64> = ctx
-            .download(want)
-            .unwrap()
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
-        assert_close(
-            "empty replica vs whole",
-            &ctx.download(got).unwrap(),
-            &want,
-            1e-6,
-            1e-5,
-        );
-    }
+    assert_same_running_stats("empty replica vs whole", (ctx, rb), (ctx, rw), 1e-6);
 }
 
 #[test]
