@@ -177,34 +177,39 @@ def main():
     print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)"
           + (f", CUDA: {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
-    rows = []
+    header = "| op | shape | gpunorm ms | GB/s | fraction of copy | copy GB/s |"
+    for device in devices:
+        header += f" torch {device} ms | torch {device} GB/s | torch/gpunorm |"
+    # Each row is printed as soon as it is measured, so a failed or
+    # interrupted case (a timeout on a lent GPU) loses only itself.
+    printed_header = False
+    failed = []
     cases = [(case, False) for case in CASES] + [(case, True) for case in BACKWARD_CASES]
     for (label, op, shape, flags, factory, layout), backward in cases:
         shape = [shape[0] * args.scale] + shape[1:]
         extra = ["--backward"] if backward else []
-        g = run_gpunorm(args.gpunorm, op, shape, flags + extra, args.iters)
-        row = {"label": label, "shape": "x".join(map(str, shape)), "g": g}
-        timer = time_torch_backward if backward else time_torch
+        name = f"{label} {'x'.join(map(str, shape))}"
+        try:
+            g = run_gpunorm(args.gpunorm, op, shape, flags + extra, args.iters)
+            timer = time_torch_backward if backward else time_torch
+            torch_ms = {d: timer(factory, shape, layout, d, args.iters) for d in devices}
+        except Exception as e:  # noqa: BLE001 - report the case, go on to the next
+            failed.append(name)
+            print(f"  failed {name}: {e}", file=sys.stderr, flush=True)
+            continue
+        if not printed_header:
+            print(f"gpunorm adapter: {g['adapter']} ({g['timing']} timing)")
+            print(header)
+            print("|" + "---|" * (header.count("|") - 1))
+            printed_header = True
+        line = (f"| {label} | {'x'.join(map(str, shape))} | {g['median_ms']:.2f} | "
+                f"{g['gbps']:.2f} | {g['fraction_of_copy']:.2f} | {g['copy_gbps']:.2f} |")
         for device in devices:
-            row[device] = timer(factory, shape, layout, device, args.iters)
-        rows.append(row)
-        print(f"  measured {label} {row['shape']}", file=sys.stderr)
-    adapter = rows[0]["g"]["adapter"] if rows else "?"
-    print(f"gpunorm adapter: {adapter} ({rows[0]['g']['timing']} timing)" if rows else "")
-    header = "| op | shape | gpunorm ms | GB/s | fraction of copy | copy GB/s |"
-    for device in devices:
-        header += f" torch {device} ms | torch {device} GB/s | torch/gpunorm |"
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    for row in rows:
-        g = row["g"]
-        line = (f"| {row['label']} | {row['shape']} | {g['median_ms']:.2f} | {g['gbps']:.2f} | "
-                f"{g['fraction_of_copy']:.2f} | {g['copy_gbps']:.2f} |")
-        for device in devices:
-            t = row[device]
+            t = torch_ms[device]
             line += f" {t:.2f} | {g['bytes'] / t / 1e6:.2f} | {t / g['median_ms']:.2f} |"
-        print(line)
-
+        print(line, flush=True)
+    if failed:
+        sys.exit(f"error: {len(failed)} case(s) failed: {', '.join(failed)}")
 
 if __name__ == "__main__":
     main()
