@@ -2,9 +2,12 @@
 //! the performance table. One iteration records the backward of a saved
 //! forward into an encoder, submits it and waits for the device.
 //!
-//! Throughput counts x and dy read once and grad_input written once (CLI.md,
-//! `bench`), so the GB/s compare with a copy kernel's. Sample sizes are small:
-//! lavapipe takes a fair fraction of a second per call at these sizes.
+//! Throughput counts x and dy read once and grad_input written once. The
+//! time is the host's clock around recording, submitting and waiting, so
+//! it includes the submission and the fence: its GB/s are lower bounds, not
+//! comparable with a copy kernel's on a fast GPU (`gpunorm bench --backward`
+//! times the device). Sample sizes are small: lavapipe takes a fair
+//! fraction of a second per call at these sizes.
 
 use std::time::Duration;
 

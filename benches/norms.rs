@@ -7,7 +7,8 @@
 //! ```
 //!
 //! lavapipe is slow (tens of ms a call), so each benchmark takes 10 flat
-//! samples of one call after a short warm-up.
+//! samples after a short warm-up, within a 2 s measurement time (criterion
+//! picks the calls per sample).
 
 use std::time::Duration;
 
