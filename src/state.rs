@@ -298,11 +298,15 @@ pub fn key(prefix: &str, name: &str, convention: Convention) -> String {
     if prefix.is_empty() || prefix.ends_with('.') || prefix.ends_with('/') {
         format!("{prefix}{name}")
     } else {
-        let sep = match convention {
-            Convention::Torch => '.',
-            Convention::Keras => '/',
-        };
-        format!("{prefix}{sep}{name}")
+        format!("{prefix}{}{name}", separator(convention))
+    }
+}
+
+/// What joins a prefix and a name: `.` for torch, `/` for Keras.
+fn separator(convention: Convention) -> char {
+    match convention {
+        Convention::Torch => '.',
+        Convention::Keras => '/',
     }
 }
 
@@ -459,10 +463,7 @@ fn check_no_stray_keys(
         }
     }
     let head = key(prefix, "", convention);
-    let sep = match convention {
-        Convention::Torch => '.',
-        Convention::Keras => '/',
-    };
+    let sep = separator(convention);
     for name in state.keys() {
         let Some(rest) = name.strip_prefix(head.as_str()) else {
             continue;

@@ -348,6 +348,30 @@ fn training_on_an_empty_batch_makes_keras_and_tracked_instance_norm_statistics_n
     assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(3));
 }
 
+/// torch's tracked InstanceNorm after one training step from running stats
+/// (0, 1), momentum 0.1: per channel, 0.1·the mean over the samples of each
+/// instance's mean, and 0.9 + 0.1·that of its unbiased variance.
+fn instance_norm_first_update(x: &[f32], shape: &[usize]) -> (Vec<f64>, Vec<f64>) {
+    let view = View::instance_norm(shape);
+    let stats = reference::group_stats(x, &view, false);
+    let (samples, channels) = (shape[0], shape[1]);
+    let n = view.b as f64;
+    let average = |f: &dyn Fn(&(f64, f64)) -> f64| -> Vec<f64> {
+        (0..channels)
+            .map(|c| {
+                (0..samples)
+                    .map(|p| f(&stats[p * channels + c]))
+                    .sum::<f64>()
+                    / samples as f64
+            })
+            .collect()
+    };
+    (
+        average(&|s| 0.1 * s.0),
+        average(&|s| 0.9 + 0.1 * s.1 * n / (n - 1.0)),
+    )
+}
+
 #[test]
 fn tracked_instance_norm_averages_instances_and_leaves_the_counter() {
     let ctx = ctx();
@@ -359,10 +383,7 @@ fn tracked_instance_norm_averages_instances_and_leaves_the_counter() {
     inorm
         .forward(ctx, &ctx.upload(&x, &shape).unwrap(), Mode::Train)
         .unwrap();
-    let stats = reference::group_stats(&x, &View::instance_norm(&shape), false);
-    let expected: Vec<f64> = (0..2)
-        .map(|c| 0.9 + 0.1 * (0..3).map(|n| stats[n * 2 + c].1 * 10.0 / 9.0).sum::<f64>() / 3.0)
-        .collect();
+    let (_, expected) = instance_norm_first_update(&x, &shape);
     let r = inorm.running_stats().unwrap();
     assert_close(
         "running_var",
@@ -383,8 +404,7 @@ fn instance_norm_2d_takes_an_unbatched_input_as_a_batch_of_one_and_refuses_other
     let x = normal(3 * 5 * 4, 17, 2.0, 3.0);
     let view = View::instance_norm(&[1, 3, 5, 4]);
     let want = reference::forward(&x, &view, false, 1e-5, None, None);
-    let stats = reference::group_stats(&x, &view, false);
-    let want_rm: Vec<f64> = stats.iter().map(|s| 0.1 * s.0).collect();
+    let (want_rm, _) = instance_norm_first_update(&x, &[1, 3, 5, 4]);
     let config = InstanceNormConfig {
         track_running_stats: true,
         ..InstanceNormConfig::torch_2d()
@@ -752,14 +772,7 @@ fn runs_walked_by_subgroups_in_blocks_match_f64_and_update_running_stats() {
     assert_close("instance norm", &y, &want, 1e-5, 1e-5);
     // The update averages the three samples' statistics per channel:
     // 0.1·mean and 0.9 + 0.1·(unbiased var), and leaves the counter.
-    let stats = reference::group_stats(&x, &view, false);
-    let average = |f: &dyn Fn(&(f64, f64)) -> f64| -> Vec<f64> {
-        (0..5)
-            .map(|c| (0..3).map(|p| f(&stats[p * 5 + c])).sum::<f64>() / 3.0)
-            .collect()
-    };
-    let want_rm: Vec<f64> = average(&|s| 0.1 * s.0);
-    let want_rv: Vec<f64> = average(&|s| 0.9 + 0.1 * s.1 * 256.0 / 255.0);
+    let (want_rm, want_rv) = instance_norm_first_update(&x, &shape);
     let r = inorm.running_stats().unwrap();
     assert_close(
         "in running_mean",
