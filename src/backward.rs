@@ -51,6 +51,7 @@ use crate::context::Context;
 use crate::engine::{Caps, StatsSource};
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::norm::half_params::{self, Cast};
 use crate::norm::{submit_scoped, Affine, Saved};
 use crate::tensor::{DType, GpuTensor};
 use crate::view::View;
@@ -973,10 +974,10 @@ impl Gradients {
     /// allocates per call, and what `record_backward_into` takes (allocate
     /// them once, reuse them every step).
     pub fn zeros(ctx: &Context, shape: &[usize], dtype: DType, affine: &Affine) -> Result<Self> {
-        // Gradients of parameters have the parameter's shape (and dtype, f32).
+        // Gradients of parameters have the parameter's shape and dtype.
         let param = |t: &Option<GpuTensor>| -> Result<Option<GpuTensor>> {
             t.as_ref()
-                .map(|t| ctx.zeros(t.shape(), DType::F32))
+                .map(|t| ctx.zeros(t.shape(), t.dtype()))
                 .transpose()
         };
         Ok(Gradients {
@@ -1172,14 +1173,14 @@ pub(crate) fn spec_for(
     let v = saved.spec.view;
     for (name, t) in [("weight", &affine.weight), ("bias", &affine.bias)] {
         if let Some(t) = t {
-            if t.dtype() != DType::F32 || t.numel() != v.affine_len {
+            if t.numel() != v.affine_len {
                 return Err(Error::Shape(format!(
-                    "expected {name} of {} f32 elements for the backward pass, got shape {:?} ({})",
+                    "expected {name} of {} elements for the backward pass, got shape {:?}",
                     v.affine_len,
                     t.shape(),
-                    t.dtype()
                 )));
             }
+            half_params::check_dtype(name, t, x.dtype())?;
         }
     }
     Ok((
@@ -1266,11 +1267,17 @@ fn check_gradients(
     ] {
         match (param, grad) {
             (Some(p), Some(g)) => {
-                if g.dtype() != DType::F32 || g.numel() != p.numel() {
+                if g.numel() != p.numel() {
                     return Err(Error::Shape(format!(
-                        "expected {name} of {} f32 elements (the parameter's), got shape {:?} ({})",
+                        "expected {name} of {} elements (the parameter's), got shape {:?}",
                         p.numel(),
                         g.shape(),
+                    )));
+                }
+                if g.dtype() != p.dtype() {
+                    return Err(Error::Dtype(format!(
+                        "expected {name} of dtype {} (the parameter's), got {}",
+                        p.dtype(),
                         g.dtype()
                     )));
                 }
@@ -1367,15 +1374,70 @@ pub(crate) fn record_backward_into(
     if plan.steps.is_empty() {
         return Ok(dispatches);
     }
+    let grids = plan
+        .steps
+        .iter()
+        .map(|s| to_u32("the backward grid", s.workgroups).map(kernels::grid))
+        .collect::<Result<Vec<_>>>()?;
+    // f32 working copies of a half-precision γ (the forward's, reused) and
+    // of half-precision parameter gradients (fresh: `self` is not mutable
+    // here, and they are two small vectors).
+    let reuse = saved.copies.weight.clone();
+    let weight = half_params::copy_for(ctx, affine.weight.as_ref(), reuse)?;
+    let grad_weight = half_params::copy_for(ctx, grads.grad_weight.as_ref(), None)?;
+    let grad_bias = half_params::copy_for(ctx, grads.grad_bias.as_ref(), None)?;
     if let Some(sums) = preset_sums {
         ctx.queue.write_buffer(&work, 0, bytemuck::cast_slice(sums));
     }
+    half_params::record_casts(
+        ctx,
+        encoder,
+        Cast::Widen,
+        &[(affine.weight.as_ref(), weight.as_ref())],
+    );
+    let weight = weight.as_ref().or(affine.weight.as_ref());
+    let written = Gradients {
+        grad_input: grads.grad_input.clone(),
+        grad_weight: grad_weight.clone().or_else(|| grads.grad_weight.clone()),
+        grad_bias: grad_bias.clone().or_else(|| grads.grad_bias.clone()),
+    };
+    record_backward_pass(
+        ctx, encoder, &plan, &grids, &spec, &x, dy, weight, saved, &written, &work,
+    );
+    half_params::record_casts(
+        ctx,
+        encoder,
+        Cast::Narrow,
+        &[
+            (grads.grad_weight.as_ref(), grad_weight.as_ref()),
+            (grads.grad_bias.as_ref(), grad_bias.as_ref()),
+        ],
+    );
+    Ok(dispatches)
+}
+
+/// Records `plan`'s dispatches (on `grids`, one per step) in one compute
+/// pass, γ and the parameter gradients in f32.
+#[allow(clippy::too_many_arguments)]
+fn record_backward_pass(
+    ctx: &Context,
+    encoder: &mut wgpu::CommandEncoder,
+    plan: &Plan,
+    grids: &[(u32, u32)],
+    spec: &BackwardSpec,
+    x: &GpuTensor,
+    dy: &GpuTensor,
+    weight: Option<&GpuTensor>,
+    saved: &Saved,
+    grads: &Gradients,
+    work: &wgpu::Buffer,
+) {
     let cache = &ctx.backward;
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("gpunorm backward"),
         timestamp_writes: None,
     });
-    for step in &plan.steps {
+    for (step, &(gx, gy)) in plan.steps.iter().zip(grids) {
         let uniform = kernels::uniform_buffer(
             &ctx.device,
             "gpunorm backward",
@@ -1388,7 +1450,7 @@ pub(crate) fn record_backward_into(
             [
                 x.binding(),
                 dy.binding(),
-                GpuTensor::binding_or(affine.weight.as_ref(), &cache.dummies[0]),
+                GpuTensor::binding_or(weight, &cache.dummies[0]),
                 saved.scratch.as_entire_binding(),
                 grads.grad_input.binding(),
                 GpuTensor::binding_or(grads.grad_weight.as_ref(), &cache.dummies[1]),
@@ -1398,10 +1460,8 @@ pub(crate) fn record_backward_into(
         );
         pass.set_bind_group(0, &bind_group, &[]);
         pass.set_pipeline(&cache.get(&ctx.device, step.kernel, &step.params, spec.dtype));
-        let (gx, gy) = kernels::grid(to_u32("the backward grid", step.workgroups)?);
         pass.dispatch_workgroups(gx, gy, 1);
     }
-    Ok(dispatches)
 }
 
 /// Records and submits the backward of the saved forward; wgpu errors come

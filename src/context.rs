@@ -73,6 +73,8 @@ pub struct Context {
     pub(crate) pipelines: PipelineCache,
     /// Pipelines of the backward pass.
     pub(crate) backward: crate::backward::BackwardCache,
+    /// Pipelines of the half-precision parameter casts.
+    pub(crate) casts: crate::norm::half_params::CastPipelines,
     adapter: Option<AdapterSummary>,
     max_storage_binding: u64,
     max_buffer: u64,
@@ -228,6 +230,7 @@ impl Context {
         let limits = device.limits();
         let pipelines = PipelineCache::new(&device);
         let backward = crate::backward::BackwardCache::new(&device);
+        let casts = crate::norm::half_params::CastPipelines::new(&device);
         let dummies = std::array::from_fn(|i| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(&format!("gpunorm placeholder {i}")),
@@ -252,6 +255,7 @@ impl Context {
             queue,
             pipelines,
             backward,
+            casts,
             adapter,
             dummies,
         }

@@ -7,6 +7,7 @@
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::kernels::{self, Kernel};
+use crate::norm::{Affine, RunningStats};
 use crate::tensor::{DType, GpuTensor};
 use crate::view::View;
 
@@ -51,6 +52,14 @@ pub struct ForwardSpec {
     /// of torch's tracked InstanceNorm on an empty batch, or of Keras's
     /// BatchNormalization on an empty input); ignored otherwise.
     pub empty_batch_nan: bool,
+}
+
+impl ForwardSpec {
+    /// Whether the pass writes the running statistics: an update from batch
+    /// statistics, or the NaN of an empty training batch.
+    pub fn updates_running(&self) -> bool {
+        self.update.is_some() || (self.empty_batch_nan && self.view.numel() == 0)
+    }
 }
 
 /// One recorded dispatch.
@@ -610,6 +619,30 @@ pub(crate) struct ForwardBuffers<'a> {
     /// Statistics (first `groups` vec4) and partials; at least
     /// [`scratch_bytes`] long.
     pub scratch: &'a wgpu::Buffer,
+}
+
+impl<'a> ForwardBuffers<'a> {
+    /// The buffers of a layer's forward: its parameters and running
+    /// statistics as the kernels bind them (f32: see
+    /// [`crate::norm::half_params`]).
+    pub(crate) fn new(
+        x: &'a GpuTensor,
+        y: &'a GpuTensor,
+        affine: &'a Affine,
+        running: Option<&'a RunningStats>,
+        scratch: &'a wgpu::Buffer,
+    ) -> Self {
+        ForwardBuffers {
+            x,
+            y,
+            weight: affine.weight.as_ref(),
+            bias: affine.bias.as_ref(),
+            running_mean: running.map(|r| &r.mean),
+            running_var: running.map(|r| &r.var),
+            counter: running.and_then(|r| r.counter.as_deref()),
+            scratch,
+        }
+    }
 }
 
 #[repr(C)]

@@ -16,12 +16,14 @@
 //! | running variance | `running_var` | `moving_variance` |
 //! | counter | `num_batches_tracked` (I64, shape `[]`) | — |
 //!
-//! Dtypes: parameters and running statistics live on the device as f32.
-//! On load, F32 tensors are taken bit for bit, F16 and BF16 tensors widen to
-//! f32 exactly, and F64 tensors round to the nearest f32; any other dtype is
-//! an [`Error::Dtype`]. The counter is read from an I64 (or I32) scalar.
-//! Export always writes F32 (and the counter as an I64 scalar of shape `[]`),
-//! so an F32 state round-trips bit-exactly.
+//! Dtypes: as torch's `load_state_dict`, a load converts each tensor to the
+//! dtype of the layer's own (f32 for a fresh layer; f16 or bf16 where the
+//! caller set half-precision ones): F32, F16 and BF16 values are taken
+//! exactly where that dtype holds them and rounded to nearest even where it
+//! does not, F64 values are rounded to f32 first; any other dtype is an
+//! [`Error::Dtype`]. The counter is read from an I64 (or I32) scalar.
+//! Export writes each tensor in its own dtype (and the counter as an I64
+//! scalar of shape `[]`), so a state round-trips bit-exactly.
 //!
 //! Loading is all or nothing, like torch's strict `load_state_dict`: every
 //! tensor the layer has must be present with the layer's shape, and no
@@ -392,11 +394,14 @@ fn names(convention: Convention, rms: bool) -> [&'static str; 5] {
     }
 }
 
+/// The tensor under `key`, uploaded in `dtype` (the layer's own tensor's,
+/// as torch's `load_state_dict` copies into the existing parameter).
 fn read_floats(
     ctx: &Context,
     state: &StateDict,
     key: &str,
     shape: &[usize],
+    dtype: DType,
 ) -> Result<Option<GpuTensor>> {
     let Some(t) = state.get(key) else {
         return Ok(None);
@@ -411,7 +416,7 @@ fn read_floats(
         .to_f32()
         .map_err(|e| Error::Dtype(format!("{key}: {e}")))?;
     let len = values.len();
-    ctx.upload(&values, &[len]).map(Some)
+    ctx.upload_as(&values, &[len], dtype).map(Some)
 }
 
 fn read_counter(state: &StateDict, key: &str) -> Result<Option<i64>> {
@@ -495,23 +500,23 @@ fn read_layout(
     let [w, b, m, v, n] = names(convention, layout.rms);
     let k = |name: &str| key(prefix, name, convention);
     check_no_stray_keys(layout, state, prefix, convention)?;
-    let one = |name: &str, present: bool, what: &str| -> Result<Option<GpuTensor>> {
+    let one = |name: &str, own: Option<&GpuTensor>, what: &str| -> Result<Option<GpuTensor>> {
         let key = k(name);
-        match (present, state.get(&key).is_some()) {
-            (true, true) => read_floats(ctx, state, &key, &layout.param_shape),
-            (true, false) => Err(missing(&key)),
-            (false, true) => Err(unexpected(&key, what)),
-            (false, false) => Ok(None),
+        match (own, state.get(&key).is_some()) {
+            (Some(t), true) => read_floats(ctx, state, &key, &layout.param_shape, t.dtype()),
+            (Some(_), false) => Err(missing(&key)),
+            (None, true) => Err(unexpected(&key, what)),
+            (None, false) => Ok(None),
         }
     };
     let weight = one(
         w,
-        layout.affine.weight.is_some(),
+        layout.affine.weight.as_ref(),
         "the layer has no weight (scale)",
     )?;
     let bias = one(
         b,
-        layout.affine.bias.is_some(),
+        layout.affine.bias.as_ref(),
         "the layer has no bias (center)",
     )?;
     let running = if layout.has_running_slots {
@@ -549,8 +554,12 @@ fn read_layout(
                         }
                     }
                 };
-                let mean = read_floats(ctx, state, &mk, &channels)?.ok_or_else(|| missing(&mk))?;
-                let var = read_floats(ctx, state, &vk, &channels)?.ok_or_else(|| missing(&vk))?;
+                let read = |key: &String, own: &GpuTensor| {
+                    read_floats(ctx, state, key, &channels, own.dtype())?
+                        .ok_or_else(|| missing(key))
+                };
+                let mean = read(&mk, &r.mean)?;
+                let var = read(&vk, &r.var)?;
                 Some((mean, var, count))
             }
         }
@@ -571,8 +580,15 @@ fn download_into(
     tensor: &GpuTensor,
     shape: &[usize],
 ) -> Result<()> {
-    let values = ctx.download(tensor)?;
-    state.insert(key, HostTensor::from_f32(shape, &values)?);
+    let dtype = match tensor.dtype() {
+        DType::F32 => Dtype::F32,
+        DType::F16 => Dtype::F16,
+        DType::BF16 => Dtype::BF16,
+    };
+    state.insert(
+        key,
+        HostTensor::new(dtype, shape, ctx.download_bytes(tensor)?)?,
+    );
     Ok(())
 }
 

@@ -165,11 +165,14 @@ fn batch_norm_errors_leave_running_stats_unchanged() {
         fails_and_changes_nothing(&mut bn, &wrong_rank, Mode::Train),
         Error::Shape(_)
     ));
-    // Parameters are f32 on the device (the CLI widens half-precision ones).
+    // A half-precision weight is taken, but an f32 input refuses it:
+    // parameters are f32 or the input's dtype (SPEC.md §5).
     let half_weight = ctx.upload_as(&[1.0; 4], &[4], gpunorm::DType::F16).unwrap();
+    bn.set_weight(Some(half_weight)).unwrap();
+    let x = ctx.upload(&normal(16, 4, 0.0, 1.0), &[4, 4]).unwrap();
     assert!(matches!(
-        bn.set_weight(Some(half_weight)),
-        Err(Error::Dtype(_))
+        fails_and_changes_nothing(&mut bn, &x, Mode::Train),
+        Error::Dtype(_)
     ));
 }
 

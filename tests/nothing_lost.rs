@@ -305,13 +305,15 @@ fn a_parameter_of_the_wrong_length_changes_nothing() {
 fn a_parameter_of_the_wrong_dtype_changes_nothing() {
     let ctx = ctx();
     let is_dtype = |e: &Error| matches!(e, Error::Dtype(_));
-    fails_changing_nothing("f16 weight", ctx, is_dtype, |s| {
-        s.set_weight(ctx.upload_as(&[1.0; C], &[C], DType::F16).unwrap())
-    });
-    fails_changing_nothing("bf16 running_mean", ctx, is_dtype, |s| {
-        let mean = ctx.upload_as(&[0.0; C], &[C], DType::BF16).unwrap();
-        let var = ctx.upload(&[1.0; C], &[C]).unwrap();
-        s.set_running_stats(ctx, (mean, var, Some(1)))
+    // A half-precision weight is taken (SPEC.md §5: f32 or the input's
+    // dtype), and a forward of an f32 input refuses it before recording.
+    let x = ctx.upload(&input(), &SHAPE).unwrap();
+    fails_changing_nothing("f32 input, f16 weight", ctx, is_dtype, |s| {
+        let original = s.affine().weight.clone().expect("affine");
+        s.set_weight(ctx.upload_as(&[1.0; C], &[C], DType::F16).unwrap())?;
+        let refused = s.forward(ctx, &x, Mode::Train).map(drop);
+        s.set_weight(original)?;
+        refused
     });
     fails_changing_nothing("i64 weight in a state file", ctx, is_dtype, |s| {
         let mut state = s.state(ctx);

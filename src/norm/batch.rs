@@ -177,7 +177,8 @@ impl BatchNorm {
         &self.affine
     }
 
-    /// Replaces γ (`None` removes it). Checked: f32, `num_features` long.
+    /// Replaces γ (`None` removes it). Checked: `num_features` long; f32 or
+    /// the input's dtype, checked by each pass.
     pub fn set_weight(&mut self, weight: Option<GpuTensor>) -> Result<()> {
         if let Some(w) = &weight {
             check_vector("weight", w, self.num_features)?;

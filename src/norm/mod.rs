@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod group;
+pub(crate) mod half_params;
 pub mod instance;
 pub mod layer;
 pub mod sync;
@@ -13,6 +14,7 @@ use crate::context::Context;
 use crate::engine::{self, Dispatch, ForwardBuffers, ForwardSpec};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, GpuTensor};
+use half_params::WorkingCopies;
 
 /// torch's `module.train()` / `module.eval()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,14 +70,10 @@ pub(crate) fn check_input_dtype(x: &GpuTensor) -> Result<()> {
     }
 }
 
-/// A per-channel (or per-element) parameter vector: length and dtype check.
+/// A per-channel (or per-element) parameter vector: length check. Any
+/// [`DType`] is taken here; a pass checks it against its input's
+/// ([`half_params::check_dtypes`]: f32 or the input's dtype).
 pub(crate) fn check_vector(name: &str, t: &GpuTensor, len: usize) -> Result<()> {
-    if t.dtype() != DType::F32 {
-        return Err(Error::Dtype(format!(
-            "expected {name} of dtype f32, got {}",
-            t.dtype()
-        )));
-    }
     if t.numel() != len {
         return Err(Error::Shape(format!(
             "expected {name} with {len} elements, got shape {:?}",
@@ -263,6 +261,9 @@ pub(crate) struct Saved {
     /// The forward normalized with statistics merged over replicas
     /// ([`BatchNorm::forward_synced`]): its backward needs them too.
     pub synced: bool,
+    /// f32 working copies of the half-precision parameters and running
+    /// statistics, for the next pass to reuse.
+    pub copies: WorkingCopies,
 }
 
 /// Refuses a forward whose tensors or layer state another context created:
@@ -329,6 +330,7 @@ pub(crate) fn record_layer(
     saved: &mut Option<Saved>,
 ) -> Result<Vec<Dispatch>> {
     check_forward_context(ctx, x, Some(y), affine, running)?;
+    half_params::check_dtypes(x.dtype(), affine, running)?;
     check_output(
         x,
         y,
@@ -361,22 +363,21 @@ pub(crate) fn record_layer(
     }
     let chunks = engine::chunks_for(ctx, &spec);
     let bytes = engine::scratch_bytes(&spec.view, &chunks, &ctx.caps());
-    let scratch = match saved.as_ref() {
-        Some(s) if s.context == ctx.uid && s.scratch.size() >= bytes => s.scratch.clone(),
+    let own = saved.as_ref().filter(|s| s.context == ctx.uid);
+    let scratch = match own {
+        Some(s) if s.scratch.size() >= bytes => s.scratch.clone(),
         _ => Arc::new(ctx.create_buffer("gpunorm statistics", bytes)?),
     };
-    let bufs = ForwardBuffers {
-        x,
-        y,
-        weight: affine.weight.as_ref(),
-        bias: affine.bias.as_ref(),
-        running_mean: running.map(|r| &r.mean),
-        running_var: running.map(|r| &r.var),
-        counter: running.and_then(|r| r.counter.as_deref()),
-        scratch: &scratch,
-    };
+    let copies = WorkingCopies::for_tensors(ctx, affine, running, own.map(|s| &s.copies))?;
+    let wide_affine = copies.affine(affine);
+    let wide_running = running.map(|r| copies.running(r));
+    copies.record_widen(ctx, encoder, affine, running);
+    let bufs = ForwardBuffers::new(x, y, &wide_affine, wide_running.as_ref(), &scratch);
     let previous = saved.as_ref().and_then(|s| s.bindings.as_ref());
     let (dispatches, bindings) = engine::record_forward(ctx, encoder, &spec, &bufs, previous);
+    if let Some(r) = running.filter(|_| spec.updates_running()) {
+        copies.record_narrow_running(ctx, encoder, r);
+    }
     *saved = Some(Saved {
         context: ctx.uid,
         spec,
@@ -384,6 +385,7 @@ pub(crate) fn record_layer(
         x: x.clone(),
         bindings,
         synced: false,
+        copies,
     });
     Ok(dispatches)
 }
@@ -448,8 +450,8 @@ macro_rules! impl_backward {
             /// Records the backward pass into the caller's encoder, writing
             /// the caller's gradients (allocated once, say, and reused every
             /// step): `grad_input` of the forward input's shape and dtype,
-            /// and `grad_weight` and `grad_bias` (f32, the parameters' sizes)
-            /// exactly where the layer has γ and β. Each must have its
+            /// and `grad_weight` and `grad_bias` (the parameters' sizes and
+            /// dtypes) exactly where the layer has γ and β. Each must have its
             /// buffer to itself among the tensors of the pass; they need not
             /// be zeroed. A refused call records nothing.
             pub fn record_backward_into(

@@ -12,7 +12,9 @@ use crate::context::Context;
 use crate::engine::{self, ForwardBuffers, PresetStat, StatsSource};
 use crate::error::{Error, Result};
 use crate::norm::batch::BatchNorm;
+use crate::norm::half_params::{self, WorkingCopies};
 use crate::norm::{check_output, submit_scoped, Affine, Mode, Saved};
+use crate::tensor::DType;
 use crate::tensor::GpuTensor;
 
 /// Per-channel statistics of one replica's shard, in f64.
@@ -115,16 +117,7 @@ impl BatchNorm {
         let y = ctx.zeros(x.shape(), x.dtype())?;
         let none = crate::norm::Affine::default();
         submit_scoped(ctx, |encoder| {
-            let bufs = ForwardBuffers {
-                x,
-                y: &y,
-                weight: none.weight.as_ref(),
-                bias: none.bias.as_ref(),
-                running_mean: None,
-                running_var: None,
-                counter: None,
-                scratch: &scratch,
-            };
+            let bufs = ForwardBuffers::new(x, &y, &none, None, &scratch);
             engine::record_forward(ctx, encoder, &spec, &bufs, None);
             Ok(())
         })?;
@@ -152,6 +145,7 @@ impl BatchNorm {
     ) -> Result<GpuTensor> {
         let spec = self.spec_with(x, mode, false)?;
         crate::norm::check_forward_context(ctx, x, None, &self.affine, self.running.as_ref())?;
+        half_params::check_dtypes(x.dtype(), &self.affine, self.running.as_ref())?;
         let channels = self.num_features;
         if global.mean.len() != channels || local.shift.len() != channels {
             return Err(Error::Shape(format!(
@@ -197,18 +191,18 @@ impl BatchNorm {
             "gpunorm statistics",
             engine::scratch_bytes(&spec.view, &chunks, &ctx.caps()),
         )?);
+        let own = self.saved.as_ref().filter(|s| s.context == ctx.uid);
+        let copies =
+            WorkingCopies::for_tensors(ctx, &self.affine, running, own.map(|s| &s.copies))?;
+        let wide_affine = copies.affine(&self.affine);
+        let wide_running = running.map(|r| copies.running(r));
         submit_scoped(ctx, |encoder| {
-            let bufs = ForwardBuffers {
-                x,
-                y: &y,
-                weight: self.affine.weight.as_ref(),
-                bias: self.affine.bias.as_ref(),
-                running_mean: running.map(|r| &r.mean),
-                running_var: running.map(|r| &r.var),
-                counter: running.and_then(|r| r.counter.as_deref()),
-                scratch: &scratch,
-            };
+            copies.record_widen(ctx, encoder, &self.affine, running);
+            let bufs = ForwardBuffers::new(x, &y, &wide_affine, wide_running.as_ref(), &scratch);
             engine::record_forward_preset(ctx, encoder, &spec, &bufs, &preset);
+            if let Some(r) = running.filter(|_| spec.updates_running()) {
+                copies.record_narrow_running(ctx, encoder, r);
+            }
             Ok(())
         })?;
         self.saved = Some(Saved {
@@ -218,6 +212,7 @@ impl BatchNorm {
             x: x.clone(),
             bindings: None,
             synced: true,
+            copies,
         });
         Ok(y)
     }
@@ -276,13 +271,14 @@ impl BatchNorm {
         })?;
         let count = saved.spec.view.group_len() as f64;
         // dγ = Σdy·x̂ and dβ = Σdy do not depend on γ's values: probe with a
-        // γ and a β so both are computed whatever the layer's affine.
+        // γ and a β so both are computed whatever the layer's affine, both
+        // f32 so the sums come back unrounded whatever the parameters' dtype.
         let probe = Affine {
             weight: Some(match &self.affine.weight {
-                Some(w) => w.clone(),
-                None => ctx.upload(&vec![1.0; channels], &[channels])?,
+                Some(w) if w.dtype() == DType::F32 => w.clone(),
+                _ => ctx.upload(&vec![1.0; channels], &[channels])?,
             }),
-            bias: Some(ctx.zeros(&[channels], crate::DType::F32)?),
+            bias: Some(ctx.zeros(&[channels], DType::F32)?),
         };
         let grads = crate::backward::run_backward(ctx, Some(saved), &probe, dy)?;
         let read = |t: &Option<GpuTensor>| -> Result<Vec<f64>> {
@@ -357,15 +353,16 @@ impl BatchNorm {
             )
             .map(|(g, _)| g)
         })?;
-        let local_param = |values: &[f64]| -> Result<GpuTensor> {
+        // In the parameter's dtype (SPEC.md §4).
+        let local_param = |values: &[f64], param: &GpuTensor| -> Result<GpuTensor> {
             let v: Vec<f32> = values.iter().map(|&v| v as f32).collect();
-            ctx.upload(&v, &[channels])
+            ctx.upload_as(&v, &[channels], param.dtype())
         };
-        if grads.grad_weight.is_some() {
-            grads.grad_weight = Some(local_param(&local.sum_dy_xhat)?);
+        if let Some(w) = &self.affine.weight {
+            grads.grad_weight = Some(local_param(&local.sum_dy_xhat, w)?);
         }
-        if grads.grad_bias.is_some() {
-            grads.grad_bias = Some(local_param(&local.sum_dy)?);
+        if let Some(b) = &self.affine.bias {
+            grads.grad_bias = Some(local_param(&local.sum_dy, b)?);
         }
         Ok(grads)
     }
