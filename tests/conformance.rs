@@ -164,6 +164,22 @@ fn run_case(case: &Value, out_dir: &Path) -> Result<(), String> {
             }
         }
     }
+    // Running statistics come back in the dtype they came in, and
+    // `grad_<name>` in its parameter's (CLI.md).
+    let given = read_tensors(&cases_dir().join(format!("{name}.in.safetensors")));
+    for (tensor, (got_dtype, _, _)) in &got {
+        let source = tensor.strip_prefix("grad_").unwrap_or(tensor);
+        if source == "input" {
+            continue; // grad_input: the input's dtype, checked above
+        }
+        if let Some((in_dtype, _, _)) = given.get(source) {
+            if got_dtype != in_dtype {
+                return Err(format!(
+                    "{name}/{tensor}: written as {got_dtype:?}, expected {source}'s {in_dtype:?}"
+                ));
+            }
+        }
+    }
     for (tensor, (want_dtype, want_shape, want_values)) in &want {
         let (got_dtype, got_shape, got_values) = &got[tensor];
         if got_shape != want_shape {

@@ -63,9 +63,9 @@ impl HostTensor {
         ctx.upload_bytes(&self.data, &self.shape, dtype)
     }
 
-    /// Uploads a parameter or running statistic as f32 (the engine's
-    /// parameter storage). It may be stored as F32 or as the input's dtype
-    /// (SPEC.md §5); half values widen to f32 exactly.
+    /// Uploads a parameter or running statistic in its own dtype, which
+    /// must be F32 or the input's (SPEC.md §5; the library checks the same
+    /// rule, this names the tensor as the file does).
     pub fn upload_param(&self, ctx: &Context, name: &str, input: DType) -> Result<GpuTensor> {
         let dtype = self.float_dtype(name)?;
         if dtype != DType::F32 && dtype != input {
@@ -73,7 +73,7 @@ impl HostTensor {
                 "expected {name} of dtype F32 or the input's {input}, got {dtype}"
             )));
         }
-        ctx.upload(&gpunorm::tensor::decode(&self.data, dtype), &self.shape)
+        ctx.upload_bytes(&self.data, &self.shape, dtype)
     }
 
     /// Reads an i64 scalar (`[]` or `[1]`), as num_batches_tracked is stored.
