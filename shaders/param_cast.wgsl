@@ -44,6 +44,24 @@ fn high_bits(w: u32, bits: u32) -> u32 {
     return halves[w] >> 16u;
 }
 
+// The f16 bits in the low half of h as f32, exactly, by integer arithmetic:
+// unpack2x16float may flush f16 subnormals to zero on some GPUs, and a
+// running variance of a near-constant channel lives there.
+fn f16_value(h: u32) -> f32 {
+    let sign = (h & 0x8000u) << 16u;
+    let e = (h >> 10u) & 0x1fu;
+    let m = h & 0x3ffu;
+    if (e == 0u) {
+        // Zero or subnormal: m·2^-24, a normal f32.
+        return bitcast<f32>(bitcast<u32>(ldexp(f32(m), -24)) | sign);
+    }
+    if (e == 31u) {
+        // ±inf, or NaN with its payload.
+        return bitcast<f32>(sign | 0x7f800000u | (m << 13u));
+    }
+    return bitcast<f32>(sign | ((e + 112u) << 23u) | (m << 13u));
+}
+
 @compute @workgroup_size(CAST_WG)
 fn widen_f16(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -54,7 +72,8 @@ fn widen_f16(
     if (2u * w >= params.len) {
         return;
     }
-    store_pair(w, unpack2x16float(halves[w]));
+    let word = halves[w];
+    store_pair(w, vec2<f32>(f16_value(word & 0xffffu), f16_value(word >> 16u)));
 }
 
 @compute @workgroup_size(CAST_WG)

@@ -39,7 +39,9 @@
 //! Storage: `x`, `grad_output` and `grad_input` share the input's dtype
 //! (f32, f16 or bf16, halves loaded as packed `u32`, no shader feature);
 //! every sum is f32 and `grad_input` is rounded once at the store, one
-//! invocation writing both halves of a word. Parameter gradients are f32.
+//! invocation writing both halves of a word. The kernels read γ and write
+//! the parameter gradients as f32; half-precision ones go through f32
+//! working copies ([`crate::norm::half_params`]).
 //!
 //! Scratch is bounded: at most one vec4 per group plus one per partial (per
 //! tile of 4096 elements, per invocation of a tile, or per run), or per
@@ -1180,7 +1182,6 @@ pub(crate) fn spec_for(
                     t.shape(),
                 )));
             }
-            half_params::check_dtype(name, t, x.dtype())?;
         }
     }
     Ok((
@@ -1343,6 +1344,7 @@ pub(crate) fn record_backward_into(
     grads: &Gradients,
 ) -> Result<Vec<Dispatch>> {
     let (spec, x) = spec_for(saved, affine, dy)?;
+    half_params::check_params(ctx, x.dtype(), affine, None)?;
     let saved = saved.ok_or_else(|| Error::State("no saved forward".into()))?;
     ctx.check_context("the saved forward", saved.context)?;
     ctx.check_owned("grad_output", dy)?;
@@ -1394,6 +1396,7 @@ pub(crate) fn record_backward_into(
         encoder,
         Cast::Widen,
         &[(affine.weight.as_ref(), weight.as_ref())],
+        &saved.copies.bindings,
     );
     let weight = weight.as_ref().or(affine.weight.as_ref());
     let written = Gradients {
@@ -1412,6 +1415,7 @@ pub(crate) fn record_backward_into(
             (grads.grad_weight.as_ref(), grad_weight.as_ref()),
             (grads.grad_bias.as_ref(), grad_bias.as_ref()),
         ],
+        &[],
     );
     Ok(dispatches)
 }

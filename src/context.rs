@@ -323,6 +323,22 @@ impl Context {
         Ok(())
     }
 
+    /// Checks that `bytes` fit one storage binding of the device itself,
+    /// whatever [`ContextOptions::max_storage_binding`] pretends: for
+    /// tensors always bound whole (parameter vectors), never split.
+    pub(crate) fn check_whole_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        let limit = self.device.limits().max_storage_buffer_binding_size;
+        if bytes > limit {
+            return Err(Error::TooLarge {
+                what: what.to_string(),
+                bytes,
+                limit,
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+        self.check_buffer_size(what, bytes)
+    }
+
     /// Creates a zero-filled device buffer of at least `bytes` (rounded up to
     /// a multiple of [`crate::tensor::BINDING_ALIGN`], at least one) usable as
     /// storage and copy source/target.

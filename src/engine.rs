@@ -56,9 +56,14 @@ pub struct ForwardSpec {
 
 impl ForwardSpec {
     /// Whether the pass writes the running statistics: an update from batch
-    /// statistics, or the NaN of an empty training batch.
+    /// statistics, or the NaN of an empty training batch (an empty batch
+    /// updates nothing else: [`plan_forward_chunked`]).
     pub fn updates_running(&self) -> bool {
-        self.update.is_some() || (self.empty_batch_nan && self.view.numel() == 0)
+        if self.view.numel() == 0 {
+            self.empty_batch_nan
+        } else {
+            self.update.is_some()
+        }
     }
 }
 

@@ -336,7 +336,8 @@ pub trait Stateful {
     ) -> Result<()>;
 
     /// Adds the layer's parameters and running statistics to `state` under
-    /// `prefix` (F32, the counter as an I64 scalar), replacing tensors of
+    /// `prefix` (each in its own dtype, the counter as an I64 scalar),
+    /// replacing tensors of
     /// the same names. Waits for the device to read them back.
     fn save_state(
         &self,

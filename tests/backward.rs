@@ -1163,7 +1163,7 @@ struct Half {
     eps: f64,
     x: Vec<f32>,
     dy: Vec<f32>,
-    /// γ and β (f32 on the device, like every parameter).
+    /// γ and β (uploaded as f32).
     w: Vec<f32>,
     b: Vec<f32>,
     /// Running (mean, var) per channel, constants of an eval backward.

@@ -100,6 +100,11 @@ fn batch_norm_running_statistics_in_half_precision_are_updated_rounded_once() {
                     .unwrap(),
             ))
             .unwrap();
+            bn.set_bias(Some(
+                ctx.upload_as(&stored(&[0.5, 0.0, 2.0], dtype), &[3], param_dtype)
+                    .unwrap(),
+            ))
+            .unwrap();
             bn
         };
         let (mut full, mut half) = (make(DType::F32), make(dtype));
@@ -170,7 +175,7 @@ fn narrowing_keeps_the_padding_half_of_the_last_word() {
     ctx.queue().write_buffer(&buffer, 0, &bytes);
     let mean = GpuTensor::from_buffer(buffer.clone(), 0, &[3], DType::F16).unwrap();
     let var = ctx.upload_as(&[1.0; 3], &[3], DType::F16).unwrap();
-    let mut bn = BatchNorm::new(ctx, 3, BatchNormConfig::torch_1d()).unwrap();
+    let mut bn = BatchNorm::new(ctx, 3, BatchNormConfig::torch_1d().affine(false)).unwrap();
     bn.set_running_stats(ctx, Some((mean.clone(), var, Some(0))))
         .unwrap();
     let x = ctx
@@ -218,6 +223,61 @@ fn a_parameter_neither_f32_nor_the_inputs_dtype_is_refused_and_changes_nothing()
 }
 
 #[test]
+fn parameters_of_two_dtypes_are_refused_as_torch_refuses_them() {
+    // torch: "expected scalar type Half but found Float" (f16 γ, f32 β), and
+    // "mixed dtype (CPU): expect parameter to have scalar type of Float"
+    // (f32 γ, f16 running statistics on an f16 input).
+    let ctx = ctx();
+    let x = ctx
+        .upload_as(&normal(12, 13, 0.0, 1.0), &[4, 3], DType::F16)
+        .unwrap();
+    let mut ln = LayerNorm::new(ctx, &[3], RowNormConfig::torch_layer_norm()).unwrap();
+    ln.set_weight(Some(ctx.upload_as(&[1.0; 3], &[3], DType::F16).unwrap()))
+        .unwrap();
+    let e = ln.forward(ctx, &x, Mode::Train).unwrap_err();
+    assert!(matches!(e, Error::Dtype(_)), "{e}");
+    assert!(e.to_string().contains("one dtype"), "{e}");
+
+    let mut bn = BatchNorm::new(ctx, 3, BatchNormConfig::torch_1d()).unwrap();
+    let mean = ctx.upload_as(&[0.5; 3], &[3], DType::F16).unwrap();
+    let var = ctx.upload_as(&[2.0; 3], &[3], DType::F16).unwrap();
+    bn.set_running_stats(ctx, Some((mean.clone(), var, Some(3))))
+        .unwrap();
+    let before = bits(ctx, &mean);
+    let e = bn.forward(ctx, &x, Mode::Train).unwrap_err();
+    assert!(e.to_string().contains("one dtype"), "{e}");
+    assert_eq!(bits(ctx, &mean), before);
+    let r = bn.running_stats().unwrap();
+    assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(3));
+    // All half, or all f32, is taken.
+    bn.set_weight(Some(ctx.upload_as(&[1.0; 3], &[3], DType::F16).unwrap()))
+        .unwrap();
+    bn.set_bias(Some(ctx.upload_as(&[0.0; 3], &[3], DType::F16).unwrap()))
+        .unwrap();
+    bn.forward(ctx, &x, Mode::Train).unwrap();
+}
+
+#[test]
+fn a_half_parameter_whose_f32_copy_outgrows_a_binding_is_too_large() {
+    // The f16 γ fits one storage binding, its f32 working copy does not:
+    // refused with a typed error before anything is recorded.
+    let ctx = ctx();
+    let len = (ctx.device().limits().max_storage_buffer_binding_size / 4) as usize + 64;
+    let x = ctx.zeros(&[1, len], DType::F16).unwrap();
+    let mut ln = LayerNorm::new(ctx, &[len], RowNormConfig::torch_rms_norm()).unwrap();
+    ln.set_weight(Some(ctx.zeros(&[len], DType::F16).unwrap()))
+        .unwrap();
+    let y = ctx.zeros(&[1, len], DType::F16).unwrap();
+    let mut encoder = ctx
+        .device()
+        .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+    let e = ln.record(ctx, &mut encoder, &x, &y).unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+    // The encoder holds nothing invalid.
+    ctx.submit_and_wait(encoder).unwrap();
+}
+
+#[test]
 fn backward_into_half_gradients_checks_their_dtype_and_narrows_them() {
     let ctx = ctx();
     let (n, c) = (2, 4);
@@ -239,24 +299,33 @@ fn backward_into_half_gradients_checks_their_dtype_and_narrows_them() {
         gn.set_affine(affine.clone()).unwrap();
         gn.forward(ctx, &x).unwrap();
         let grads = Gradients::zeros(ctx, &shape, dtype, &affine).unwrap();
-        let mut encoder = ctx
-            .device()
-            .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+        let encoder = || {
+            ctx.device()
+                .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None })
+        };
         if param_dtype != DType::F32 {
-            // f32 gradients for half parameters are refused before recording.
-            let wrong = Gradients::zeros(ctx, &shape, dtype, &gn.affine().clone()).unwrap();
+            // f32 gradients for half parameters are refused before
+            // anything is recorded: the submitted encoder writes nothing.
+            let sentinel = [7.0; 72];
             let wrong = Gradients {
-                grad_weight: Some(ctx.zeros(&[c], DType::F32).unwrap()),
-                ..wrong
+                grad_input: ctx.upload_as(&sentinel, &shape, dtype).unwrap(),
+                grad_weight: Some(ctx.upload(&sentinel[..c], &[c]).unwrap()),
+                grad_bias: Some(ctx.upload_as(&sentinel[..c], &[c], dtype).unwrap()),
             };
+            let mut refused = encoder();
             let e = gn
-                .record_backward_into(ctx, &mut encoder, &dy, &wrong)
+                .record_backward_into(ctx, &mut refused, &dy, &wrong)
                 .unwrap_err();
             assert!(matches!(e, Error::Dtype(_)), "{e}");
+            ctx.submit_and_wait(refused).unwrap();
+            assert_eq!(ctx.download(&wrong.grad_input).unwrap(), sentinel);
+            for g in [&wrong.grad_weight, &wrong.grad_bias] {
+                assert_eq!(ctx.download(g.as_ref().unwrap()).unwrap(), sentinel[..c]);
+            }
         }
-        gn.record_backward_into(ctx, &mut encoder, &dy, &grads)
-            .unwrap();
-        ctx.queue().submit([encoder.finish()]);
+        let mut e = encoder();
+        gn.record_backward_into(ctx, &mut e, &dy, &grads).unwrap();
+        ctx.queue().submit([e.finish()]);
         grads
     };
     let full = run(DType::F32);
@@ -314,10 +383,27 @@ fn state_loads_into_the_layers_dtype_and_exports_in_it() {
     assert_eq!(weight.data(), rounded_bits(&values, DType::BF16));
     let mean = out.get("bn.running_mean").unwrap();
     assert_eq!(mean.dtype(), safetensors::Dtype::F16);
-    assert_eq!(
-        out.get("bn.running_var").unwrap().dtype(),
-        safetensors::Dtype::F32
-    );
+    assert_eq!(mean.data(), rounded_bits(&values, DType::F16));
+    let var = out.get("bn.running_var").unwrap();
+    assert_eq!(var.dtype(), safetensors::Dtype::F32);
+    assert_eq!(var.data(), rounded_bits(&values, DType::F32));
+
+    // An F16 file into a fresh (f32) layer: widened exactly, exported F32.
+    let halves = gpunorm::HostTensor::new(
+        safetensors::Dtype::F16,
+        &[3],
+        rounded_bits(&values, DType::F16),
+    )
+    .unwrap();
+    let mut fresh = BatchNorm::new(ctx, 3, BatchNormConfig::torch_1d()).unwrap();
+    let mut dict = out.clone();
+    dict.insert("bn.weight", halves);
+    fresh
+        .load_state(ctx, &dict, "bn", Convention::Torch)
+        .unwrap();
+    let weight = fresh.affine().weight.clone().unwrap();
+    assert_eq!(weight.dtype(), DType::F32);
+    assert_eq!(ctx.download(&weight).unwrap(), stored(&values, DType::F16));
 }
 
 #[test]
@@ -336,6 +422,8 @@ fn sync_batch_norm_with_half_statistics_matches_a_local_batch_norm() {
     let make = || {
         let mut bn = BatchNorm::new(ctx, 2, BatchNormConfig::torch_1d()).unwrap();
         bn.set_weight(Some(ctx.upload_as(&[1.5, -0.5], &[2], dtype).unwrap()))
+            .unwrap();
+        bn.set_bias(Some(ctx.upload_as(&[0.25, 1.0], &[2], dtype).unwrap()))
             .unwrap();
         bn.set_running_stats(
             ctx,
@@ -386,4 +474,42 @@ fn sync_batch_norm_with_half_statistics_matches_a_local_batch_norm() {
         "grad_weight",
     );
     assert_eq!(gs.grad_weight.as_ref().unwrap().dtype(), dtype);
+}
+
+#[test]
+fn every_half_value_survives_widening_and_narrowing() {
+    // Momentum 0 keeps the running statistics (old·1 + batch·0): every f16
+    // and bf16 bit pattern goes through the widen and narrow casts and must
+    // come back as itself (subnormals, ±inf and the largest finite values
+    // included). −0 becomes +0 in the update's sum and NaN stays a NaN.
+    let ctx = ctx();
+    let channels = 1 << 16;
+    let patterns: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
+    for dtype in HALVES {
+        let halves = |bytes: &[u8]| ctx.upload_bytes(bytes, &[channels], dtype).unwrap();
+        let config = BatchNormConfig {
+            momentum: Some(0.0),
+            ..BatchNormConfig::torch_1d().affine(false)
+        };
+        let mut bn = BatchNorm::new(ctx, channels, config).unwrap();
+        let (mean, var) = (halves(&patterns), halves(&patterns));
+        bn.set_running_stats(ctx, Some((mean.clone(), var.clone(), Some(0))))
+            .unwrap();
+        let x = ctx.zeros(&[2, channels], dtype).unwrap();
+        bn.forward(ctx, &x, Mode::Train).unwrap();
+        let before = gpunorm::tensor::decode(&patterns, dtype);
+        for t in [&mean, &var] {
+            let after = ctx.download(t).unwrap();
+            for (h, (a, b)) in after.iter().zip(&before).enumerate() {
+                if b.is_nan() {
+                    assert!(a.is_nan(), "{dtype} {h:#06x}: {a}");
+                } else {
+                    assert_eq!(a, b, "{dtype} {h:#06x}");
+                    if *b != 0.0 {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{dtype} {h:#06x}");
+                    }
+                }
+            }
+        }
+    }
 }

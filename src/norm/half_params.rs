@@ -18,37 +18,49 @@ use crate::kernels;
 use crate::norm::{Affine, RunningStats};
 use crate::tensor::{DType, GpuTensor};
 
-/// Checks that a parameter, running statistic or parameter gradient is f32
-/// or the input's dtype.
-pub(crate) fn check_dtype(name: &str, t: &GpuTensor, input: DType) -> Result<()> {
-    if t.dtype() == DType::F32 || t.dtype() == input {
-        Ok(())
-    } else {
-        Err(Error::Dtype(format!(
-            "expected {name} of dtype f32 or the input's {input}, got {}",
-            t.dtype()
-        )))
-    }
-}
-
-/// [`check_dtype`] for every parameter and running statistic a pass binds.
-pub(crate) fn check_dtypes(
+/// Checks the parameters and running statistics a pass binds: all of one
+/// dtype, f32 or the input's (SPEC.md §5; torch refuses a mix too: "expected
+/// scalar type Half but found Float"), and each small enough that its f32
+/// form (the tensor itself, or its working copy) fits one storage binding.
+pub(crate) fn check_params(
+    ctx: &Context,
     input: DType,
     affine: &Affine,
     running: Option<&RunningStats>,
 ) -> Result<()> {
-    let tensors = [
+    let present: Vec<(&str, &GpuTensor)> = [
         ("weight", affine.weight.as_ref()),
         ("bias", affine.bias.as_ref()),
         ("running_mean", running.map(|r| &r.mean)),
         ("running_var", running.map(|r| &r.var)),
-    ];
-    for (name, t) in tensors {
-        if let Some(t) = t {
-            check_dtype(name, t, input)?;
+    ]
+    .into_iter()
+    .filter_map(|(name, t)| t.map(|t| (name, t)))
+    .collect();
+    for &(name, t) in &present {
+        if t.dtype() != DType::F32 && t.dtype() != input {
+            return Err(Error::Dtype(format!(
+                "expected {name} of dtype f32 or the input's {input}, got {}",
+                t.dtype()
+            )));
+        }
+        ctx.check_whole_binding(name, f32_bytes(t))?;
+    }
+    if let Some(&(first, a)) = present.first() {
+        if let Some(&(other, b)) = present.iter().find(|(_, b)| b.dtype() != a.dtype()) {
+            return Err(Error::Dtype(format!(
+                "expected the parameters and running statistics in one dtype (f32, or the input's {input}), got {first} of {} and {other} of {}",
+                a.dtype(),
+                b.dtype()
+            )));
         }
     }
     Ok(())
+}
+
+/// Bytes of `t` as f32 (its working copy's, when it is half-precision).
+fn f32_bytes(t: &GpuTensor) -> u64 {
+    4 * t.numel() as u64
 }
 
 /// f32 working copies of a layer's half-precision tensors: `None` where the
@@ -59,12 +71,34 @@ pub(crate) struct WorkingCopies {
     pub bias: Option<GpuTensor>,
     pub mean: Option<GpuTensor>,
     pub var: Option<GpuTensor>,
+    /// The bind groups of the casts recorded so far, for the next pass
+    /// over the same tensors: a steady layer then creates no buffer and no
+    /// bind group per pass, as with f32 parameters.
+    pub bindings: Vec<CastBinding>,
+}
+
+/// The bind group of the casts between `half` and `copy` (both directions
+/// bind the same two tensors; the pipeline says which way).
+#[derive(Debug, Clone)]
+pub(crate) struct CastBinding {
+    half: GpuTensor,
+    copy: GpuTensor,
+    group: wgpu::BindGroup,
+}
+
+impl CastBinding {
+    fn binds(&self, half: &GpuTensor, copy: &GpuTensor) -> bool {
+        self.half.same_buffer(half)
+            && self.half.offset() == half.offset()
+            && self.half.numel() == half.numel()
+            && self.copy.same_buffer(copy)
+    }
 }
 
 impl WorkingCopies {
     /// Copies for the half-precision tensors among `affine` and `running`:
-    /// `reuse`'s where the length matches, fresh ones otherwise. Allocates
-    /// and records nothing, so a refused pass changes nothing.
+    /// `reuse`'s where the length matches, fresh ones otherwise. Records
+    /// nothing (it may allocate), so a refused pass changes nothing.
     pub(crate) fn for_tensors(
         ctx: &Context,
         affine: &Affine,
@@ -77,6 +111,7 @@ impl WorkingCopies {
             bias: copy_for(ctx, affine.bias.as_ref(), reuse.bias)?,
             mean: copy_for(ctx, running.map(|r| &r.mean), reuse.mean)?,
             var: copy_for(ctx, running.map(|r| &r.var), reuse.var)?,
+            bindings: reuse.bindings,
         })
     }
 
@@ -101,7 +136,7 @@ impl WorkingCopies {
 
     /// Records widening every half-precision tensor into its copy.
     pub(crate) fn record_widen(
-        &self,
+        &mut self,
         ctx: &Context,
         encoder: &mut wgpu::CommandEncoder,
         affine: &Affine,
@@ -113,7 +148,9 @@ impl WorkingCopies {
             (running.map(|r| &r.mean), self.mean.as_ref()),
             (running.map(|r| &r.var), self.var.as_ref()),
         ];
-        record_casts(ctx, encoder, Cast::Widen, &pairs);
+        // Only the bindings of this pass's tensors are kept: a layer whose
+        // tensors were replaced lets the old ones go.
+        self.bindings = record_casts(ctx, encoder, Cast::Widen, &pairs, &self.bindings);
     }
 
     /// Records narrowing the running statistics' copies, which the pass
@@ -128,7 +165,7 @@ impl WorkingCopies {
             (Some(&running.mean), self.mean.as_ref()),
             (Some(&running.var), self.var.as_ref()),
         ];
-        record_casts(ctx, encoder, Cast::Narrow, &pairs);
+        record_casts(ctx, encoder, Cast::Narrow, &pairs, &self.bindings);
     }
 }
 
@@ -141,7 +178,7 @@ pub(crate) fn copy_for(
 ) -> Result<Option<GpuTensor>> {
     match t {
         Some(t) if t.dtype() != DType::F32 => {
-            ctx.check_size("a half-precision parameter", t.byte_len())?;
+            ctx.check_whole_binding("the f32 copy of a half-precision parameter", f32_bytes(t))?;
             match reuse {
                 Some(copy) if copy.numel() == t.numel() => Ok(Some(copy)),
                 _ => ctx.zeros(t.shape(), DType::F32).map(Some),
@@ -184,41 +221,60 @@ impl CastPipelines {
 }
 
 /// Records one cast per `(half, copy)` pair that has a copy, in one compute
-/// pass (none when there is nothing to cast).
+/// pass (none when there is nothing to cast), with the bind groups of
+/// `reuse` where they bind the same tensors. Returns the bind groups used.
 pub(crate) fn record_casts(
     ctx: &Context,
     encoder: &mut wgpu::CommandEncoder,
     cast: Cast,
     pairs: &[(Option<&GpuTensor>, Option<&GpuTensor>)],
-) {
+    reuse: &[CastBinding],
+) -> Vec<CastBinding> {
     let pairs: Vec<(&GpuTensor, &GpuTensor)> = pairs
         .iter()
         .filter_map(|&(half, copy)| half.zip(copy))
         .filter(|(half, _)| half.numel() > 0)
         .collect();
     if pairs.is_empty() {
-        return;
+        return Vec::new();
     }
     let set = &ctx.casts.0;
+    let bindings: Vec<CastBinding> = pairs
+        .iter()
+        .map(
+            |&(half, copy)| match reuse.iter().find(|b| b.binds(half, copy)) {
+                Some(b) => b.clone(),
+                None => {
+                    // A half-precision tensor fits one storage binding (checked
+                    // by `copy_for`), so its length fits a u32.
+                    let len = half.numel() as u32;
+                    let uniform = kernels::uniform_buffer(
+                        &ctx.device,
+                        "gpunorm parameter cast",
+                        bytemuck::bytes_of(&[len, 0, 0, 0]),
+                    );
+                    let group = set.bind_group(
+                        &ctx.device,
+                        "gpunorm parameter cast",
+                        &uniform,
+                        [half.binding(), copy.binding()],
+                    );
+                    CastBinding {
+                        half: half.clone(),
+                        copy: copy.clone(),
+                        group,
+                    }
+                }
+            },
+        )
+        .collect();
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("gpunorm parameter cast"),
         timestamp_writes: None,
     });
-    for (half, copy) in pairs {
-        // A half-precision tensor fits one storage binding (checked by
-        // `copy_for`), so its length fits a u32.
+    for binding in &bindings {
+        let half = &binding.half;
         let len = half.numel() as u32;
-        let uniform = kernels::uniform_buffer(
-            &ctx.device,
-            "gpunorm parameter cast",
-            bytemuck::bytes_of(&[len, 0, 0, 0]),
-        );
-        let bind_group = set.bind_group(
-            &ctx.device,
-            "gpunorm parameter cast",
-            &uniform,
-            [half.binding(), copy.binding()],
-        );
         let entry_point = match (cast, half.dtype()) {
             (Cast::Widen, DType::BF16) => "widen_bf16",
             (Cast::Widen, _) => "widen_f16",
@@ -233,8 +289,10 @@ pub(crate) fn record_casts(
             )
         });
         pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
+        pass.set_bind_group(0, &binding.group, &[]);
         let (gx, gy) = kernels::grid(len.div_ceil(2).div_ceil(CAST_WG));
         pass.dispatch_workgroups(gx, gy, 1);
     }
+    drop(pass);
+    bindings
 }

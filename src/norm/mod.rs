@@ -72,7 +72,7 @@ pub(crate) fn check_input_dtype(x: &GpuTensor) -> Result<()> {
 
 /// A per-channel (or per-element) parameter vector: length check. Any
 /// [`DType`] is taken here; a pass checks it against its input's
-/// ([`half_params::check_dtypes`]: f32 or the input's dtype).
+/// ([`half_params::check_params`]: f32 or the input's dtype, one for all).
 pub(crate) fn check_vector(name: &str, t: &GpuTensor, len: usize) -> Result<()> {
     if t.numel() != len {
         return Err(Error::Shape(format!(
@@ -330,7 +330,7 @@ pub(crate) fn record_layer(
     saved: &mut Option<Saved>,
 ) -> Result<Vec<Dispatch>> {
     check_forward_context(ctx, x, Some(y), affine, running)?;
-    half_params::check_dtypes(x.dtype(), affine, running)?;
+    half_params::check_params(ctx, x.dtype(), affine, running)?;
     check_output(
         x,
         y,
@@ -368,7 +368,7 @@ pub(crate) fn record_layer(
         Some(s) if s.scratch.size() >= bytes => s.scratch.clone(),
         _ => Arc::new(ctx.create_buffer("gpunorm statistics", bytes)?),
     };
-    let copies = WorkingCopies::for_tensors(ctx, affine, running, own.map(|s| &s.copies))?;
+    let mut copies = WorkingCopies::for_tensors(ctx, affine, running, own.map(|s| &s.copies))?;
     let wide_affine = copies.affine(affine);
     let wide_running = running.map(|r| copies.running(r));
     copies.record_widen(ctx, encoder, affine, running);

@@ -145,7 +145,7 @@ impl BatchNorm {
     ) -> Result<GpuTensor> {
         let spec = self.spec_with(x, mode, false)?;
         crate::norm::check_forward_context(ctx, x, None, &self.affine, self.running.as_ref())?;
-        half_params::check_dtypes(x.dtype(), &self.affine, self.running.as_ref())?;
+        half_params::check_params(ctx, x.dtype(), &self.affine, self.running.as_ref())?;
         let channels = self.num_features;
         if global.mean.len() != channels || local.shift.len() != channels {
             return Err(Error::Shape(format!(
@@ -192,7 +192,7 @@ impl BatchNorm {
             engine::scratch_bytes(&spec.view, &chunks, &ctx.caps()),
         )?);
         let own = self.saved.as_ref().filter(|s| s.context == ctx.uid);
-        let copies =
+        let mut copies =
             WorkingCopies::for_tensors(ctx, &self.affine, running, own.map(|s| &s.copies))?;
         let wide_affine = copies.affine(&self.affine);
         let wide_running = running.map(|r| copies.running(r));
