@@ -528,20 +528,19 @@ pub(crate) fn uniform_buffer(device: &wgpu::Device, label: &str, params: &[u8]) 
     })
 }
 
-/// A bind group layout of one uniform (binding 0) and `N` storage buffers
-/// (bindings 1..=N, writable where `writable[i - 1]`), and the pipelines
-/// built on it: each built once per (key, dtype) on first use and kept for
-/// the context's lifetime. The forward and the backward kernels each have
-/// one of eight bindings (the forward's key includes its [`Variant`]); the
-/// parameter casts one of two.
-pub(crate) struct PipelineSet<K, const N: usize = 8> {
+/// A bind group layout of one uniform (binding 0) and eight storage
+/// buffers (bindings 1..=8, writable where `writable[i - 1]`), and the
+/// pipelines built on it: each built once per (key, dtype) on first use
+/// and kept for the context's lifetime. The forward and the backward
+/// kernels each have one; the forward's key includes its [`Variant`].
+pub(crate) struct PipelineSet<K> {
     layout: wgpu::PipelineLayout,
     pub(crate) bind_group_layout: wgpu::BindGroupLayout,
     pipelines: Mutex<HashMap<(K, DType), Arc<wgpu::ComputePipeline>>>,
 }
 
-impl<K: Copy + Eq + std::hash::Hash, const N: usize> PipelineSet<K, N> {
-    pub(crate) fn new(device: &wgpu::Device, label: &str, writable: [bool; N]) -> Self {
+impl<K: Copy + Eq + std::hash::Hash> PipelineSet<K> {
+    pub(crate) fn new(device: &wgpu::Device, label: &str, writable: [bool; 8]) -> Self {
         let entry = |binding: u32, ty: wgpu::BufferBindingType| wgpu::BindGroupLayoutEntry {
             binding,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -576,13 +575,14 @@ impl<K: Copy + Eq + std::hash::Hash, const N: usize> PipelineSet<K, N> {
     }
 
     /// A bind group of this set's layout: `uniform` (binding 0, from
-    /// [`uniform_buffer`]) and the `N` storage bindings 1..=N in order.
+    /// [`uniform_buffer`]) and the eight storage bindings 1..=8 in
+    /// order.
     pub(crate) fn bind_group(
         &self,
         device: &wgpu::Device,
         label: &str,
         uniform: &wgpu::Buffer,
-        storage: [wgpu::BindingResource<'_>; N],
+        storage: [wgpu::BindingResource<'_>; 8],
     ) -> wgpu::BindGroup {
         let entries: Vec<wgpu::BindGroupEntry> = std::iter::once(uniform.as_entire_binding())
             .chain(storage)
