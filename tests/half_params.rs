@@ -513,3 +513,148 @@ fn every_half_value_survives_widening_and_narrowing() {
         }
     }
 }
+
+/// One layer of every kind with its parameters (and running statistics) in
+/// `param_dtype`, all holding the values `stored` gives in `dtype`.
+enum AnyLayer {
+    Batch(BatchNorm),
+    Instance(gpunorm::InstanceNorm),
+    Group(GroupNorm),
+    Rms(gpunorm::RmsNorm),
+}
+
+impl AnyLayer {
+    fn forward(&mut self, x: &GpuTensor) -> GpuTensor {
+        let ctx = ctx();
+        match self {
+            AnyLayer::Batch(l) => l.forward(ctx, x, Mode::Train),
+            AnyLayer::Instance(l) => l.forward(ctx, x, Mode::Train),
+            AnyLayer::Group(l) => l.forward(ctx, x),
+            AnyLayer::Rms(l) => l.forward(ctx, x, Mode::Train),
+        }
+        .unwrap()
+    }
+
+    fn backward(&self, dy: &GpuTensor) -> Gradients {
+        let ctx = ctx();
+        match self {
+            AnyLayer::Batch(l) => l.backward(ctx, dy),
+            AnyLayer::Instance(l) => l.backward(ctx, dy),
+            AnyLayer::Group(l) => l.backward(ctx, dy),
+            AnyLayer::Rms(l) => l.backward(ctx, dy),
+        }
+        .unwrap()
+    }
+
+    fn running(&self) -> Option<&gpunorm::RunningStats> {
+        match self {
+            AnyLayer::Batch(l) => l.running_stats(),
+            AnyLayer::Instance(l) => l.running_stats(),
+            _ => None,
+        }
+    }
+}
+
+#[test]
+fn every_layer_kind_with_half_parameters_matches_f32_parameters() {
+    // Keras BatchNormalization (channels-last, moving statistics), tracked
+    // InstanceNorm, Keras GroupNormalization (channels-last) and RMSNorm:
+    // the same bits as f32 parameters of the same values, and running
+    // statistics and gradients rounded once from the f32 ones.
+    let ctx = ctx();
+    let shape = [2, 4, 4, 6];
+    let c = 6;
+    for dtype in HALVES {
+        let values = |seed, mean| stored(&normal(c, seed, mean, 0.5), dtype);
+        let (gamma, beta, mean, var) = (
+            values(20, 1.0),
+            values(21, 0.0),
+            values(22, 0.0),
+            values(23, 2.0),
+        );
+        let make = |kind: usize, p: DType| -> AnyLayer {
+            let up = |v: &[f32]| ctx.upload_as(v, &[c], p).unwrap();
+            let affine = gpunorm::Affine {
+                weight: Some(up(&gamma)),
+                bias: Some(up(&beta)),
+            };
+            match kind {
+                0 => {
+                    let mut l = BatchNorm::new(ctx, c, BatchNormConfig::keras()).unwrap();
+                    l.set_weight(affine.weight).unwrap();
+                    l.set_bias(affine.bias).unwrap();
+                    l.set_running_stats(ctx, Some((up(&mean), up(&var), None)))
+                        .unwrap();
+                    AnyLayer::Batch(l)
+                }
+                1 => {
+                    let config = gpunorm::InstanceNormConfig {
+                        affine: true,
+                        track_running_stats: true,
+                        ..gpunorm::InstanceNormConfig::torch_2d()
+                    };
+                    // Channels-first: C = 4 here.
+                    let cut = |v: &[f32]| ctx.upload_as(&v[..4], &[4], p).unwrap();
+                    let mut l = gpunorm::InstanceNorm::new(ctx, 4, config).unwrap();
+                    l.set_affine(gpunorm::Affine {
+                        weight: Some(cut(&gamma)),
+                        bias: Some(cut(&beta)),
+                    })
+                    .unwrap();
+                    l.set_running_stats(ctx, Some((cut(&mean), cut(&var), Some(2))))
+                        .unwrap();
+                    AnyLayer::Instance(l)
+                }
+                2 => {
+                    let mut l = GroupNorm::new(ctx, 3, c, GroupNormConfig::keras()).unwrap();
+                    l.set_affine(affine).unwrap();
+                    AnyLayer::Group(l)
+                }
+                _ => {
+                    let mut l =
+                        gpunorm::RmsNorm::new(ctx, &[c], RowNormConfig::torch_rms_norm()).unwrap();
+                    l.set_weight(affine.weight).unwrap();
+                    AnyLayer::Rms(l)
+                }
+            }
+        };
+        let x = ctx
+            .upload_as(&normal(192, 24, 1.0, 2.0), &shape, dtype)
+            .unwrap();
+        let dy = ctx
+            .upload_as(&normal(192, 25, 0.0, 1.0), &shape, dtype)
+            .unwrap();
+        for kind in 0..4 {
+            let (mut full, mut half) = (make(kind, DType::F32), make(kind, dtype));
+            let what = format!("{dtype} layer kind {kind}");
+            let (y32, y16) = (full.forward(&x), half.forward(&x));
+            assert_eq!(bits(ctx, &y16), bits(ctx, &y32), "{what}: output");
+            let (g32, g16) = (full.backward(&dy), half.backward(&dy));
+            assert_eq!(
+                bits(ctx, &g16.grad_input),
+                bits(ctx, &g32.grad_input),
+                "{what}: grad_input"
+            );
+            let mut pairs = vec![(&g16.grad_weight, &g32.grad_weight)];
+            if kind != 3 {
+                pairs.push((&g16.grad_bias, &g32.grad_bias));
+            }
+            let running = match (half.running(), full.running()) {
+                (Some(h), Some(f)) => vec![
+                    (h.mean.clone(), f.mean.clone()),
+                    (h.var.clone(), f.var.clone()),
+                ],
+                _ => Vec::new(),
+            };
+            assert_eq!(running.is_empty(), kind > 1, "{what}");
+            let grads = pairs
+                .into_iter()
+                .map(|(h, f)| (h.clone().unwrap(), f.clone().unwrap()));
+            for (h, f) in grads.chain(running) {
+                assert_eq!(h.dtype(), dtype, "{what}");
+                let want = rounded_bits(&ctx.download(&f).unwrap(), dtype);
+                assert_eq!(bits(ctx, &h), want, "{what}");
+            }
+        }
+    }
+}
