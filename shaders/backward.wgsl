@@ -212,7 +212,10 @@ fn bwd_partials(
             for (var k = 0u; k < BWD_PER_THREAD; k++) {
                 let j = t.start + lid + k * BWD_WG;
                 if (j < t.end) {
-                    acc += terms_with(reduction_index(t.p, t.g, j), st, t.g);
+                    let i = reduction_index(t.p, t.g, j);
+                    if (in_chunk(i)) {
+                        acc += terms_with(i, st, t.g);
+                    }
                 }
             }
         }
@@ -236,7 +239,10 @@ fn bwd_partials(
         for (var k = 0u; k < BWD_PER_THREAD; k++) {
             let j = t.start + lid + k * BWD_WG;
             if (j < t.end) {
-                acc += element_terms(reduction_index(t.p, t.g, j));
+                let i = reduction_index(t.p, t.g, j);
+                if (in_chunk(i)) {
+                    acc += element_terms(i);
+                }
             }
         }
     }
@@ -367,9 +373,11 @@ fn bwd_dx(
         store_dx4(first / 4u, grad_input4(first / 4u, s, stats[group], weight4_of(first)));
         return;
     }
+    // The bound chunk's elements (the whole tensor unless BWD_CHUNKED).
+    let end = bp.chunk_base + bp.chunk_len;
     for (var k = 0u; k < BWD_DX_PER_THREAD; k += BWD_PACK) {
-        let i = first + k;
-        if (i >= bp.total) {
+        let i = bp.chunk_base + first + k;
+        if (i >= end) {
             return;
         }
         var s = vec4<f32>(0.0);
@@ -378,7 +386,7 @@ fn bwd_dx(
         }
         let v0 = grad_input_value(i, s);
         // The pair's second element may be in the next stats group.
-        let second = BWD_PACK == 2u && i + 1u < bp.total;
+        let second = BWD_PACK == 2u && i + 1u < end;
         var v1 = 0.0;
         if (second) {
             var s1 = vec4<f32>(0.0);

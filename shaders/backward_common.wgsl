@@ -46,6 +46,13 @@ struct BwdParams {
     rows: u32,
     cols: u32,
     rows_per_block: u32,
+    // The elements [chunk_base, chunk_base + chunk_len) x, grad_output and
+    // grad_input are bound to (the whole tensor unless it is larger than
+    // one storage binding: BWD_CHUNKED).
+    chunk_base: u32,
+    chunk_len: u32,
+    _pad0: u32,
+    _pad1: u32,
     // Exact division by RB, SA·SG·SB, SB, SG, SG·SB and affine_div as
     // multiply-high and shifts (fast_div.wgsl; set by the host from the
     // fields above): integer division per element is a scalar loop on CPUs
@@ -87,6 +94,33 @@ override BWD_ROWS_R: u32 = 1u;
 override BWD_COLUMN_SUMS: bool = false;
 // Vectors of a row each lane holds in bwd_rows_held (held_slots.wgsl).
 override HELD_K: u32 = 0u;
+// The tensor is larger than one storage binding: x, grad_output and
+// grad_input are bound chunk by chunk, and a dispatch touches only the
+// elements of its chunk (in_chunk). Only bwd_partials' scalar paths,
+// bwd_finalize and bwd_dx's scalar path run so (src/backward.rs,
+// plan_chunked).
+override BWD_CHUNKED: bool = false;
+
+// Flat element index i in the bound chunk.
+fn local(i: u32) -> u32 {
+    if (BWD_CHUNKED) {
+        return i - bp.chunk_base;
+    }
+    return i;
+}
+
+// Vector index i4 in the bound chunk (chunks start at multiples of 256).
+fn local4(i4: u32) -> u32 {
+    if (BWD_CHUNKED) {
+        return i4 - bp.chunk_base / 4u;
+    }
+    return i4;
+}
+
+// Whether element i is in the bound chunk.
+fn in_chunk(i: u32) -> bool {
+    return !BWD_CHUNKED || (i >= bp.chunk_base && i - bp.chunk_base < bp.chunk_len);
+}
 
 // Where the column sums of vector j4 over step `step` go (Σdy; Σdy·x̂ is 8
 // vectors further): blocks of 8 vectors, each block's steps one after the

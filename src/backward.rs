@@ -26,6 +26,11 @@
 //!   `GradInput` (by runs, with the run's coefficients found once, when runs
 //!   are whole vectors with one γ each).
 //! - Eval mode with running statistics: `grad_input = g·rstd` elementwise.
+//! - A tensor larger than one storage binding (split as the forward splits
+//!   it, [`Chunks`]): `Partials` and `GradInput` once per chunk over its
+//!   elements, one `Finalize` over every chunk's partials, and the affine
+//!   gradients of an index per column through the `[1, R, K, D]` view
+//!   below (`plan_chunked`).
 //! - Affine gradients: when the affine index is the statistics channel
 //!   (BatchNorm, InstanceNorm) they come out of the group sums, summed over
 //!   samples by `Finalize`; an affine index per column (LayerNorm, RMSNorm,
@@ -41,7 +46,7 @@
 //! every sum is f32 and `grad_input` is rounded once at the store, one
 //! invocation writing both halves of a word. The kernels read γ and write
 //! the parameter gradients as f32; half-precision ones go through f32
-//! working copies ([`crate::norm::half_params`]).
+//! working copies (`norm::half_params`).
 //!
 //! Scratch is bounded: at most one vec4 per group plus one per partial (per
 //! tile of 4096 elements, per invocation of a tile, or per run), or per
@@ -50,7 +55,7 @@
 use std::sync::Arc;
 
 use crate::context::Context;
-use crate::engine::{Caps, StatsSource};
+use crate::engine::{Caps, Chunks, StatsSource};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::norm::half_params::{self, Cast};
@@ -343,6 +348,8 @@ const BF_FOUR_ROWS: u32 = 512;
 /// Host-side only: the subgroup row kernel writes column sums
 /// (`BWD_COLUMN_SUMS`).
 const BF_COLUMN_SUMS: u32 = 1024;
+/// Host-side only: the tensor is split across bindings (`BWD_CHUNKED`).
+const BF_CHUNKED: u32 = 2048;
 /// Host-side only: bits 24.. of the flags hold the held-row kernel's
 /// vectors per lane (`HELD_K`), a pipeline constant like the flags above.
 const BF_HELD_SHIFT: u32 = 24;
@@ -393,6 +400,10 @@ struct BwdParams {
     rows: u32,
     cols: u32,
     rows_per_block: u32,
+    chunk_base: u32,
+    chunk_len: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 /// The uniform of one dispatch: the parameters and their divisors.
@@ -428,6 +439,9 @@ struct Step {
     kernel: BackwardKernel,
     workgroups: usize,
     params: BwdParams,
+    /// The chunk of x, grad_output and grad_input it binds (0 unless the
+    /// tensor is split: [`plan_chunked`]).
+    chunk: usize,
 }
 
 /// The whole plan: its steps and the vec4s of scratch they use.
@@ -563,18 +577,11 @@ fn fused_column_sums(v: &View, caps: &Caps, params_wanted: bool, steps: usize) -
         && (v.groups() + 16 * (v.b / 4).div_ceil(8) * steps) * 16 <= COLUMN_SUMS_MAX_BYTES
 }
 
-/// The plan; `tiled` keeps groups off the row kernel so that grad_input is
-/// its own dispatch (needed when the group sums come from elsewhere).
-fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
+/// The parameters every step of `spec`'s plan starts from (the stats view
+/// as the reduction view, the whole tensor bound), and the flags of the
+/// affine gradients wanted.
+fn base_params(spec: &BackwardSpec) -> (BwdParams, u32) {
     let v = &spec.view;
-    let mut steps = Vec::new();
-    let mut work_vec4 = 0usize;
-    if v.numel() == 0 {
-        return Plan {
-            steps,
-            work_vec4: 1,
-        };
-    }
     let groups = v.groups();
     let mut base_flags = 0;
     if spec.weight {
@@ -590,12 +597,6 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
     if spec.grad_bias {
         grad_flags |= BF_GRAD_BIAS;
     }
-    let params_wanted = grad_flags != 0;
-    let per_channel = affine_is_channel(v);
-    let finalize_serial_max = caps.cpu_or_gpu(
-        kernels::FINALIZE_SERIAL_MAX_CPU,
-        kernels::FINALIZE_SERIAL_MAX,
-    );
     let base = BwdParams {
         sp: v.p as u32,
         sa: v.a as u32,
@@ -617,7 +618,146 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
         rows: (v.p * v.a) as u32,
         cols: (v.g * v.b) as u32,
         rows_per_block: 1,
+        chunk_base: 0,
+        chunk_len: v.numel() as u32,
+        _pad0: 0,
+        _pad1: 0,
     };
+    (base, grad_flags)
+}
+
+/// The plan for a tensor bound in `chunks`: [`plan_with`]'s when it fits
+/// one binding, else [`plan_chunked`]'s.
+fn plan_for(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
+    if chunks.count > 1 && spec.view.numel() > 0 {
+        plan_chunked(spec, caps, chunks)
+    } else {
+        plan_with(spec, caps, false)
+    }
+}
+
+/// The plan of a tensor larger than one storage binding, bound chunk by
+/// chunk (as the forward's: [`Chunks`]): the generic kernels only, in
+/// their scalar form (`BWD_CHUNKED`), each pass once per chunk over the
+/// chunk's elements. Tiles are the unsplit plan's; each chunk writes its
+/// own partial of every tile (zeros where the tile has no element in it),
+/// and the finalize merges a group's tiles of every chunk. The affine
+/// gradients of an index per column (or per D columns) reduce the
+/// `[1, R, K, D]` view the same way.
+fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
+    let v = &spec.view;
+    let numel = v.numel();
+    let groups = v.groups();
+    let (mut base, grad_flags) = base_params(spec);
+    base.flags |= BF_CHUNKED;
+    let per_channel = affine_is_channel(v);
+    let channel_grads = if per_channel { grad_flags } else { 0 };
+    let batch = spec.source == StatsSource::Batch;
+    let serial_max = caps.cpu_or_gpu(
+        kernels::FINALIZE_SERIAL_MAX_CPU,
+        kernels::FINALIZE_SERIAL_MAX,
+    );
+    let count = chunks.count;
+    let mut steps = Vec::new();
+    let mut work_vec4 = groups;
+    let in_chunk = |mut p: BwdParams, c: usize| {
+        let (lo, hi) = chunks.range(c, numel);
+        p.chunk_base = lo as u32;
+        p.chunk_len = (hi - lo) as u32;
+        p
+    };
+    // Partials of reduction view `p` (tiles per group), one dispatch per
+    // chunk, then the finalize `finish` over every chunk's.
+    let reduce = |steps: &mut Vec<Step>, p: BwdParams, outputs: usize, finish: u32| {
+        let tiles = p.tiles as usize;
+        let reductions = p.n_groups as usize;
+        let mut p = p;
+        p.group_stride = (tiles * count) as u32;
+        for c in 0..count {
+            let mut pc = in_chunk(p, c);
+            pc.partials_offset = p.partials_offset + (c * tiles) as u32;
+            steps.push(Step {
+                kernel: BackwardKernel::Partials,
+                workgroups: reductions * tiles,
+                params: pc,
+                chunk: c,
+            });
+        }
+        let mut f = p;
+        f.tiles = (tiles * count) as u32;
+        f.flags |= finish;
+        let (workgroups, f) = finalize_step(outputs, f, serial_max);
+        steps.push(Step {
+            kernel: BackwardKernel::Finalize,
+            workgroups,
+            params: f,
+            chunk: 0,
+        });
+        groups + reductions * tiles * count
+    };
+    if batch || channel_grads != 0 {
+        let mut p = base;
+        p.tiles = tiles_for(v.group_len()) as u32;
+        let mut finish = if batch { BF_WRITE_GSUM } else { 0 };
+        let outputs = if channel_grads != 0 {
+            finish |= BF_LOOP_P | channel_grads;
+            v.g
+        } else {
+            groups
+        };
+        work_vec4 = work_vec4.max(reduce(&mut steps, p, outputs, finish));
+    }
+    let mut d = base;
+    if !batch {
+        d.flags |= BF_RUNNING;
+    }
+    for c in 0..count {
+        let dc = in_chunk(d, c);
+        let per_workgroup = (BWD_WG * BWD_DX_PER_THREAD) as usize;
+        steps.push(Step {
+            kernel: BackwardKernel::GradInput,
+            workgroups: (dc.chunk_len as usize).div_ceil(per_workgroup),
+            params: dc,
+            chunk: c,
+        });
+    }
+    if grad_flags != 0 && !per_channel {
+        // Affine index k covers D contiguous elements of each row: the
+        // [1, R, K, D] view (D = 1 for an index per column).
+        let (rows, k, d) = (v.p * v.a, v.affine_len, v.affine_div.max(1));
+        let mut p = base;
+        p.rp = 1;
+        p.ra = rows as u32;
+        p.rg = k as u32;
+        p.rb = d as u32;
+        p.n_groups = k as u32;
+        p.tiles = tiles_for(rows * d) as u32;
+        work_vec4 = work_vec4.max(reduce(&mut steps, p, k, BF_LOOP_P | grad_flags));
+    }
+    Plan { steps, work_vec4 }
+}
+
+/// The plan; `tiled` keeps groups off the row kernel so that grad_input is
+/// its own dispatch (needed when the group sums come from elsewhere).
+fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
+    let v = &spec.view;
+    let mut steps = Vec::new();
+    let mut work_vec4 = 0usize;
+    if v.numel() == 0 {
+        return Plan {
+            steps,
+            work_vec4: 1,
+        };
+    }
+    let groups = v.groups();
+    let (base, grad_flags) = base_params(spec);
+    let base_flags = base.flags;
+    let params_wanted = grad_flags != 0;
+    let per_channel = affine_is_channel(v);
+    let finalize_serial_max = caps.cpu_or_gpu(
+        kernels::FINALIZE_SERIAL_MAX_CPU,
+        kernels::FINALIZE_SERIAL_MAX,
+    );
     let mut push = |kernel, workgroups: usize, params: BwdParams| {
         let (workgroups, params) = if kernel == BackwardKernel::Finalize {
             finalize_step(workgroups, params, finalize_serial_max)
@@ -628,6 +768,7 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
             kernel,
             workgroups,
             params,
+            chunk: 0,
         })
     };
     // Per-group sums, grad_input, and the affine gradients when the affine
@@ -1084,6 +1225,9 @@ struct Specialization {
     vec4: bool,
     /// A finalize step merges serially (`bwd_finalize_serial`).
     serial: bool,
+    /// x, grad_output and grad_input are bound chunk by chunk
+    /// (`BWD_CHUNKED`).
+    chunked: bool,
     /// Groups the subgroup row kernel walks at a time (`BWD_ROWS_R`).
     rows_step: u8,
     /// The subgroup row kernel writes column sums (`BWD_COLUMN_SUMS`).
@@ -1110,7 +1254,8 @@ impl Specialization {
             rms: p.flags & BF_RMS != 0,
             running: p.flags & BF_RUNNING != 0,
             affine,
-            vec4: vec4_runs(p),
+            vec4: vec4_runs(p) && p.flags & BF_CHUNKED == 0,
+            chunked: p.flags & BF_CHUNKED != 0,
             serial: p.flags & BF_SERIAL != 0,
             rows_step: if p.flags & BF_FOUR_ROWS != 0 {
                 kernels::ROWS_SG_STEP as u8
@@ -1122,7 +1267,7 @@ impl Specialization {
         }
     }
 
-    fn constants(&self) -> [(&'static str, f64); 8] {
+    fn constants(&self) -> [(&'static str, f64); 9] {
         let flag = |b: bool| if b { 1.0 } else { 0.0 };
         [
             ("BWD_WEIGHT", flag(self.weight)),
@@ -1133,6 +1278,7 @@ impl Specialization {
             ("BWD_ROWS_R", self.rows_step as f64),
             ("BWD_COLUMN_SUMS", flag(self.column_sums)),
             ("HELD_K", self.held as f64),
+            ("BWD_CHUNKED", flag(self.chunked)),
         ]
     }
 }
@@ -1211,8 +1357,12 @@ pub(crate) fn record_backward(
 }
 
 /// The grad_input-only plan of a backward whose per-group sums are given.
-fn plan_preset_sums(spec: &BackwardSpec, groups: usize) -> Plan {
-    let mut full = plan_with(spec, &Caps::baseline(), true);
+fn plan_preset_sums(spec: &BackwardSpec, groups: usize, chunks: &Chunks) -> Plan {
+    let mut full = if chunks.count > 1 && spec.view.numel() > 0 {
+        plan_chunked(spec, &Caps::baseline(), chunks)
+    } else {
+        plan_with(spec, &Caps::baseline(), true)
+    };
     full.steps.retain(|s| {
         matches!(
             s.kernel,
@@ -1350,12 +1500,23 @@ pub(crate) fn record_backward_into(
     ctx.check_owned("grad_output", dy)?;
     affine.check_context(ctx)?;
     check_gradients(ctx, &x, dy, affine, grads)?;
+    crate::norm::check_bound_offsets(
+        ctx,
+        &[
+            Some(dy),
+            affine.weight.as_ref(),
+            Some(&grads.grad_input),
+            grads.grad_weight.as_ref(),
+            grads.grad_bias.as_ref(),
+        ],
+    )?;
     let v = &spec.view;
     to_u32("the input's element count", v.numel())?;
-    ctx.check_size("grad_output", dy.byte_len())?;
+    // Split across bindings as the forward was (engine::chunks_for).
+    let chunks = Chunks::new(v.numel(), spec.dtype, ctx.max_storage_binding());
     let plan = match preset_sums {
-        None => plan_with(&spec, &ctx.caps(), false),
-        Some(_) => plan_preset_sums(&spec, v.groups()),
+        None => plan_for(&spec, &ctx.caps(), &chunks),
+        Some(_) => plan_preset_sums(&spec, v.groups(), &chunks),
     };
     let work_bytes = 16 * plan.work_vec4 as u64;
     to_u32("the backward scratch", plan.work_vec4)?;
@@ -1405,7 +1566,7 @@ pub(crate) fn record_backward_into(
         grad_bias: grad_bias.clone().or_else(|| grads.grad_bias.clone()),
     };
     record_backward_pass(
-        ctx, encoder, &plan, &grids, &spec, &x, dy, weight, saved, &written, &work,
+        ctx, encoder, &plan, &grids, &chunks, &spec, &x, dy, weight, saved, &written, &work,
     );
     half_params::record_casts(
         ctx,
@@ -1428,6 +1589,7 @@ fn record_backward_pass(
     encoder: &mut wgpu::CommandEncoder,
     plan: &Plan,
     grids: &[(u32, u32)],
+    chunks: &Chunks,
     spec: &BackwardSpec,
     x: &GpuTensor,
     dy: &GpuTensor,
@@ -1452,11 +1614,11 @@ fn record_backward_pass(
             "gpunorm backward",
             &uniform,
             [
-                x.binding(),
-                dy.binding(),
+                chunk_binding(x, chunks, step.chunk),
+                chunk_binding(dy, chunks, step.chunk),
                 GpuTensor::binding_or(weight, &cache.dummies[0]),
                 saved.scratch.as_entire_binding(),
-                grads.grad_input.binding(),
+                chunk_binding(&grads.grad_input, chunks, step.chunk),
                 GpuTensor::binding_or(grads.grad_weight.as_ref(), &cache.dummies[1]),
                 GpuTensor::binding_or(grads.grad_bias.as_ref(), &cache.dummies[2]),
                 work.as_entire_binding(),
@@ -1465,6 +1627,17 @@ fn record_backward_pass(
         pass.set_bind_group(0, &bind_group, &[]);
         pass.set_pipeline(&cache.get(&ctx.device, step.kernel, &step.params, spec.dtype));
         pass.dispatch_workgroups(gx, gy, 1);
+    }
+}
+
+/// A binding of `t` (x, grad_output or grad_input): whole, or chunk
+/// `chunk` of it when the tensor is split.
+fn chunk_binding<'a>(t: &'a GpuTensor, chunks: &Chunks, chunk: usize) -> wgpu::BindingResource<'a> {
+    if chunks.count > 1 {
+        let (lo, hi) = chunks.range(chunk, t.numel());
+        t.binding_elements(lo, hi)
+    } else {
+        t.binding()
     }
 }
 
@@ -1500,6 +1673,67 @@ mod tests {
 
     fn kernels_of(s: &BackwardSpec) -> Vec<BackwardKernel> {
         plan_backward(s).iter().map(|d| d.kernel).collect()
+    }
+
+    #[test]
+    fn a_split_tensor_runs_partials_and_grad_input_per_chunk_and_one_finalize() {
+        use BackwardKernel::*;
+        let chunked = |s: &BackwardSpec, chunks: &Chunks| {
+            let plan = plan_for(s, &Caps::baseline(), chunks);
+            let steps: Vec<(BackwardKernel, usize)> =
+                plan.steps.iter().map(|s| (s.kernel, s.chunk)).collect();
+            for step in &plan.steps {
+                assert!(step.params.flags & BF_CHUNKED != 0, "{step:?}");
+                let (lo, hi) = chunks.range(step.chunk, s.view.numel());
+                if step.kernel != Finalize {
+                    assert_eq!(
+                        (step.params.chunk_base, step.params.chunk_len),
+                        (lo as u32, (hi - lo) as u32)
+                    );
+                }
+            }
+            (steps, plan.work_vec4)
+        };
+        // BatchNorm 16x64x250x300 f32 on 128 MiB bindings: three chunks;
+        // the channel's tiles of every chunk merged by one finalize.
+        let bn = View::batch_norm(&[16, 64, 250, 300], 1);
+        let chunks = Chunks::new(bn.numel(), DType::F32, 128 << 20);
+        assert_eq!(chunks.count, 3);
+        let (steps, work) = chunked(&spec(bn, StatsSource::Batch, true), &chunks);
+        let per_chunk = |k| (0..3).map(move |c| (k, c));
+        let want: Vec<_> = per_chunk(Partials)
+            .chain([(Finalize, 0)])
+            .chain(per_chunk(GradInput))
+            .collect();
+        assert_eq!(steps, want);
+        let tiles = tiles_for(bn.group_len());
+        assert_eq!(work, 64 + 64 * tiles * 3);
+        // Eval without affine gradients: grad_input alone.
+        let (steps, _) = chunked(&spec(bn, StatsSource::Running, false), &chunks);
+        assert_eq!(steps, per_chunk(GradInput).collect::<Vec<_>>());
+        // LayerNorm: the group sums, grad_input, then the column sums of
+        // the [1, R, K, 1] view, each pass per chunk.
+        let ln = View::layer_norm(&[40_000, 1000], 1000);
+        let chunks = Chunks::new(ln.numel(), DType::F32, 128 << 20);
+        assert_eq!(chunks.count, 2);
+        let (steps, _) = chunked(&spec(ln, StatsSource::Batch, true), &chunks);
+        let per_chunk = |k| (0..2).map(move |c| (k, c));
+        let want: Vec<_> = per_chunk(Partials)
+            .chain([(Finalize, 0)])
+            .chain(per_chunk(GradInput))
+            .chain(per_chunk(Partials))
+            .chain([(Finalize, 0)])
+            .collect();
+        assert_eq!(steps, want);
+        // A tensor in one binding keeps its plan.
+        let whole = Chunks::whole(ln.numel());
+        let s = spec(ln, StatsSource::Batch, true);
+        let plan = plan_for(&s, &Caps::baseline(), &whole);
+        assert!(plan.steps.iter().all(|s| s.params.flags & BF_CHUNKED == 0));
+        assert_eq!(
+            plan.steps.len(),
+            plan_with(&s, &Caps::baseline(), false).steps.len()
+        );
     }
 
     #[test]

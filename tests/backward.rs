@@ -800,6 +800,33 @@ fn backward_before_any_forward_is_a_state_error() {
 }
 
 #[test]
+fn backward_refuses_a_misaligned_grad_output_before_recording() {
+    // A wrapped grad_output at offset 4 (allowed by from_buffer, not by
+    // the adapter's storage offset alignment): refused with a typed error,
+    // and the caller's encoder still submits.
+    let ctx = ctx();
+    let mut ln = LayerNorm::new(ctx, &[4], RowNormConfig::torch_layer_norm()).unwrap();
+    ln.forward(ctx, &up(ctx, &[1.0, 2.0, 3.0, 5.0], &[1, 4]), Mode::Train)
+        .unwrap();
+    let buffer = ctx
+        .device()
+        .create_buffer(&gpunorm::wgpu::BufferDescriptor {
+            label: None,
+            size: 64,
+            usage: gpunorm::wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+    let dy = GpuTensor::from_buffer(std::sync::Arc::new(buffer), 4, &[1, 4], DType::F32).unwrap();
+    let mut encoder = ctx
+        .device()
+        .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+    let e = ln.record_backward(ctx, &mut encoder, &dy).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    assert!(e.to_string().contains("offset"), "{e}");
+    ctx.submit_and_wait(encoder).unwrap();
+}
+
+#[test]
 fn backward_refuses_grad_output_of_another_shape_or_dtype() {
     let ctx = ctx();
     let mut ln = LayerNorm::new(ctx, &[4], RowNormConfig::torch_layer_norm()).unwrap();

@@ -134,3 +134,267 @@ fn a_tensor_beyond_the_buffer_limit_is_a_typed_error_not_a_driver_abort() {
         other => panic!("expected TooLarge, got {other:?}"),
     }
 }
+
+/// What one chunked backward case checks against the f64 backward.
+struct BackwardCase<'a> {
+    what: &'a str,
+    dtype: DType,
+    shape: &'a [usize],
+    view: View,
+    rms: bool,
+    eps: f64,
+    weight: Option<&'a [f32]>,
+    running: Option<(&'a [f32], &'a [f32])>,
+    /// Bytes per storage binding (4 KiB unless the forward's scratch needs
+    /// more).
+    binding: u64,
+}
+
+/// Runs `layer` (a forward, then the backward of `dy`) on a context binding
+/// at most `case.binding` bytes per storage buffer, so x, grad_output and
+/// grad_input are split in three or more chunks, and checks the gradients
+/// against the f64 backward of the stored inputs.
+fn chunked_backward_matches_f64(
+    case: BackwardCase,
+    layer: impl FnOnce(&Context, &gpunorm::GpuTensor, &gpunorm::GpuTensor) -> gpunorm::Gradients,
+) {
+    let ctx = binding_limited_ctx(case.binding);
+    let dtype = case.dtype;
+    let n: usize = case.shape.iter().product();
+    assert!(
+        n * dtype.size() > 2 * case.binding as usize,
+        "{}: three chunks or more",
+        case.what
+    );
+    let stored = |v: Vec<f32>| gpunorm::tensor::decode(&gpunorm::tensor::encode(&v, dtype), dtype);
+    let x = stored(normal(n, 31, 3.0, 2.0));
+    let dy = stored(normal(n, 32, 0.0, 1.0));
+    let g = layer(
+        &ctx,
+        &ctx.upload_as(&x, case.shape, dtype).unwrap(),
+        &ctx.upload_as(&dy, case.shape, dtype).unwrap(),
+    );
+    let want = reference::backward(
+        &x,
+        &dy,
+        &case.view,
+        case.rms,
+        case.eps,
+        case.weight,
+        case.running,
+    );
+    // grad_input is rounded once to the storage dtype; the sums are f32.
+    let tol_dx = if dtype == DType::F32 { 1e-4 } else { 8e-3 };
+    let what = case.what;
+    assert_close(
+        &format!("{what} grad_input"),
+        &ctx.download(&g.grad_input).unwrap(),
+        &want.grad_input,
+        tol_dx,
+        tol_dx,
+    );
+    if let Some(w) = &g.grad_weight {
+        assert_close(
+            &format!("{what} grad_weight"),
+            &ctx.download(w).unwrap(),
+            &want.grad_weight,
+            1e-3,
+            1e-4,
+        );
+    }
+    if let Some(b) = &g.grad_bias {
+        assert_close(
+            &format!("{what} grad_bias"),
+            &ctx.download(b).unwrap(),
+            &want.grad_bias,
+            1e-3,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn chunked_backward_of_batch_norm_matches_f64_in_train_and_eval() {
+    let gamma = normal(5, 40, 1.0, 0.5);
+    for (shape, axis, what) in [
+        (vec![6, 5, 11, 13], 1, "BatchNorm2d NCHW"),
+        (vec![6, 11, 13, 5], 3, "BatchNorm NHWC"),
+    ] {
+        for dtype in [DType::F32, DType::BF16] {
+            let config = BatchNormConfig {
+                axis,
+                ..BatchNormConfig::torch_2d()
+            };
+            let case = BackwardCase {
+                what,
+                dtype,
+                shape: &shape,
+                view: View::batch_norm(&shape, axis as usize),
+                rms: false,
+                eps: 1e-5,
+                weight: Some(&gamma),
+                running: None,
+                binding: 4096,
+            };
+            chunked_backward_matches_f64(case, |ctx, x, dy| {
+                let mut bn = BatchNorm::new(ctx, 5, config.clone()).unwrap();
+                bn.set_weight(Some(ctx.upload(&gamma, &[5]).unwrap()))
+                    .unwrap();
+                bn.forward(ctx, x, Mode::Train).unwrap();
+                bn.backward(ctx, dy).unwrap()
+            });
+        }
+    }
+    // Eval: running statistics as constants.
+    let shape = [6, 5, 11, 13];
+    let (mean, var) = (normal(5, 41, 3.0, 0.5), vec![2.5, 4.0, 1.5, 3.0, 5.0]);
+    let case = BackwardCase {
+        what: "BatchNorm2d eval",
+        dtype: DType::F32,
+        shape: &shape,
+        view: View::batch_norm(&shape, 1),
+        rms: false,
+        eps: 1e-5,
+        weight: Some(&gamma),
+        running: Some((&mean, &var)),
+        binding: 4096,
+    };
+    chunked_backward_matches_f64(case, |ctx, x, dy| {
+        let mut bn = BatchNorm::new(ctx, 5, BatchNormConfig::torch_2d()).unwrap();
+        bn.set_weight(Some(ctx.upload(&gamma, &[5]).unwrap()))
+            .unwrap();
+        let stats = (
+            ctx.upload(&mean, &[5]).unwrap(),
+            ctx.upload(&var, &[5]).unwrap(),
+            Some(0),
+        );
+        bn.set_running_stats(ctx, Some(stats)).unwrap();
+        bn.forward(ctx, x, Mode::Eval).unwrap();
+        bn.backward(ctx, dy).unwrap()
+    });
+}
+
+#[test]
+fn chunked_backward_of_row_norms_and_groups_matches_f64() {
+    // LayerNorm and RMSNorm (γ per column: the [1, R, K, 1] reduction),
+    // channels-first GroupNorm (γ per channel of H·W elements: [1, R, K, D])
+    // and InstanceNorm (γ per channel, from the group sums).
+    let (rows, len) = (10, 1000);
+    let shape = [rows, len];
+    let gamma = normal(len, 42, 1.0, 0.5);
+    for (rms, what) in [(false, "LayerNorm"), (true, "RMSNorm")] {
+        let config = if rms {
+            RowNormConfig::torch_rms_norm()
+        } else {
+            RowNormConfig::torch_layer_norm()
+        };
+        for dtype in [DType::F32, DType::F16] {
+            let case = BackwardCase {
+                what,
+                dtype,
+                shape: &shape,
+                view: View::layer_norm(&shape, len),
+                rms,
+                eps: config.eps as f64,
+                weight: Some(&gamma),
+                running: None,
+                binding: 8192,
+            };
+            chunked_backward_matches_f64(case, |ctx, x, dy| {
+                let weight = Some(ctx.upload(&gamma, &[len]).unwrap());
+                if rms {
+                    let mut l = gpunorm::RmsNorm::new(ctx, &[len], config.clone()).unwrap();
+                    l.set_weight(weight).unwrap();
+                    l.forward(ctx, x, Mode::Train).unwrap();
+                    l.backward(ctx, dy).unwrap()
+                } else {
+                    let mut l = gpunorm::LayerNorm::new(ctx, &[len], config.clone()).unwrap();
+                    l.set_weight(weight).unwrap();
+                    l.forward(ctx, x, Mode::Train).unwrap();
+                    l.backward(ctx, dy).unwrap()
+                }
+            });
+        }
+    }
+    let shape = [8, 8, 9, 9];
+    let gamma = normal(8, 43, 1.0, 0.5);
+    let case = BackwardCase {
+        what: "GroupNorm(2, 8)",
+        dtype: DType::F32,
+        shape: &shape,
+        view: View::group_norm(&shape, 2),
+        rms: false,
+        eps: 1e-5,
+        weight: Some(&gamma),
+        running: None,
+        binding: 8192,
+    };
+    chunked_backward_matches_f64(case, |ctx, x, dy| {
+        let mut gn = gpunorm::GroupNorm::new(ctx, 2, 8, gpunorm::GroupNormConfig::torch()).unwrap();
+        gn.set_affine(gpunorm::Affine {
+            weight: Some(ctx.upload(&gamma, &[8]).unwrap()),
+            bias: Some(ctx.zeros(&[8], DType::F32).unwrap()),
+        })
+        .unwrap();
+        gn.forward(ctx, x).unwrap();
+        gn.backward(ctx, dy).unwrap()
+    });
+    let case = BackwardCase {
+        what: "InstanceNorm2d",
+        dtype: DType::F32,
+        shape: &shape,
+        view: View::instance_norm(&shape),
+        rms: false,
+        eps: 1e-5,
+        weight: Some(&gamma),
+        running: None,
+        binding: 8192,
+    };
+    chunked_backward_matches_f64(case, |ctx, x, dy| {
+        let config = InstanceNormConfig {
+            affine: true,
+            ..InstanceNormConfig::torch_2d()
+        };
+        let mut inorm = InstanceNorm::new(ctx, 8, config).unwrap();
+        inorm
+            .set_affine(gpunorm::Affine {
+                weight: Some(ctx.upload(&gamma, &[8]).unwrap()),
+                bias: Some(ctx.zeros(&[8], DType::F32).unwrap()),
+            })
+            .unwrap();
+        inorm.forward(ctx, x, Mode::Train).unwrap();
+        inorm.backward(ctx, dy).unwrap()
+    });
+}
+
+#[test]
+fn chunked_sync_batch_norm_backward_matches_a_local_batch_norm() {
+    // One replica holding the whole batch: forward_synced/backward_synced
+    // (grad_input from preset group sums, chunk by chunk) give what a
+    // local BatchNorm gives, both split across bindings.
+    let ctx = binding_limited_ctx(4096);
+    let shape = [6, 5, 11, 13];
+    let x = ctx.upload(&normal(4290, 33, 1.0, 2.0), &shape).unwrap();
+    let dy = ctx.upload(&normal(4290, 34, 0.0, 1.0), &shape).unwrap();
+    let mut local = BatchNorm::new(&ctx, 5, BatchNormConfig::torch_2d()).unwrap();
+    let mut synced = BatchNorm::new(&ctx, 5, BatchNormConfig::torch_2d()).unwrap();
+    local.forward(&ctx, &x, Mode::Train).unwrap();
+    let want = local.backward(&ctx, &dy).unwrap();
+    let stats = synced.replica_stats(&ctx, &x).unwrap();
+    let global = gpunorm::ReplicaStats::merge(std::slice::from_ref(&stats)).unwrap();
+    synced
+        .forward_synced(&ctx, &x, &stats, &global, Mode::Train)
+        .unwrap();
+    let sums = synced.replica_grad_sums(&ctx, &dy).unwrap();
+    let got = synced.backward_synced(&ctx, &dy, &sums, &sums).unwrap();
+    let close = |a: &gpunorm::GpuTensor, b: &gpunorm::GpuTensor, what: &str| {
+        let want: Vec<f64> = ctx.download(b).unwrap().iter().map(|&v| v as f64).collect();
+        assert_close(what, &ctx.download(a).unwrap(), &want, 1e-5, 1e-4);
+    };
+    close(&got.grad_input, &want.grad_input, "grad_input");
+    close(
+        got.grad_weight.as_ref().unwrap(),
+        want.grad_weight.as_ref().unwrap(),
+        "grad_weight",
+    );
+}

@@ -1,5 +1,5 @@
 //! One truly large tensor: 300 MB, more than lavapipe's 128 MiB storage
-//! binding, so the chunked path runs for real.
+//! binding, so the chunked path runs for real, forward and backward.
 
 mod common;
 use common::ctx;
@@ -49,4 +49,49 @@ fn batch_norm_2d_of_300_mb_matches_the_f64_reference() {
     for (c, s) in stats.iter().enumerate() {
         assert!((rm[c] as f64 - 0.1 * s.0).abs() < 1e-4, "running_mean[{c}]");
     }
+
+    // The backward, as split as the forward: the per-channel sums against
+    // f64, and grad_input on every 997th element.
+    let dy_host: Vec<f32> = (0..n)
+        .map(|i| {
+            ((i as u64).wrapping_mul(0xD1B54A32D192ED03) >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let dy = ctx.upload(&dy_host, &shape).unwrap();
+    drop(xt);
+    let g = bn.backward(ctx, &dy).unwrap();
+    let rstd: Vec<f64> = stats
+        .iter()
+        .map(|&(_, m2)| 1.0 / (m2 / m + 1e-5).sqrt())
+        .collect();
+    let xhat = |i: usize| {
+        let c = (i / per_channel) % 64;
+        (x[i] as f64 - stats[c].0) * rstd[c]
+    };
+    let mut sums = vec![(0.0f64, 0.0f64); 64];
+    for (i, &d) in dy_host.iter().enumerate() {
+        let s = &mut sums[(i / per_channel) % 64];
+        s.0 += d as f64;
+        s.1 += d as f64 * xhat(i);
+    }
+    let grad_weight = ctx.download(g.grad_weight.as_ref().unwrap()).unwrap();
+    let grad_bias = ctx.download(g.grad_bias.as_ref().unwrap()).unwrap();
+    for c in 0..64 {
+        let (sum_dy, sum_dy_xhat) = sums[c];
+        assert!(
+            (grad_weight[c] as f64 - sum_dy_xhat).abs() < 1e-4 * m,
+            "grad_weight[{c}]"
+        );
+        assert!((grad_bias[c] as f64 - sum_dy).abs() < 1.0, "grad_bias[{c}]");
+    }
+    let grad_input = ctx.download(&g.grad_input).unwrap();
+    let mut worst = 0.0f64;
+    for i in (0..n).step_by(997) {
+        let c = (i / per_channel) % 64;
+        let (sum_dy, sum_dy_xhat) = sums[c];
+        let want = rstd[c] * (dy_host[i] as f64 - sum_dy / m - xhat(i) * sum_dy_xhat / m);
+        worst = worst.max((grad_input[i] as f64 - want).abs());
+    }
+    assert!(worst < 1e-4, "grad_input: max error {worst}");
+    assert!(grad_input.iter().step_by(997).any(|v| v.abs() > 0.1));
 }

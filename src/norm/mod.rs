@@ -313,6 +313,24 @@ pub(crate) fn check_output(
     Ok(())
 }
 
+/// Refuses a tensor a pass binds whose offset is not a multiple of the
+/// adapter's storage offset alignment (wgpu would refuse the bind group
+/// after the caller's encoder had taken the pass).
+pub(crate) fn check_bound_offsets(ctx: &Context, bound: &[Option<&GpuTensor>]) -> Result<()> {
+    let align = ctx.storage_offset_alignment();
+    match bound
+        .iter()
+        .flatten()
+        .find(|t| !t.offset().is_multiple_of(align))
+    {
+        Some(t) => Err(Error::InvalidArgument(format!(
+            "a tensor bound to a shader must start at a multiple of {align} bytes (the adapter's storage offset alignment), got offset {}",
+            t.offset()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Records a validated forward of a layer: refuses an aliased output,
 /// records the passes, and keeps what the backward pass needs in `saved`.
 /// The layer's previous scratch serves again when large enough: only the
@@ -342,25 +360,17 @@ pub(crate) fn record_layer(
         ],
     )?;
     engine::check_limits(ctx, &spec, x)?;
-    let align = ctx.storage_offset_alignment();
-    let bound = [
-        Some(x),
-        Some(y),
-        affine.weight.as_ref(),
-        affine.bias.as_ref(),
-        running.map(|r| &r.mean),
-        running.map(|r| &r.var),
-    ];
-    if let Some(t) = bound
-        .into_iter()
-        .flatten()
-        .find(|t| !t.offset().is_multiple_of(align))
-    {
-        return Err(Error::InvalidArgument(format!(
-            "a tensor bound to a shader must start at a multiple of {align} bytes (the adapter's storage offset alignment), got offset {}",
-            t.offset()
-        )));
-    }
+    check_bound_offsets(
+        ctx,
+        &[
+            Some(x),
+            Some(y),
+            affine.weight.as_ref(),
+            affine.bias.as_ref(),
+            running.map(|r| &r.mean),
+            running.map(|r| &r.var),
+        ],
+    )?;
     let chunks = engine::chunks_for(ctx, &spec);
     let bytes = engine::scratch_bytes(&spec.view, &chunks, &ctx.caps());
     let own = saved.as_ref().filter(|s| s.context == ctx.uid);
