@@ -200,6 +200,15 @@ fn bwd_partials(
         return;
     }
     let t = partials_tile(w);
+    // A split tensor: the bound chunk's slot among the group's, none for a
+    // chunk the group does not reach (uniform per workgroup: one tile each).
+    var slot = 0u;
+    if (BWD_CHUNKED) {
+        slot = bwd_chunk_slot(t.p, t.g);
+        if (slot >= bp.chunk_span) {
+            return;
+        }
+    }
     var acc = vec4<f32>(0.0);
     if (BWD_AFFINE == 1u && bp.rp == bp.sp && bp.ra == bp.sa && bp.rg == bp.sg && bp.rb == bp.sb) {
         // The group sums of the stats view itself with one parameter per
@@ -248,7 +257,8 @@ fn bwd_partials(
     }
     let s = workgroup_sum4(lid, acc, BWD_WG);
     if (lid == 0u) {
-        work[bp.partials_offset + t.group * bp.group_stride + t.tile * bp.tile_stride] = s;
+        let tile = slot * bp.tiles + t.tile;
+        work[bp.partials_offset + t.group * bp.group_stride + tile * bp.tile_stride] = s;
     }
 }
 

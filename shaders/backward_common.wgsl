@@ -51,6 +51,12 @@ struct BwdParams {
     // one storage binding: BWD_CHUNKED).
     chunk_base: u32,
     chunk_len: u32,
+    // Split tensors: the bound chunk, the most chunks one reduction group
+    // reaches, elements per chunk (the last may be shorter), and chunks.
+    chunk_index: u32,
+    chunk_span: u32,
+    chunk_elems: u32,
+    chunk_count: u32,
     _pad0: u32,
     _pad1: u32,
     // Exact division by RB, SA·SG·SB, SB, SG, SG·SB and affine_div as
@@ -115,6 +121,16 @@ fn local4(i4: u32) -> u32 {
         return i4 - bp.chunk_base / 4u;
     }
     return i4;
+}
+
+// Which of its chunk_span partial slots per tile reduction group (p, g)
+// takes from the bound chunk: those of chunk_span consecutive chunks from
+// the group's first (from chunk_count − chunk_span when that runs past the
+// last chunk), which hold all its elements; a chunk it does not reach
+// wraps to at least chunk_span (as stats.wgsl's chunk_slot).
+fn bwd_chunk_slot(p: u32, g: u32) -> u32 {
+    let first = reduction_index(p, g, 0u) / bp.chunk_elems;
+    return bp.chunk_index - min(first, bp.chunk_count - bp.chunk_span);
 }
 
 // Whether element i is in the bound chunk.

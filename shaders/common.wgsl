@@ -39,12 +39,19 @@ struct Params {
     chunk_base: u32,
     chunk_len: u32,
     chunk_index: u32,
-    // Partials per group over all chunks (tiles · chunks).
+    // Partials per group over all chunks (tiles · chunk_span).
     merge_tiles: u32,
     // normalize_runs: workgroups per run of B elements, and vec4 groups per
     // invocation.
     run_blocks: u32,
     run_vec4: u32,
+    // Elements per chunk (the last may be shorter), chunks, and the most
+    // chunks one group's elements reach (`partials` keeps a group's tiles
+    // of those chunks only).
+    chunk_elems: u32,
+    chunk_count: u32,
+    chunk_span: u32,
+    _pad0: u32,
     // Exact division by B, G, A·G·B and affine_div as multiply-high and
     // shifts (fast_div.wgsl): integer division is a scalar loop on CPUs
     // that run WGSL (lavapipe), and slow on many GPUs too.
@@ -123,6 +130,16 @@ fn element_index(p: u32, g: u32, j: u32) -> u32 {
 // element_index of the element at `pos` (runs of B).
 fn element_index_at(p: u32, g: u32, pos: RunPos) -> u32 {
     return ((p * params.a + pos.run) * params.g + g) * params.b + pos.off;
+}
+
+// Which of its chunk_span partial slots per tile group (p, g) takes from
+// the bound chunk: the group's slots are those of chunk_span consecutive
+// chunks from its first one (from chunk_count − chunk_span when that runs
+// past the last chunk), which hold all its elements. Past that range (a
+// chunk with none of them) the result wraps to at least chunk_span.
+fn chunk_slot(p: u32, g: u32) -> u32 {
+    let first = element_index(p, g, 0u) / params.chunk_elems;
+    return params.chunk_index - min(first, params.chunk_count - params.chunk_span);
 }
 
 // The first j of group (p, g) whose element index is >= `index`. Element

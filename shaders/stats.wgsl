@@ -5,9 +5,12 @@
 // (group_shift; zero for RMS). Each invocation sums its values and their
 // squares (invocation_summary). `partials` merges the invocations' summaries
 // with Chan's formula and writes vec4(count, mean, M2, 0) at
-// scratch[partials_offset + group·merge_tiles + chunk_index·tiles + tile]
-// (one chunk unless the tensor is larger than a binding; a tile with no
-// element of the chunk writes zeros); `partials_each` writes every
+// scratch[partials_offset + group·merge_tiles + slot·tiles + tile], slot
+// being the bound chunk's among the group's (chunk_slot: one chunk unless
+// the tensor is larger than a binding; a tile with no element of the chunk
+// writes zeros, and a chunk the group does not reach skips it, so that
+// small groups of a split tensor keep about two partials, not one per
+// chunk); `partials_each` writes every
 // invocation's summary instead (tensors in one binding with mostly full
 // tiles, src/engine.rs).
 //
@@ -50,6 +53,13 @@ fn partials(
     if (w >= params.n_groups * params.tiles) {
         return;
     }
+    // Uniform per workgroup (one group each). The group of w = 0 always
+    // reaches chunk 0, so the counter bump below still runs once.
+    let group = w / params.tiles;
+    let slot = chunk_slot(group / params.g, group % params.g);
+    if (slot >= params.chunk_span) {
+        return;
+    }
     wg_sum[lid] = invocation_summary(w, lid);
     workgroupBarrier();
     for (var stride = STATS_WG / 2u; stride > 0u; stride /= 2u) {
@@ -59,10 +69,9 @@ fn partials(
         workgroupBarrier();
     }
     if (lid == 0u) {
-        let group = w / params.tiles;
         let tile = w % params.tiles;
-        let slot = group * params.merge_tiles + params.chunk_index * params.tiles + tile;
-        scratch[params.partials_offset + slot] = vec4<f32>(wg_sum[0], 0.0);
+        let at = group * params.merge_tiles + slot * params.tiles + tile;
+        scratch[params.partials_offset + at] = vec4<f32>(wg_sum[0], 0.0);
     }
 }
 

@@ -402,6 +402,10 @@ struct BwdParams {
     rows_per_block: u32,
     chunk_base: u32,
     chunk_len: u32,
+    chunk_index: u32,
+    chunk_span: u32,
+    chunk_elems: u32,
+    chunk_count: u32,
     _pad0: u32,
     _pad1: u32,
 }
@@ -620,6 +624,10 @@ fn base_params(spec: &BackwardSpec) -> (BwdParams, u32) {
         rows_per_block: 1,
         chunk_base: 0,
         chunk_len: v.numel() as u32,
+        chunk_index: 0,
+        chunk_span: 1,
+        chunk_elems: v.numel().max(1) as u32,
+        chunk_count: 1,
         _pad0: 0,
         _pad1: 0,
     };
@@ -640,8 +648,10 @@ fn plan_for(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
 /// chunk (as the forward's: [`Chunks`]): the generic kernels only, in
 /// their scalar form (`BWD_CHUNKED`), each pass once per chunk over the
 /// chunk's elements. Tiles are the unsplit plan's; each chunk writes its
-/// own partial of every tile (zeros where the tile has no element in it),
-/// and the finalize merges a group's tiles of every chunk. The affine
+/// own partial of every tile of the groups it reaches (zeros where the
+/// tile has no element in it), and the finalize merges a group's tiles of
+/// the chunks it reaches ([`crate::engine::chunk_span`]: about two for
+/// small groups, so their scratch does not grow with the chunks). The affine
 /// gradients of an index per column (or per D columns) reduce the
 /// `[1, R, K, D]` view the same way.
 fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
@@ -660,22 +670,35 @@ fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
     let count = chunks.count;
     let mut steps = Vec::new();
     let mut work_vec4 = groups;
+    base.chunk_elems = chunks.elems as u32;
+    base.chunk_count = count as u32;
     let in_chunk = |mut p: BwdParams, c: usize| {
         let (lo, hi) = chunks.range(c, numel);
         p.chunk_base = lo as u32;
         p.chunk_len = (hi - lo) as u32;
+        p.chunk_index = c as u32;
         p
     };
-    // Partials of reduction view `p` (tiles per group), one dispatch per
-    // chunk, then the finalize `finish` over every chunk's.
+    // Partials of reduction view `p` (tiles per group, for each of the
+    // chunks a group reaches: bwd_chunk_slot), one dispatch per chunk,
+    // then the finalize `finish` over them.
     let reduce = |steps: &mut Vec<Step>, p: BwdParams, outputs: usize, finish: u32| {
         let tiles = p.tiles as usize;
         let reductions = p.n_groups as usize;
+        let reduction_view = View {
+            p: p.rp as usize,
+            a: p.ra as usize,
+            g: p.rg as usize,
+            b: p.rb as usize,
+            affine_div: 1,
+            affine_len: 1,
+        };
+        let span = crate::engine::chunk_span(&reduction_view, chunks);
         let mut p = p;
-        p.group_stride = (tiles * count) as u32;
+        p.chunk_span = span as u32;
+        p.group_stride = (tiles * span) as u32;
         for c in 0..count {
-            let mut pc = in_chunk(p, c);
-            pc.partials_offset = p.partials_offset + (c * tiles) as u32;
+            let pc = in_chunk(p, c);
             steps.push(Step {
                 kernel: BackwardKernel::Partials,
                 workgroups: reductions * tiles,
@@ -684,7 +707,7 @@ fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
             });
         }
         let mut f = p;
-        f.tiles = (tiles * count) as u32;
+        f.tiles = (tiles * span) as u32;
         f.flags |= finish;
         let (workgroups, f) = finalize_step(outputs, f, serial_max);
         steps.push(Step {
@@ -693,7 +716,7 @@ fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
             params: f,
             chunk: 0,
         });
-        groups + reductions * tiles * count
+        groups + reductions * tiles * span
     };
     if batch || channel_grads != 0 {
         let mut p = base;
@@ -1520,6 +1543,9 @@ pub(crate) fn record_backward_into(
     };
     let work_bytes = 16 * plan.work_vec4 as u64;
     to_u32("the backward scratch", plan.work_vec4)?;
+    // Bound whole: a split tensor's partials (a γ per column of very long,
+    // few rows keeps one per column and chunk) may outgrow a binding.
+    ctx.check_whole_binding("the backward scratch", work_bytes)?;
     let work = match preset_sums {
         // The preset sums are written by the queue before the next submit,
         // so they need a buffer no other recorded pass uses.

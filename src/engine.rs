@@ -276,8 +276,22 @@ fn merge_tiles_for(view: &View, chunks: &Chunks, caps: &Caps) -> u32 {
     } else if partials_per_invocation(view, chunks, caps) {
         tiles * kernels::STATS_WG
     } else {
-        tiles * chunks.count as u32
+        tiles * chunk_span(view, chunks) as u32
     }
+}
+
+/// The most chunks one group's elements reach: a group spans
+/// (A − 1)·G·B + B consecutive indices, which meet at most
+/// ⌊(span − 1) / E⌋ + 2 chunks of E elements. The tiled partials keep a
+/// group's tiles of that many chunks (stats.wgsl `chunk_slot`), so a split
+/// tensor of many small groups (a 2,000,000x64 LayerNorm in 128 MiB
+/// bindings: 2 of its 4 chunks) keeps its scratch near a partial per tile.
+pub fn chunk_span(view: &View, chunks: &Chunks) -> usize {
+    if chunks.count <= 1 {
+        return 1;
+    }
+    let extent = (view.a.max(1) - 1) * view.g * view.b + view.b.max(1);
+    ((extent - 1) / chunks.elems + 2).min(chunks.count)
 }
 
 /// Whether the tiled partials pass writes one partial per invocation
@@ -673,6 +687,10 @@ struct Params {
     merge_tiles: u32,
     run_blocks: u32,
     run_vec4: u32,
+    chunk_elems: u32,
+    chunk_count: u32,
+    chunk_span: u32,
+    _pad0: u32,
     div_b: [u32; 4],
     div_g: [u32; 4],
     div_agb: [u32; 4],
@@ -1031,6 +1049,10 @@ fn forward_uniforms(
         merge_tiles,
         run_blocks: runs.blocks as u32,
         run_vec4: runs.vec4 as u32,
+        chunk_elems: chunks.elems as u32,
+        chunk_count: chunks.count as u32,
+        chunk_span: chunk_span(v, chunks) as u32,
+        _pad0: 0,
         div_b: fast_divisor(v.b as u32),
         div_g: fast_divisor(v.g as u32),
         div_agb: fast_divisor((v.a * v.g * v.b) as u32),
@@ -1604,5 +1626,33 @@ mod tests {
                 assert_eq!(fast_div(n, f), n / d, "{n} / {d}");
             }
         }
+    }
+
+    #[test]
+    fn small_groups_of_a_split_tensor_keep_the_partials_of_two_chunks() {
+        let caps = Caps::baseline();
+        // 2,000,000 rows of 64 in 128 MiB bindings: 4 chunks, each row in
+        // at most 2 of them. The scratch was one partial per chunk, 152 MB,
+        // more than a binding; now 96 MB.
+        let ln = View::layer_norm(&[2_000_000, 64], 64);
+        let chunks = Chunks::new(ln.numel(), DType::F32, 128 << 20);
+        assert_eq!(chunks.count, 4);
+        assert_eq!(chunk_span(&ln, &chunks), 2);
+        assert_eq!(merge_tiles_for(&ln, &chunks, &caps), 2);
+        let bytes = scratch_bytes(&ln, &chunks, &caps);
+        assert_eq!(bytes, 16 * 3 * 2_000_000);
+        assert!(bytes <= 128 << 20);
+        // Groups as long as a chunk reach two, one element longer three;
+        // groups spanning the tensor (BatchNorm's channels) reach all of
+        // them; one chunk is one.
+        for (len, span) in [(chunks.elems, 2), (chunks.elems + 1, 3)] {
+            let rows = View::layer_norm(&[64, len], len);
+            let split = Chunks::new(rows.numel(), DType::F32, 128 << 20);
+            assert_eq!(chunk_span(&rows, &split), span);
+        }
+        let bn = View::batch_norm(&[16, 64, 250, 300], 1);
+        let bn_chunks = Chunks::new(bn.numel(), DType::F32, 128 << 20);
+        assert_eq!(chunk_span(&bn, &bn_chunks), bn_chunks.count);
+        assert_eq!(chunk_span(&ln, &Chunks::whole(ln.numel())), 1);
     }
 }

@@ -398,3 +398,81 @@ fn chunked_sync_batch_norm_backward_matches_a_local_batch_norm() {
         "grad_weight",
     );
 }
+
+#[test]
+fn many_small_groups_of_a_split_tensor_fit_their_scratch_forward_and_backward() {
+    // 60 rows of 70 in 1024-element chunks: most rows straddle two chunks,
+    // the last ones sit in the last chunk. With a partial per group and
+    // chunk the scratch (60 × 6 vec4, 5760 bytes) outgrew the 4 KiB
+    // binding and was refused; each group keeps two chunks' now.
+    let ctx = binding_limited_ctx(4096);
+    let (rows, len) = (60, 70);
+    let x = normal(rows * len, 24, -3.0, 2.0);
+    // The layer's scratch first holds another forward's partials, reused
+    // as large enough, so a slot this one failed to write would show: with
+    // 61 rows, the slot where 60 rows keep row 59's second chunk (chunk 3:
+    // a row of the last chunk keeps chunks 3 and 4) held row 59's data.
+    let mut ln = gpunorm::LayerNorm::new(&ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+    let other = ctx
+        .upload(&normal(61 * len, 25, 5.0, 1.0), &[61, len])
+        .unwrap();
+    ln.forward(&ctx, &other, Mode::Train).unwrap();
+    let xt = ctx.upload(&x, &[rows, len]).unwrap();
+    let y = ctx
+        .download(&ln.forward(&ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let want = layer_norm_reference(&x, rows, len, 1e-5);
+    assert_close("chunked small rows", &y, &want, 1e-4, 1e-5);
+    let shape = [rows, len];
+    let gamma = normal(len, 44, 1.0, 0.5);
+    let case = BackwardCase {
+        what: "LayerNorm of 60 rows of 70",
+        dtype: DType::F32,
+        shape: &shape,
+        view: View::layer_norm(&shape, len),
+        rms: false,
+        eps: 1e-5,
+        weight: Some(&gamma),
+        running: None,
+        binding: 4096,
+    };
+    chunked_backward_matches_f64(case, |ctx, x, dy| {
+        let mut ln =
+            gpunorm::LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+        ln.set_weight(Some(ctx.upload(&gamma, &[len]).unwrap()))
+            .unwrap();
+        ln.forward(ctx, x, Mode::Train).unwrap();
+        // Twice: the second finds the first's column partials in the
+        // context's shared scratch, where a slot left unwritten would show.
+        ln.backward(ctx, dy).unwrap();
+        ln.backward(ctx, dy).unwrap()
+    });
+}
+
+#[test]
+fn a_split_backward_whose_scratch_outgrows_a_buffer_is_a_typed_error() {
+    // LayerNorm's dγ over a split tensor keeps a partial per column and
+    // chunk it reaches: 10 rows of 1000 in 2048-element chunks, 5000 of
+    // them (80 KB), more than the 64 KiB this context's buffers hold. The
+    // backward says so before recording anything.
+    let ctx = Context::with_options(ContextOptions {
+        max_storage_binding: Some(8192),
+        max_buffer_size: Some(65536),
+        ..Default::default()
+    })
+    .unwrap();
+    let (rows, len) = (10, 1000);
+    let mut ln = gpunorm::LayerNorm::new(&ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+    let x = ctx
+        .upload(&normal(rows * len, 26, 0.0, 1.0), &[rows, len])
+        .unwrap();
+    ln.forward(&ctx, &x, Mode::Train).unwrap();
+    let mut encoder = ctx
+        .device()
+        .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+    match ln.record_backward(&ctx, &mut encoder, &x) {
+        Err(Error::TooLarge { what, .. }) => assert_eq!(what, "the backward scratch"),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    ctx.submit_and_wait(encoder).unwrap();
+}
