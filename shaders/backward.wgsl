@@ -195,7 +195,7 @@ fn bwd_partials(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let w = bwd_linear_workgroup(wid, nwg);
+    let w = bwd_linear_workgroup(wid, nwg) + bp.group_offset * bp.tiles;
     if (w >= bp.n_groups * bp.tiles) {
         return;
     }
@@ -218,13 +218,11 @@ fn bwd_partials(
             acc = channel_run_sums(t.p, t.g, t.group, t.start, t.end, lid);
         } else {
             let st = stats[t.group];
-            for (var k = 0u; k < BWD_PER_THREAD; k++) {
-                let j = t.start + lid + k * BWD_WG;
-                if (j < t.end) {
-                    let i = reduction_index(t.p, t.g, j);
-                    if (in_chunk(i)) {
-                        acc += terms_with(i, st, t.g);
-                    }
+            // Up to BWD_PER_THREAD steps: a short group's tile stops early.
+            for (var j = t.start + lid; j < t.end; j += BWD_WG) {
+                let i = reduction_index(t.p, t.g, j);
+                if (in_chunk(i)) {
+                    acc += terms_with(i, st, t.g);
                 }
             }
         }
@@ -245,13 +243,10 @@ fn bwd_partials(
             }
         }
     } else {
-        for (var k = 0u; k < BWD_PER_THREAD; k++) {
-            let j = t.start + lid + k * BWD_WG;
-            if (j < t.end) {
-                let i = reduction_index(t.p, t.g, j);
-                if (in_chunk(i)) {
-                    acc += element_terms(i);
-                }
+        for (var j = t.start + lid; j < t.end; j += BWD_WG) {
+            let i = reduction_index(t.p, t.g, j);
+            if (in_chunk(i)) {
+                acc += element_terms(i);
             }
         }
     }

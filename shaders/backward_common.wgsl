@@ -57,7 +57,9 @@ struct BwdParams {
     chunk_span: u32,
     chunk_elems: u32,
     chunk_count: u32,
-    _pad0: u32,
+    // The first reduction group a split tensor's partials dispatch covers
+    // (src/engine.rs chunk_groups; 0 otherwise).
+    group_offset: u32,
     _pad1: u32,
     // Exact division by RB, SA·SG·SB, SB, SG, SG·SB and affine_div as
     // multiply-high and shifts (fast_div.wgsl; set by the host from the

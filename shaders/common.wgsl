@@ -51,7 +51,9 @@ struct Params {
     chunk_elems: u32,
     chunk_count: u32,
     chunk_span: u32,
-    _pad0: u32,
+    // The first group the tiled partials dispatch of the bound chunk covers
+    // (src/engine.rs chunk_groups; 0 unless the tensor is split).
+    group_offset: u32,
     // Exact division by B, G, A·G·B and affine_div as multiply-high and
     // shifts (fast_div.wgsl): integer division is a scalar loop on CPUs
     // that run WGSL (lavapipe), and slow on many GPUs too.

@@ -49,7 +49,7 @@ fn partials(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let w = linear_workgroup(wid, nwg);
+    let w = linear_workgroup(wid, nwg) + params.group_offset * params.tiles;
     if (w >= params.n_groups * params.tiles) {
         return;
     }

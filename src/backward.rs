@@ -406,7 +406,7 @@ struct BwdParams {
     chunk_span: u32,
     chunk_elems: u32,
     chunk_count: u32,
-    _pad0: u32,
+    group_offset: u32,
     _pad1: u32,
 }
 
@@ -628,7 +628,7 @@ fn base_params(spec: &BackwardSpec) -> (BwdParams, u32) {
         chunk_span: 1,
         chunk_elems: v.numel().max(1) as u32,
         chunk_count: 1,
-        _pad0: 0,
+        group_offset: 0,
         _pad1: 0,
     };
     (base, grad_flags)
@@ -698,10 +698,14 @@ fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
         p.chunk_span = span as u32;
         p.group_stride = (tiles * span) as u32;
         for c in 0..count {
-            let pc = in_chunk(p, c);
+            let mut pc = in_chunk(p, c);
+            // Contiguous groups: those with elements in the chunk (the
+            // recording clears the other slots first).
+            let (first, end) = crate::engine::chunk_groups(&reduction_view, chunks, c);
+            pc.group_offset = first as u32;
             steps.push(Step {
                 kernel: BackwardKernel::Partials,
-                workgroups: reductions * tiles,
+                workgroups: (end - first) * tiles,
                 params: pc,
                 chunk: c,
             });
@@ -1624,6 +1628,18 @@ fn record_backward_pass(
     grads: &Gradients,
     work: &wgpu::Buffer,
 ) {
+    if chunks.count > 1
+        && plan
+            .steps
+            .iter()
+            .any(|s| s.kernel == BackwardKernel::Partials)
+    {
+        // A split tensor's partials dispatches skip the groups without
+        // elements in their chunk: those slots must read zero (the
+        // scratch is shared, so they would hold another pass's values).
+        let sums = 16 * spec.view.groups() as u64;
+        encoder.clear_buffer(work, sums, Some(16 * plan.work_vec4 as u64 - sums));
+    }
     let cache = &ctx.backward;
     let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
         label: Some("gpunorm backward"),
