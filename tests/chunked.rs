@@ -150,6 +150,31 @@ struct BackwardCase<'a> {
     binding: u64,
 }
 
+impl<'a> BackwardCase<'a> {
+    /// A train-mode case with eps 1e-5 and γ `weight` (set `rms`, `eps`,
+    /// `running` on the result for others).
+    fn new(
+        what: &'a str,
+        dtype: DType,
+        shape: &'a [usize],
+        view: View,
+        weight: &'a [f32],
+        binding: u64,
+    ) -> Self {
+        BackwardCase {
+            what,
+            dtype,
+            shape,
+            view,
+            rms: false,
+            eps: 1e-5,
+            weight: Some(weight),
+            running: None,
+            binding,
+        }
+    }
+}
+
 /// Runs `layer` (a forward, then the backward of `dy`) on a context binding
 /// at most `case.binding` bytes per storage buffer, so x, grad_output and
 /// grad_input are split in three or more chunks, and checks the gradients
@@ -225,17 +250,8 @@ fn chunked_backward_of_batch_norm_matches_f64_in_train_and_eval() {
                 axis,
                 ..BatchNormConfig::torch_2d()
             };
-            let case = BackwardCase {
-                what,
-                dtype,
-                shape: &shape,
-                view: View::batch_norm(&shape, axis as usize),
-                rms: false,
-                eps: 1e-5,
-                weight: Some(&gamma),
-                running: None,
-                binding: 4096,
-            };
+            let view = View::batch_norm(&shape, axis as usize);
+            let case = BackwardCase::new(what, dtype, &shape, view, &gamma, 4096);
             chunked_backward_matches_f64(case, |ctx, x, dy| {
                 let mut bn = BatchNorm::new(ctx, 5, config.clone()).unwrap();
                 bn.set_weight(Some(ctx.upload(&gamma, &[5]).unwrap()))
@@ -249,15 +265,15 @@ fn chunked_backward_of_batch_norm_matches_f64_in_train_and_eval() {
     let shape = [6, 5, 11, 13];
     let (mean, var) = (normal(5, 41, 3.0, 0.5), vec![2.5, 4.0, 1.5, 3.0, 5.0]);
     let case = BackwardCase {
-        what: "BatchNorm2d eval",
-        dtype: DType::F32,
-        shape: &shape,
-        view: View::batch_norm(&shape, 1),
-        rms: false,
-        eps: 1e-5,
-        weight: Some(&gamma),
         running: Some((&mean, &var)),
-        binding: 4096,
+        ..BackwardCase::new(
+            "BatchNorm2d eval",
+            DType::F32,
+            &shape,
+            View::batch_norm(&shape, 1),
+            &gamma,
+            4096,
+        )
     };
     chunked_backward_matches_f64(case, |ctx, x, dy| {
         let mut bn = BatchNorm::new(ctx, 5, BatchNormConfig::torch_2d()).unwrap();
@@ -289,16 +305,11 @@ fn chunked_backward_of_row_norms_and_groups_matches_f64() {
             RowNormConfig::torch_layer_norm()
         };
         for dtype in [DType::F32, DType::F16] {
+            let view = View::layer_norm(&shape, len);
             let case = BackwardCase {
-                what,
-                dtype,
-                shape: &shape,
-                view: View::layer_norm(&shape, len),
                 rms,
                 eps: config.eps as f64,
-                weight: Some(&gamma),
-                running: None,
-                binding: 8192,
+                ..BackwardCase::new(what, dtype, &shape, view, &gamma, 8192)
             };
             chunked_backward_matches_f64(case, |ctx, x, dy| {
                 let weight = Some(ctx.upload(&gamma, &[len]).unwrap());
@@ -318,17 +329,14 @@ fn chunked_backward_of_row_norms_and_groups_matches_f64() {
     }
     let shape = [8, 8, 9, 9];
     let gamma = normal(8, 43, 1.0, 0.5);
-    let case = BackwardCase {
-        what: "GroupNorm(2, 8)",
-        dtype: DType::F32,
-        shape: &shape,
-        view: View::group_norm(&shape, 2),
-        rms: false,
-        eps: 1e-5,
-        weight: Some(&gamma),
-        running: None,
-        binding: 8192,
-    };
+    let case = BackwardCase::new(
+        "GroupNorm(2, 8)",
+        DType::F32,
+        &shape,
+        View::group_norm(&shape, 2),
+        &gamma,
+        8192,
+    );
     chunked_backward_matches_f64(case, |ctx, x, dy| {
         let mut gn = gpunorm::GroupNorm::new(ctx, 2, 8, gpunorm::GroupNormConfig::torch()).unwrap();
         gn.set_affine(gpunorm::Affine {
@@ -339,17 +347,14 @@ fn chunked_backward_of_row_norms_and_groups_matches_f64() {
         gn.forward(ctx, x).unwrap();
         gn.backward(ctx, dy).unwrap()
     });
-    let case = BackwardCase {
-        what: "InstanceNorm2d",
-        dtype: DType::F32,
-        shape: &shape,
-        view: View::instance_norm(&shape),
-        rms: false,
-        eps: 1e-5,
-        weight: Some(&gamma),
-        running: None,
-        binding: 8192,
-    };
+    let case = BackwardCase::new(
+        "InstanceNorm2d",
+        DType::F32,
+        &shape,
+        View::instance_norm(&shape),
+        &gamma,
+        8192,
+    );
     chunked_backward_matches_f64(case, |ctx, x, dy| {
         let config = InstanceNormConfig {
             affine: true,
@@ -425,17 +430,14 @@ fn many_small_groups_of_a_split_tensor_fit_their_scratch_forward_and_backward() 
     assert_close("chunked small rows", &y, &want, 1e-4, 1e-5);
     let shape = [rows, len];
     let gamma = normal(len, 44, 1.0, 0.5);
-    let case = BackwardCase {
-        what: "LayerNorm of 60 rows of 70",
-        dtype: DType::F32,
-        shape: &shape,
-        view: View::layer_norm(&shape, len),
-        rms: false,
-        eps: 1e-5,
-        weight: Some(&gamma),
-        running: None,
-        binding: 4096,
-    };
+    let case = BackwardCase::new(
+        "LayerNorm of 60 rows of 70",
+        DType::F32,
+        &shape,
+        View::layer_norm(&shape, len),
+        &gamma,
+        4096,
+    );
     chunked_backward_matches_f64(case, |ctx, x, dy| {
         let mut ln =
             gpunorm::LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
