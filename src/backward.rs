@@ -720,7 +720,7 @@ fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
             params: f,
             chunk: 0,
         });
-        groups + reductions * tiles * span
+        p.partials_offset as usize + reductions * tiles * span
     };
     if batch || channel_grads != 0 {
         let mut p = base;
@@ -759,7 +759,12 @@ fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
         p.rb = d as u32;
         p.n_groups = k as u32;
         p.tiles = tiles_for(rows * d) as u32;
-        work_vec4 = work_vec4.max(reduce(&mut steps, p, k, BF_LOOP_P | grad_flags));
+        // Its partials after the group sums' (not over them, as the
+        // unsplit plan does): a chunk's dispatch skips the columns without
+        // elements in it, whose slots must still read the zeros of the
+        // clear before the pass.
+        p.partials_offset = work_vec4 as u32;
+        work_vec4 = reduce(&mut steps, p, k, BF_LOOP_P | grad_flags);
     }
     Plan { steps, work_vec4 }
 }

@@ -478,3 +478,51 @@ fn a_split_backward_whose_scratch_outgrows_a_buffer_is_a_typed_error() {
     }
     ctx.submit_and_wait(encoder).unwrap();
 }
+
+#[test]
+fn a_split_backward_of_one_long_row_or_one_sample_keeps_each_reductions_slots() {
+    // A single row (LayerNorm) or sample (channels-first GroupNorm): the
+    // dγ reduction's view has one row, so each chunk's dispatch skips the
+    // columns without elements in it; their slots must not hold the group
+    // sums' partials (a reviewer's repro: errors of 1e4x the tolerance).
+    let shape = [1, 3000];
+    let gamma = normal(3000, 45, 1.0, 0.5);
+    let view = View::layer_norm(&shape, 3000);
+    let case = BackwardCase::new(
+        "LayerNorm of one row",
+        DType::F32,
+        &shape,
+        view,
+        &gamma,
+        4096,
+    );
+    chunked_backward_matches_f64(case, |ctx, x, dy| {
+        let mut ln =
+            gpunorm::LayerNorm::new(ctx, &[3000], RowNormConfig::torch_layer_norm()).unwrap();
+        ln.set_weight(Some(ctx.upload(&gamma, &[3000]).unwrap()))
+            .unwrap();
+        ln.forward(ctx, x, Mode::Train).unwrap();
+        ln.backward(ctx, dy).unwrap()
+    });
+    let shape = [1, 8, 24, 24];
+    let gamma = normal(8, 46, 1.0, 0.5);
+    let view = View::group_norm(&shape, 2);
+    let case = BackwardCase::new(
+        "GroupNorm(2, 8) of one sample",
+        DType::F32,
+        &shape,
+        view,
+        &gamma,
+        4096,
+    );
+    chunked_backward_matches_f64(case, |ctx, x, dy| {
+        let mut gn = gpunorm::GroupNorm::new(ctx, 2, 8, gpunorm::GroupNormConfig::torch()).unwrap();
+        gn.set_affine(gpunorm::Affine {
+            weight: Some(ctx.upload(&gamma, &[8]).unwrap()),
+            bias: Some(ctx.zeros(&[8], DType::F32).unwrap()),
+        })
+        .unwrap();
+        gn.forward(ctx, x).unwrap();
+        gn.backward(ctx, dy).unwrap()
+    });
+}

@@ -7,10 +7,12 @@
 //! half-precision ones works on f32 working copies: each is widened on the
 //! device before the pass (exactly), and what the pass wrote is narrowed
 //! back after it (rounded once, to nearest even), in the pass's own
-//! encoder, with no read-back. One more small dispatch per tensor is the
-//! cost: the tensors are one value per channel or per normalized element.
-//! A layer keeps its copies with its saved forward and reuses them, so a
-//! steady model allocates them once.
+//! encoder, with no read-back. One small dispatch before the pass (for up
+//! to four tensors), and one after it when it writes running statistics or
+//! gradients, is the cost: the tensors are one value per channel or per
+//! normalized element. A layer keeps its copies (and the casts' bind
+//! groups) with its saved forward and reuses them, so a steady model
+//! allocates them once.
 
 use crate::context::Context;
 use crate::error::{Error, Result};
