@@ -7,10 +7,12 @@
 // with Chan's formula and writes vec4(count, mean, M2, 0) at
 // scratch[partials_offset + group·merge_tiles + slot·tiles + tile], slot
 // being the bound chunk's among the group's (chunk_slot: one chunk unless
-// the tensor is larger than a binding; a tile with no element of the chunk
-// writes zeros, and a chunk the group does not reach skips it, so that
-// small groups of a split tensor keep about two partials, not one per
-// chunk); `partials_each` writes every
+// the tensor is larger than a binding; a chunk the group does not reach
+// skips it, so that small groups of a split tensor keep about two
+// partials, not one per chunk; a slot without elements reads zero, written
+// by a tile with none, or cleared before the pass where src/engine.rs
+// chunk_groups leaves the group out of the chunk's dispatch);
+// `partials_each` writes every
 // invocation's summary instead (tensors in one binding with mostly full
 // tiles, src/engine.rs).
 //

@@ -298,8 +298,8 @@ pub fn chunk_groups(view: &View, chunks: &Chunks, c: usize) -> (usize, usize) {
 }
 
 /// The most chunks one group's elements reach: a group spans
-/// (A − 1)·G·B + B consecutive indices, which meet at most
-/// ⌊(span − 1) / E⌋ + 2 chunks of E elements. The tiled partials keep a
+/// L = (A − 1)·G·B + B consecutive indices, which meet at most
+/// ⌊(L − 1) / E⌋ + 2 chunks of E elements. The tiled partials keep a
 /// group's tiles of that many chunks (stats.wgsl `chunk_slot`), so a split
 /// tensor of many small groups (a 2,000,000x64 LayerNorm in 128 MiB
 /// bindings: 2 of its 4 chunks) keeps its scratch near a partial per tile.
