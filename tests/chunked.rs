@@ -238,6 +238,29 @@ fn chunked_backward_matches_f64(
     }
 }
 
+/// A torch LayerNorm over the last `gamma.len()` elements with γ `gamma`,
+/// after a training forward of `x`.
+fn trained_layer_norm(ctx: &Context, x: &gpunorm::GpuTensor, gamma: &[f32]) -> gpunorm::LayerNorm {
+    let len = gamma.len();
+    let mut ln = gpunorm::LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+    ln.set_weight(Some(ctx.upload(gamma, &[len]).unwrap()))
+        .unwrap();
+    ln.forward(ctx, x, Mode::Train).unwrap();
+    ln
+}
+
+/// A torch GroupNorm(2, 8) with γ `gamma` and β 0, after a forward of `x`.
+fn trained_group_norm(ctx: &Context, x: &gpunorm::GpuTensor, gamma: &[f32]) -> gpunorm::GroupNorm {
+    let mut gn = gpunorm::GroupNorm::new(ctx, 2, 8, gpunorm::GroupNormConfig::torch()).unwrap();
+    gn.set_affine(gpunorm::Affine {
+        weight: Some(ctx.upload(gamma, &[8]).unwrap()),
+        bias: Some(ctx.zeros(&[8], DType::F32).unwrap()),
+    })
+    .unwrap();
+    gn.forward(ctx, x).unwrap();
+    gn
+}
+
 #[test]
 fn chunked_backward_of_batch_norm_matches_f64_in_train_and_eval() {
     let gamma = normal(5, 40, 1.0, 0.5);
@@ -338,14 +361,9 @@ fn chunked_backward_of_row_norms_and_groups_matches_f64() {
         8192,
     );
     chunked_backward_matches_f64(case, |ctx, x, dy| {
-        let mut gn = gpunorm::GroupNorm::new(ctx, 2, 8, gpunorm::GroupNormConfig::torch()).unwrap();
-        gn.set_affine(gpunorm::Affine {
-            weight: Some(ctx.upload(&gamma, &[8]).unwrap()),
-            bias: Some(ctx.zeros(&[8], DType::F32).unwrap()),
-        })
-        .unwrap();
-        gn.forward(ctx, x).unwrap();
-        gn.backward(ctx, dy).unwrap()
+        trained_group_norm(ctx, x, &gamma)
+            .backward(ctx, dy)
+            .unwrap()
     });
     let case = BackwardCase::new(
         "InstanceNorm2d",
@@ -439,11 +457,7 @@ fn many_small_groups_of_a_split_tensor_fit_their_scratch_forward_and_backward() 
         4096,
     );
     chunked_backward_matches_f64(case, |ctx, x, dy| {
-        let mut ln =
-            gpunorm::LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
-        ln.set_weight(Some(ctx.upload(&gamma, &[len]).unwrap()))
-            .unwrap();
-        ln.forward(ctx, x, Mode::Train).unwrap();
+        let ln = trained_layer_norm(ctx, x, &gamma);
         // Twice: the second finds the first's column partials in the
         // context's shared scratch, where a slot left unwritten would show.
         ln.backward(ctx, dy).unwrap();
@@ -497,12 +511,9 @@ fn a_split_backward_of_one_long_row_or_one_sample_keeps_each_reductions_slots() 
         4096,
     );
     chunked_backward_matches_f64(case, |ctx, x, dy| {
-        let mut ln =
-            gpunorm::LayerNorm::new(ctx, &[3000], RowNormConfig::torch_layer_norm()).unwrap();
-        ln.set_weight(Some(ctx.upload(&gamma, &[3000]).unwrap()))
-            .unwrap();
-        ln.forward(ctx, x, Mode::Train).unwrap();
-        ln.backward(ctx, dy).unwrap()
+        trained_layer_norm(ctx, x, &gamma)
+            .backward(ctx, dy)
+            .unwrap()
     });
     let shape = [1, 8, 24, 24];
     let gamma = normal(8, 46, 1.0, 0.5);
@@ -516,13 +527,8 @@ fn a_split_backward_of_one_long_row_or_one_sample_keeps_each_reductions_slots() 
         4096,
     );
     chunked_backward_matches_f64(case, |ctx, x, dy| {
-        let mut gn = gpunorm::GroupNorm::new(ctx, 2, 8, gpunorm::GroupNormConfig::torch()).unwrap();
-        gn.set_affine(gpunorm::Affine {
-            weight: Some(ctx.upload(&gamma, &[8]).unwrap()),
-            bias: Some(ctx.zeros(&[8], DType::F32).unwrap()),
-        })
-        .unwrap();
-        gn.forward(ctx, x).unwrap();
-        gn.backward(ctx, dy).unwrap()
+        trained_group_norm(ctx, x, &gamma)
+            .backward(ctx, dy)
+            .unwrap()
     });
 }

@@ -185,20 +185,18 @@ impl WorkingCopies {
 }
 
 /// The working copy of `t` when it is half-precision: `reuse` when it has
-/// `t`'s length, else a fresh f32 tensor.
+/// `t`'s length, else a fresh f32 tensor. Its size was checked by
+/// [`check_params`] (gradients have their parameter's length).
 pub(crate) fn copy_for(
     ctx: &Context,
     t: Option<&GpuTensor>,
     reuse: Option<GpuTensor>,
 ) -> Result<Option<GpuTensor>> {
     match t {
-        Some(t) if t.dtype() != DType::F32 => {
-            ctx.check_whole_binding("the f32 copy of a half-precision parameter", f32_bytes(t))?;
-            match reuse {
-                Some(copy) if copy.numel() == t.numel() => Ok(Some(copy)),
-                _ => ctx.zeros(t.shape(), DType::F32).map(Some),
-            }
-        }
+        Some(t) if t.dtype() != DType::F32 => match reuse {
+            Some(copy) if copy.numel() == t.numel() => Ok(Some(copy)),
+            _ => ctx.zeros(t.shape(), DType::F32).map(Some),
+        },
         _ => Ok(None),
     }
 }
