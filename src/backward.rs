@@ -82,7 +82,7 @@ pub const BWD_FINALIZE_WG: u32 = 64;
 /// normalize pass).
 pub const BWD_DX_PER_THREAD: u32 = 4;
 /// Vectors each grad-input invocation writes when it works by runs
-/// ([`dx_by_runs`]).
+/// (`dx_by_runs`).
 pub const BWD_DX_RUN_VEC4: u32 = 4;
 /// Fewest rows a block of the column kernel sums (unless the tensor has fewer
 /// rows): keeps the column partials (one vec4 per column and block) at most
@@ -125,15 +125,15 @@ pub enum BackwardKernel {
     /// Channels-last statistics: per-channel sums over row blocks.
     ChannelCols,
     /// [`BackwardKernel::ChannelCols`] with a subgroup per row, each lane
-    /// holding its vectors' statistics and sums ([`held_channels`]).
+    /// holding its vectors' statistics and sums (`held_channels`).
     ChannelColsHeld,
     /// Channels-last statistics: grad_input from per-channel coefficients.
     ChannelGradInput,
     /// [`BackwardKernel::ChannelGradInput`] with a subgroup per row, each
-    /// lane holding its vectors' coefficients ([`held_channels`]).
+    /// lane holding its vectors' coefficients (`held_channels`).
     ChannelGradInputHeld,
     /// dγ and dβ from the per-step column sums of `RowsSubgroup` with
-    /// `BWD_COLUMN_SUMS` ([`fused_column_sums`]).
+    /// `BWD_COLUMN_SUMS` (`fused_column_sums`).
     ColumnSums,
     /// A row per subgroup held in registers (the forward's held rows):
     /// x and dy read once; with `BWD_COLUMN_SUMS`, column sums per block of
@@ -143,9 +143,9 @@ pub enum BackwardKernel {
     /// rows, GPUs): x and dy read once for grad_input and, where channels
     /// have their own γ, per-channel partials.
     RowsWorkgroupHeld,
-    /// A partial per run of SB, a subgroup per run ([`runs_on_subgroups`]).
+    /// A partial per run of SB, a subgroup per run (`runs_on_subgroups`).
     PartialsRuns,
-    /// grad_input run by run, a subgroup per run ([`runs_on_subgroups`]).
+    /// grad_input run by run, a subgroup per run (`runs_on_subgroups`).
     GradInputRuns,
 }
 
@@ -355,7 +355,7 @@ const BF_CHUNKED: u32 = 2048;
 const BF_HELD_SHIFT: u32 = 24;
 
 /// Most bytes of the scratch with per-step column sums
-/// ([`fused_column_sums`]): WebGPU's default storage binding limit, which
+/// (`fused_column_sums`): WebGPU's default storage binding limit, which
 /// every adapter offers.
 const COLUMN_SUMS_MAX_BYTES: usize = 128 << 20;
 
