@@ -81,10 +81,17 @@ pub struct Dispatch {
 /// ranges of `elems` elements (the last one shorter), each bound on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chunks {
-    /// Elements per chunk (a multiple of [`CHUNK_ALIGN`]).
+    /// Elements per chunk (a multiple of [`CHUNK_ALIGN`], or of whole outer
+    /// blocks with `whole_blocks`).
     pub elems: usize,
     /// Number of chunks (1 when the tensor fits one binding).
     pub count: usize,
+    /// Each chunk is whole outer blocks `p` of the view ([`Chunks::of_blocks`]):
+    /// its groups are its own, so it runs the kernels of a tensor in one
+    /// binding on a view of its own ([`Chunks::block_view`]), its statistics
+    /// bound at its first group. Otherwise chunks are element ranges that
+    /// cut through groups, for the generic per-element kernels.
+    pub whole_blocks: bool,
 }
 
 /// Chunk starts are multiples of this many elements: 256 elements are 512 or
@@ -98,14 +105,12 @@ impl Chunks {
     pub fn new(numel: usize, dtype: DType, max_binding: u64) -> Chunks {
         let fit = (max_binding as usize / dtype.size()) / CHUNK_ALIGN * CHUNK_ALIGN;
         if numel <= fit || fit == 0 {
-            Chunks {
-                elems: numel.max(1),
-                count: 1,
-            }
+            Chunks::whole(numel)
         } else {
             Chunks {
                 elems: fit,
                 count: numel.div_ceil(fit),
+                whole_blocks: false,
             }
         }
     }
@@ -115,7 +120,59 @@ impl Chunks {
         Chunks {
             elems: numel.max(1),
             count: 1,
+            whole_blocks: false,
         }
+    }
+
+    /// A split of `view` into chunks of whole outer blocks (rows of
+    /// LayerNorm, samples of InstanceNorm and GroupNorm), as many per chunk
+    /// as fit `max_binding` bytes of `dtype` while every chunk's start, in
+    /// the tensor and in the statistics (a vec4 per group), is a multiple of
+    /// `offset_alignment` bytes (a power of two). None where not even one
+    /// aligned run of blocks fits.
+    pub fn of_blocks(
+        view: &View,
+        dtype: DType,
+        max_binding: u64,
+        offset_alignment: u64,
+    ) -> Option<Chunks> {
+        let block = view.a * view.g * view.b;
+        let block_bytes = (block * dtype.size()) as u64;
+        let stats_bytes = 16 * view.g as u64;
+        if block_bytes == 0 || view.p == 0 {
+            return None;
+        }
+        // Fewest blocks whose bytes, and whose statistics' bytes, are
+        // multiples of the alignment.
+        let align = offset_alignment.max(1);
+        let step = lcm(
+            align / gcd(align, block_bytes),
+            align / gcd(align, stats_bytes),
+        );
+        let per_chunk = (max_binding / block_bytes) / step * step;
+        let per_chunk = usize::try_from(per_chunk).ok().filter(|&q| q > 0)?;
+        Some(Chunks {
+            elems: per_chunk * block,
+            count: view.p.div_ceil(per_chunk),
+            whole_blocks: true,
+        })
+    }
+
+    /// The view of chunk `c` of whole blocks: `view` with the chunk's count
+    /// of outer blocks.
+    pub fn block_view(&self, view: &View, c: usize) -> View {
+        let (lo, hi) = self.range(c, view.numel());
+        let block = (view.a * view.g * view.b).max(1);
+        View {
+            p: (hi - lo) / block,
+            ..*view
+        }
+    }
+
+    /// The first statistics group of chunk `c` of whole blocks.
+    pub fn first_group(&self, view: &View, c: usize) -> usize {
+        let block = (view.a * view.g * view.b).max(1);
+        c * self.elems / block * view.g
     }
 
     /// Element range of chunk `c` of a tensor of `numel` elements.
@@ -127,6 +184,18 @@ impl Chunks {
     fn split(&self) -> bool {
         self.count > 1
     }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+fn lcm(a: u64, b: u64) -> u64 {
+    a / gcd(a, b) * b
 }
 
 /// How `normalize_runs` covers the tensor: each run of B contiguous
@@ -564,20 +633,26 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             plan.extend(normalize_dispatches(v, chunks, caps));
             plan
         }
-        StatsSource::Batch if uses_row_kernel(spec) && !chunks.split() => {
-            if held_vectors(v, caps).is_some() {
-                vec![d(Kernel::RowsHeld, block_workgroups(v.groups(), caps), 0)]
-            } else if workgroup_held_vectors(v, caps).is_some() {
-                vec![d(Kernel::RowsWorkgroupHeld, v.groups(), 0)]
-            } else if uses_subgroup_rows(spec, caps) {
-                // Enough workgroups for the largest subgroup size; with
-                // smaller subgroups the surplus workgroups find no row.
-                let steps_per_wg = (kernels::ROWS_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
-                let rows_per_wg = steps_per_wg * rows_per_step(v, caps) as usize;
-                vec![d(Kernel::RowsSubgroup, v.groups().div_ceil(rows_per_wg), 0)]
-            } else {
-                vec![d(Kernel::Rows, v.groups(), 0)]
-            }
+        StatsSource::Batch if uses_row_kernel(spec) && (!chunks.split() || chunks.whole_blocks) => {
+            // The kernel (and its pipeline) is the whole tensor's; each
+            // chunk of whole blocks dispatches it over its own groups.
+            let steps_per_wg = (kernels::ROWS_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
+            let rows_per_wg = steps_per_wg * rows_per_step(v, caps) as usize;
+            let (kernel, workgroups): (Kernel, &dyn Fn(usize) -> usize) =
+                if held_vectors(v, caps).is_some() {
+                    (Kernel::RowsHeld, &|groups| block_workgroups(groups, caps))
+                } else if workgroup_held_vectors(v, caps).is_some() {
+                    (Kernel::RowsWorkgroupHeld, &|groups| groups)
+                } else if uses_subgroup_rows(spec, caps) {
+                    // Enough workgroups for the largest subgroup size; with
+                    // smaller subgroups the surplus workgroups find no row.
+                    (Kernel::RowsSubgroup, &|groups| groups.div_ceil(rows_per_wg))
+                } else {
+                    (Kernel::Rows, &|groups| groups)
+                };
+            (0..chunks.count)
+                .map(|c| d(kernel, workgroups(chunks.block_view(v, c).groups()), c))
+                .collect()
         }
         StatsSource::Batch => {
             let tiles = tiles_for(v, chunks, caps) as usize;
@@ -642,6 +717,10 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
 /// Bytes of scratch (statistics and partials) a forward of `view` needs.
 pub fn scratch_bytes(view: &View, chunks: &Chunks, caps: &Caps) -> u64 {
     let groups = view.groups() as u64;
+    if chunks.whole_blocks {
+        // The row kernels keep no partials.
+        return 16 * groups.max(1);
+    }
     let tiles = merge_tiles_for(view, chunks, caps) as u64;
     16 * (groups + groups * tiles).max(1)
 }
@@ -744,8 +823,24 @@ fn to_u32(what: &str, n: usize) -> Result<u32> {
 }
 
 /// How x and y are split for `ctx`'s binding limit.
+///
+/// A split tensor whose forward takes the row kernels is split between
+/// outer blocks where an aligned run of them fits a binding
+/// ([`Chunks::of_blocks`]), so that each chunk runs those kernels: the
+/// generic kernels that cut through groups are several times slower.
 pub(crate) fn chunks_for(ctx: &Context, spec: &ForwardSpec) -> Chunks {
-    Chunks::new(spec.view.numel(), spec.dtype, ctx.max_storage_binding())
+    let elements = Chunks::new(spec.view.numel(), spec.dtype, ctx.max_storage_binding());
+    if elements.split() && uses_row_kernel(spec) {
+        if let Some(blocks) = Chunks::of_blocks(
+            &spec.view,
+            spec.dtype,
+            ctx.max_storage_binding(),
+            ctx.storage_offset_alignment(),
+        ) {
+            return blocks;
+        }
+    }
+    elements
 }
 
 /// Checks the sizes the shaders index with u32 and the buffers' limits.
@@ -947,11 +1042,17 @@ fn record_forward_with(
                 _ => forward_uniforms(ctx, spec, &chunks, preset.is_some()),
             };
             ForwardBindings {
-                groups: forward_bind_groups(ctx, bufs, &chunks, &uniforms),
+                groups: forward_bind_groups(ctx, &spec.view, bufs, &chunks, &uniforms),
                 uniforms,
                 key,
             }
         }
+    };
+    // Chunks of whole blocks run the pipelines of the unsplit tensor.
+    let kernel_chunks = if chunks.whole_blocks {
+        Chunks::whole(v.numel())
+    } else {
+        chunks
     };
     let variant = kernels::Variant {
         weight: bufs.weight.is_some(),
@@ -962,7 +1063,7 @@ fn record_forward_with(
         // Held rows need G = 1, where held columns count the same vectors.
         held_vectors: held_vectors(v, &ctx.caps())
             .or(workgroup_held_vectors(v, &ctx.caps()))
-            .or(held_columns(v, &chunks, &ctx.caps()))
+            .or(held_columns(v, &kernel_chunks, &ctx.caps()))
             .unwrap_or(0),
     };
     if chunks.split() && plan.iter().any(|d| d.kernel == Kernel::Partials) {
@@ -1015,7 +1116,48 @@ fn forward_uniforms(
     chunks: &Chunks,
     preset: bool,
 ) -> Vec<wgpu::Buffer> {
+    let uniform = |params: &Params| {
+        kernels::uniform_buffer(&ctx.device, "gpunorm forward", bytemuck::bytes_of(params))
+    };
+    if chunks.whole_blocks {
+        // Each chunk is a tensor of its own blocks, in one binding.
+        return (0..chunks.count)
+            .map(|c| {
+                let view = chunks.block_view(&spec.view, c);
+                let whole = Chunks::whole(view.numel());
+                uniform(&Params {
+                    chunk_index: c as u32,
+                    ..forward_params(ctx, spec, &view, &whole, preset)
+                })
+            })
+            .collect();
+    }
     let v = &spec.view;
+    let numel = v.numel();
+    let base = forward_params(ctx, spec, v, chunks, preset);
+    (0..chunks.count)
+        .map(|c| {
+            let (lo, hi) = chunks.range(c, numel);
+            uniform(&Params {
+                chunk_base: lo as u32,
+                chunk_len: (hi - lo) as u32,
+                chunk_index: c as u32,
+                group_offset: chunk_groups(v, chunks, c).0 as u32,
+                ..base
+            })
+        })
+        .collect()
+}
+
+/// The parameters of a forward of `v` (the spec's view, or a chunk's of
+/// whole blocks) split as `chunks`, for its first chunk.
+fn forward_params(
+    ctx: &Context,
+    spec: &ForwardSpec,
+    v: &View,
+    chunks: &Chunks,
+    preset: bool,
+) -> Params {
     let mut flags = 0;
     let mut set = |cond: bool, f: u32| {
         if cond {
@@ -1051,7 +1193,7 @@ fn forward_uniforms(
             merge_tiles_for(v, chunks, &ctx.caps()),
         )
     };
-    let base = Params {
+    Params {
         p: v.p as u32,
         a: v.a as u32,
         g: v.g as u32,
@@ -1085,26 +1227,14 @@ fn forward_uniforms(
         div_g: fast_divisor(v.g as u32),
         div_agb: fast_divisor((v.a * v.g * v.b) as u32),
         div_affine: fast_divisor(v.affine_div.max(1) as u32),
-    };
-    (0..chunks.count)
-        .map(|c| {
-            let (lo, hi) = chunks.range(c, numel);
-            let params = Params {
-                chunk_base: lo as u32,
-                chunk_len: (hi - lo) as u32,
-                chunk_index: c as u32,
-                group_offset: chunk_groups(v, chunks, c).0 as u32,
-                ..base
-            };
-            kernels::uniform_buffer(&ctx.device, "gpunorm forward", bytemuck::bytes_of(&params))
-        })
-        .collect()
+    }
 }
 
 /// The bind groups of a forward, one per chunk: the same buffers, x and y
 /// bound to the chunk, with the chunk's uniform.
 fn forward_bind_groups(
     ctx: &Context,
+    view: &View,
     bufs: &ForwardBuffers<'_>,
     chunks: &Chunks,
     uniforms: &[wgpu::Buffer],
@@ -1115,20 +1245,36 @@ fn forward_bind_groups(
         .enumerate()
         .map(|(c, uniform)| {
             let (lo, hi) = chunks.range(c, numel);
-            forward_bind_group(ctx, bufs, uniform, lo, hi)
+            let stats = chunks.whole_blocks.then(|| {
+                let first = chunks.first_group(view, c) as u64;
+                let groups = chunks.block_view(view, c).groups() as u64;
+                (16 * first, 16 * groups.max(1))
+            });
+            forward_bind_group(ctx, bufs, uniform, lo, hi, stats)
         })
         .collect()
 }
 
 /// The bind group of one chunk: parameters, x and y bound to elements
-/// `lo..hi`, the other tensors whole (placeholders where absent).
+/// `lo..hi`, the scratch whole or (a chunk of whole blocks) its statistics'
+/// `(offset, size)` in bytes, the other tensors whole (placeholders where
+/// absent).
 fn forward_bind_group(
     ctx: &Context,
     bufs: &ForwardBuffers<'_>,
     uniform: &wgpu::Buffer,
     lo: usize,
     hi: usize,
+    stats: Option<(u64, u64)>,
 ) -> wgpu::BindGroup {
+    let scratch = match stats {
+        Some((offset, size)) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: bufs.scratch,
+            offset,
+            size: wgpu::BufferSize::new(size),
+        }),
+        None => bufs.scratch.as_entire_binding(),
+    };
     ctx.pipelines.set().bind_group(
         &ctx.device,
         "gpunorm forward",
@@ -1141,7 +1287,7 @@ fn forward_bind_group(
             GpuTensor::binding_or(bufs.running_mean, &ctx.dummies[5]),
             GpuTensor::binding_or(bufs.running_var, &ctx.dummies[6]),
             bufs.counter.unwrap_or(&ctx.dummies[7]).as_entire_binding(),
-            bufs.scratch.as_entire_binding(),
+            scratch,
         ],
     )
 }
@@ -1570,6 +1716,57 @@ mod tests {
         assert_eq!(kinds[6], Kernel::Finalize);
         assert_eq!(&kinds[7..], [Kernel::Normalize; 3]);
         assert_eq!(plan[8].chunk, 1);
+    }
+
+    #[test]
+    fn chunks_of_whole_blocks_start_aligned_in_the_tensor_and_the_statistics() {
+        // Rows of 8192 f32 (32 KiB) in 128 MiB: 4096 rows a chunk.
+        let ln = View::layer_norm(&[8192, 8192], 8192);
+        let chunks = Chunks::of_blocks(&ln, DType::F32, 128 << 20, 256).unwrap();
+        assert_eq!((chunks.elems, chunks.count), (4096 * 8192, 2));
+        assert!(chunks.whole_blocks);
+        // Rows of 70 f32 (280 bytes): 32 rows align the data and 16 the
+        // statistics for a 256-byte alignment, so bindings of 100 rows take
+        // 96: 1000 rows are 10 chunks of 96 and one of 40.
+        let small = View::layer_norm(&[1000, 70], 70);
+        let chunks = Chunks::of_blocks(&small, DType::F32, 100 * 280, 256).unwrap();
+        assert_eq!(chunks.elems, 96 * 70);
+        assert_eq!(chunks.count, 11);
+        let last = chunks.block_view(&small, 10);
+        assert_eq!((last.p, last.b), (1000 - 960, 70));
+        assert_eq!(chunks.first_group(&small, 10), 960);
+        for c in 0..chunks.count {
+            assert_eq!((chunks.first_group(&small, c) * 16) % 256, 0);
+            assert_eq!((chunks.range(c, small.numel()).0 * 4) % 256, 0);
+        }
+        // GroupNorm(3) samples: the first group of a chunk is a sample's.
+        let gn = View::group_norm(&[9, 6, 5, 7], 3);
+        let chunks = Chunks::of_blocks(&gn, DType::F32, 4096, 32).unwrap();
+        assert_eq!(chunks.elems, 4 * 210);
+        assert_eq!(chunks.first_group(&gn, 2), 8 * 3);
+        // No aligned run of rows fits: rows longer than a binding, or
+        // fewer than the alignment asks for.
+        assert_eq!(Chunks::of_blocks(&ln, DType::F32, 16 << 10, 256), None);
+        assert_eq!(Chunks::of_blocks(&small, DType::F32, 31 * 280, 256), None);
+    }
+
+    #[test]
+    fn a_split_row_norm_runs_its_row_kernel_once_per_chunk_of_whole_rows() {
+        let view = View::layer_norm(&[1000, 1024], 1024);
+        let ln = spec(view, StatsSource::Batch, false, DType::F32);
+        // 128 rows of 4 KiB a chunk (whose statistics, 16 bytes a row,
+        // start aligned too).
+        let chunks = Chunks::of_blocks(&view, DType::F32, 128 << 12, 256).unwrap();
+        assert_eq!(chunks.count, 8);
+        let plan = plan_forward_chunked(&ln, &chunks, &SUBGROUPS);
+        let whole = plan_forward_chunked(&ln, &Chunks::whole(view.numel()), &SUBGROUPS);
+        assert_eq!(plan.len(), 8);
+        for (c, d) in plan.iter().enumerate() {
+            assert_eq!((d.kernel, d.chunk), (whole[0].kernel, c as u32));
+        }
+        // Workgroups for each chunk's rows, fewer than for all 1000.
+        assert!(plan[0].workgroups < whole[0].workgroups);
+        assert_eq!(scratch_bytes(&view, &chunks, &SUBGROUPS), 16 * 1000);
     }
 
     #[test]

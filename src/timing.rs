@@ -354,6 +354,11 @@ impl CopyReference {
 
     /// Records the copy kernel copying the first `bytes` (a positive multiple
     /// of 16) of `src` to `dst`; both need `STORAGE` usage.
+    ///
+    /// A copy larger than one storage binding runs as one dispatch per
+    /// piece of at most a binding, as the ops split such tensors (so a bench
+    /// of a tensor beyond `max_storage_buffer_binding_size` has its
+    /// reference too).
     pub fn record(
         &self,
         ctx: &Context,
@@ -367,44 +372,57 @@ impl CopyReference {
                 "the copy kernel copies a positive multiple of 16 bytes within both buffers, got {bytes}"
             )));
         }
-        let workgroups =
-            u32::try_from((bytes / 16).div_ceil(COPY_WG * COPY_PER_THREAD)).map_err(|_| {
-                Error::TooLarge {
-                    what: "the copy reference".into(),
-                    bytes,
-                    limit: u32::MAX as u64,
-                    limit_name: "workgroup count",
-                }
-            })?;
-        fn binding(buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindingResource<'_> {
+        let piece = copy_piece(ctx.max_storage_binding(), ctx.storage_offset_alignment());
+        if piece == 0 {
+            return Err(Error::TooLarge {
+                what: "a piece of the copy reference".into(),
+                bytes: ctx.storage_offset_alignment().max(16),
+                limit: ctx.max_storage_binding(),
+                limit_name: "max_storage_buffer_binding_size",
+            });
+        }
+        fn binding(buffer: &wgpu::Buffer, offset: u64, bytes: u64) -> wgpu::BindingResource<'_> {
             wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                 buffer,
-                offset: 0,
+                offset,
                 size: wgpu::BufferSize::new(bytes),
             })
         }
-        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("gpunorm copy"),
-            layout: &self.layout,
-            entries: &[
-                wgpu::BindGroupEntry {
-                    binding: 0,
-                    resource: binding(src, bytes),
-                },
-                wgpu::BindGroupEntry {
-                    binding: 1,
-                    resource: binding(dst, bytes),
-                },
-            ],
-        });
-        let (gx, gy) = crate::kernels::grid(workgroups);
+        let mut pieces = Vec::new();
+        for offset in (0..bytes).step_by(piece as usize) {
+            let len = piece.min(bytes - offset);
+            let workgroups = u32::try_from((len / 16).div_ceil(COPY_WG * COPY_PER_THREAD))
+                .map_err(|_| Error::TooLarge {
+                    what: "the copy reference".into(),
+                    bytes: len,
+                    limit: u32::MAX as u64,
+                    limit_name: "workgroup count",
+                })?;
+            let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("gpunorm copy"),
+                layout: &self.layout,
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: binding(src, offset, len),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: binding(dst, offset, len),
+                    },
+                ],
+            });
+            pieces.push((bind_group, crate::kernels::grid(workgroups)));
+        }
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("gpunorm copy"),
             timestamp_writes: None,
         });
         pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
-        pass.dispatch_workgroups(gx, gy, 1);
+        for (bind_group, (gx, gy)) in &pieces {
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups(*gx, *gy, 1);
+        }
         Ok(())
     }
 
@@ -433,6 +451,15 @@ impl CopyReference {
         })?;
         Ok((kernel, transfer))
     }
+}
+
+/// The bytes one dispatch of the copy kernel binds: the largest multiple of
+/// both 16 and the offset alignment (powers of two) within a binding, so
+/// that every piece but the last starts aligned. Zero when no such piece
+/// fits.
+fn copy_piece(max_binding: u64, offset_alignment: u64) -> u64 {
+    let unit = offset_alignment.max(16);
+    max_binding / unit * unit
 }
 
 /// Source of the copy kernel (`shaders/copy.wgsl`).
@@ -474,6 +501,7 @@ pub fn backward_bytes(numel: usize, dtype: DType, param_bytes: u64, stats_bytes:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::ContextOptions;
 
     #[test]
     fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
@@ -551,6 +579,39 @@ mod tests {
         let got = pollster::block_on(ctx.read_buffer(&dst, 0, bytes + 16)).unwrap();
         assert!(got[..bytes as usize] == pattern[..], "copied bytes differ");
         assert_eq!(&got[bytes as usize..], &[0; 16], "wrote past the end");
+    }
+
+    #[test]
+    fn a_copy_larger_than_a_binding_runs_in_pieces_and_copies_every_byte() {
+        // Bindings of 4 KiB: a copy of 3 pieces and a bit.
+        let ctx = Context::with_options(ContextOptions {
+            max_storage_binding: Some(4096),
+            ..Default::default()
+        })
+        .expect("an adapter");
+        let piece = copy_piece(4096, ctx.storage_offset_alignment());
+        assert!(piece > 0 && piece <= 4096);
+        let bytes = piece * 3 + 48;
+        let src = ctx.create_buffer("src", bytes).unwrap();
+        let dst = ctx.create_buffer("dst", bytes + 16).unwrap();
+        let pattern: Vec<u8> = (0..bytes).map(|i| (i * 13 % 251) as u8).collect();
+        ctx.queue.write_buffer(&src, 0, &pattern);
+        let mut encoder = new_encoder(&ctx);
+        CopyReference::new(&ctx)
+            .record(&ctx, &mut encoder, &src, &dst, bytes)
+            .unwrap();
+        ctx.submit_and_wait(encoder).unwrap();
+        let got = pollster::block_on(ctx.read_buffer(&dst, 0, bytes + 16)).unwrap();
+        assert!(got[..bytes as usize] == pattern[..], "copied bytes differ");
+        assert_eq!(&got[bytes as usize..], &[0; 16], "wrote past the end");
+    }
+
+    #[test]
+    fn copy_pieces_are_aligned_and_within_a_binding() {
+        assert_eq!(copy_piece(134_217_728, 256), 134_217_728);
+        assert_eq!(copy_piece(1000, 256), 768);
+        assert_eq!(copy_piece(1000, 4), 992);
+        assert_eq!(copy_piece(100, 256), 0);
     }
 
     #[test]

@@ -431,21 +431,43 @@ fn many_small_groups_of_a_split_tensor_fit_their_scratch_forward_and_backward() 
     let ctx = binding_limited_ctx(4096);
     let (rows, len) = (60, 70);
     let x = normal(rows * len, 24, -3.0, 2.0);
+    // A LayerNorm's forward splits between rows and runs the row kernels
+    // (a_split_row_norm_runs_the_row_kernels_on_chunks_of_whole_rows); a
+    // tracked InstanceNorm's takes the same view, [60, 1, 70], through the
+    // generic kernels, which cut through rows.
     // The layer's scratch first holds another forward's partials, reused
     // as large enough, so a slot this one failed to write would show: with
     // 61 rows, the slot where 60 rows keep row 59's second chunk (chunk 3:
     // a row of the last chunk keeps chunks 3 and 4) held row 59's data.
-    let mut ln = gpunorm::LayerNorm::new(&ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+    let mut cfg = InstanceNormConfig::torch();
+    cfg.track_running_stats = true;
+    let mut inorm = InstanceNorm::new(&ctx, 1, cfg).unwrap();
     let other = ctx
-        .upload(&normal(61 * len, 25, 5.0, 1.0), &[61, len])
+        .upload(&normal(61 * len, 25, 5.0, 1.0), &[61, 1, len])
         .unwrap();
-    ln.forward(&ctx, &other, Mode::Train).unwrap();
-    let xt = ctx.upload(&x, &[rows, len]).unwrap();
-    let y = ctx
-        .download(&ln.forward(&ctx, &xt, Mode::Train).unwrap())
+    inorm.forward(&ctx, &other, Mode::Train).unwrap();
+    let xt = ctx.upload(&x, &[rows, 1, len]).unwrap();
+    let mut encoder = ctx
+        .device()
+        .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+    let yt = ctx.zeros(&[rows, 1, len], DType::F32).unwrap();
+    let plan = inorm
+        .record(&ctx, &mut encoder, &xt, &yt, Mode::Train)
         .unwrap();
+    ctx.submit_and_wait(encoder).unwrap();
+    assert!(
+        plan.iter()
+            .any(|d| d.kernel == gpunorm::kernels::Kernel::Partials && d.chunk > 0),
+        "{plan:?}"
+    );
     let want = layer_norm_reference(&x, rows, len, 1e-5);
-    assert_close("chunked small rows", &y, &want, 1e-4, 1e-5);
+    assert_close(
+        "chunked small rows",
+        &ctx.download(&yt).unwrap(),
+        &want,
+        1e-4,
+        1e-5,
+    );
     let shape = [rows, len];
     let gamma = normal(len, 44, 1.0, 0.5);
     let case = BackwardCase::new(
@@ -531,4 +553,192 @@ fn a_split_backward_of_one_long_row_or_one_sample_keeps_each_reductions_slots() 
             .backward(ctx, dy)
             .unwrap()
     });
+}
+
+/// Records `forward` into a fresh encoder, submits it, and returns the
+/// dispatches' kernels and chunks.
+fn recorded_plan(
+    ctx: &Context,
+    forward: impl FnOnce(&mut gpunorm::wgpu::CommandEncoder) -> Vec<gpunorm::engine::Dispatch>,
+) -> Vec<(gpunorm::kernels::Kernel, u32)> {
+    let mut encoder = ctx
+        .device()
+        .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+    let plan = forward(&mut encoder);
+    ctx.submit_and_wait(encoder).unwrap();
+    plan.iter().map(|d| (d.kernel, d.chunk)).collect()
+}
+
+/// Asserts that `plan` runs one row kernel once per chunk, in order.
+fn assert_row_kernel_per_chunk(what: &str, plan: &[(gpunorm::kernels::Kernel, u32)], chunks: u32) {
+    use gpunorm::kernels::Kernel;
+    let kernel = plan[0].0;
+    assert!(
+        matches!(
+            kernel,
+            Kernel::RowsHeld | Kernel::RowsSubgroup | Kernel::RowsWorkgroupHeld | Kernel::Rows
+        ),
+        "{what}: {plan:?}"
+    );
+    let want: Vec<_> = (0..chunks).map(|c| (kernel, c)).collect();
+    assert_eq!(plan, want, "{what}");
+}
+
+/// A weight and a bias of `n` random values.
+fn affine_of(ctx: &Context, n: usize, seed: u64) -> (Vec<f32>, Vec<f32>, gpunorm::Affine) {
+    let w = normal(n, seed, 1.0, 0.5);
+    let b = normal(n, seed + 1, 0.0, 0.5);
+    let affine = gpunorm::Affine {
+        weight: Some(ctx.upload(&w, &[n]).unwrap()),
+        bias: Some(ctx.upload(&b, &[n]).unwrap()),
+    };
+    (w, b, affine)
+}
+
+#[test]
+fn a_split_row_norm_runs_the_row_kernels_on_chunks_of_whole_rows() {
+    // 37 rows of 1000 f32 (4000 bytes) in 16 KiB bindings: chunks of 4 rows
+    // (whole rows whose starts, and whose statistics' starts, are aligned),
+    // the last one a single row.
+    let ctx = binding_limited_ctx(16384);
+    let (rows, len) = (37, 1000);
+    let x = normal(rows * len, 60, 40.0, 3.0);
+    let (w, b, affine) = affine_of(&ctx, len, 61);
+    let mut ln = gpunorm::LayerNorm::new(&ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+    ln.set_weight(affine.weight).unwrap();
+    ln.set_bias(affine.bias).unwrap();
+    let xt = ctx.upload(&x, &[rows, len]).unwrap();
+    let yt = ctx.zeros(&[rows, len], DType::F32).unwrap();
+    let plan = recorded_plan(&ctx, |e| ln.record(&ctx, e, &xt, &yt).unwrap());
+    let chunks = gpunorm::engine::Chunks::of_blocks(
+        &View::layer_norm(&[rows, len], len),
+        DType::F32,
+        16384,
+        ctx.storage_offset_alignment(),
+    )
+    .unwrap();
+    assert!(chunks.whole_blocks && chunks.count >= 10, "{chunks:?}");
+    assert_row_kernel_per_chunk("LayerNorm", &plan, chunks.count as u32);
+    let want = reference::forward(
+        &x,
+        &View::layer_norm(&[rows, len], len),
+        false,
+        1e-5,
+        Some(&w),
+        Some(&b),
+    );
+    assert_close(
+        "split LayerNorm",
+        &ctx.download(&yt).unwrap(),
+        &want,
+        1e-4,
+        1e-5,
+    );
+
+    // RMSNorm of rows of 70 halves (140 bytes: not whole vectors, so the
+    // workgroup row kernel), and bf16 LayerNorm of rows of 256, in 4 KiB.
+    let ctx = binding_limited_ctx(4096);
+    for (dtype, rms, rows, len) in [(DType::F16, true, 61, 70), (DType::BF16, false, 50, 256)] {
+        let round = |v: f32| match dtype {
+            DType::F16 => half::f16::from_f32(v).to_f32(),
+            _ => half::bf16::from_f32(v).to_f32(),
+        };
+        let x: Vec<f32> = normal(rows * len, 62, 2.0, 1.5)
+            .into_iter()
+            .map(round)
+            .collect();
+        let w: Vec<f32> = normal(len, 63, 1.0, 0.5).into_iter().map(round).collect();
+        let config = if rms {
+            RowNormConfig::torch_rms_norm()
+        } else {
+            RowNormConfig::torch_layer_norm()
+        };
+        let xt = ctx.upload_as(&x, &[rows, len], dtype).unwrap();
+        let yt = ctx.zeros(&[rows, len], dtype).unwrap();
+        let weight = Some(ctx.upload_as(&w, &[len], dtype).unwrap());
+        let plan = if rms {
+            let mut norm = gpunorm::RmsNorm::new(&ctx, &[len], config).unwrap();
+            norm.set_weight(weight).unwrap();
+            recorded_plan(&ctx, |e| norm.record(&ctx, e, &xt, &yt).unwrap())
+        } else {
+            let mut norm = gpunorm::LayerNorm::new(&ctx, &[len], config).unwrap();
+            norm.set_weight(weight).unwrap();
+            norm.set_bias(None).unwrap();
+            recorded_plan(&ctx, |e| norm.record(&ctx, e, &xt, &yt).unwrap())
+        };
+        let view = View::layer_norm(&[rows, len], len);
+        let chunks =
+            gpunorm::engine::Chunks::of_blocks(&view, dtype, 4096, ctx.storage_offset_alignment())
+                .unwrap();
+        assert!(chunks.count > 2, "{dtype:?}: {chunks:?}");
+        assert_row_kernel_per_chunk(&format!("{dtype:?}"), &plan, chunks.count as u32);
+        let eps = if rms { f32::EPSILON as f64 } else { 1e-5 };
+        let want = reference::forward(&x, &view, rms, eps, Some(&w), None);
+        // 2 ulp of f16 (bf16) at |y| < 8 is at most 2^-7 (2^-4).
+        let atol = if dtype == DType::F16 { 8e-3 } else { 6.3e-2 };
+        assert_close(
+            &format!("split {dtype:?}"),
+            &ctx.download(&yt).unwrap(),
+            &want,
+            atol,
+            0.0,
+        );
+    }
+}
+
+#[test]
+fn split_group_and_instance_norms_run_the_row_kernels_on_chunks_of_whole_samples() {
+    // Samples of GroupNorm(3, 6) over 5x7 (840 bytes) and of InstanceNorm
+    // over 64 (1280 bytes) in 4 KiB: each chunk starts at a sample, so a
+    // group's index within its chunk still names its channels' γ and β.
+    let ctx = binding_limited_ctx(4096);
+    let shape = [9, 6, 5, 7];
+    let x = normal(9 * 6 * 35, 64, -7.0, 2.0);
+    let (w, b, affine) = affine_of(&ctx, 6, 65);
+    let mut gn = gpunorm::GroupNorm::new(&ctx, 3, 6, gpunorm::GroupNormConfig::torch()).unwrap();
+    gn.set_affine(affine).unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let yt = ctx.zeros(&shape, DType::F32).unwrap();
+    let plan = recorded_plan(&ctx, |e| gn.record(&ctx, e, &xt, &yt).unwrap());
+    let view = View::group_norm(&shape, 3);
+    let chunks =
+        gpunorm::engine::Chunks::of_blocks(&view, DType::F32, 4096, ctx.storage_offset_alignment())
+            .unwrap();
+    assert!(chunks.count >= 3, "{chunks:?}");
+    assert_row_kernel_per_chunk("GroupNorm", &plan, chunks.count as u32);
+    let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
+    assert_close(
+        "split GroupNorm",
+        &ctx.download(&yt).unwrap(),
+        &want,
+        1e-4,
+        1e-5,
+    );
+
+    let shape = [7, 5, 64];
+    let x = normal(7 * 5 * 64, 66, 3.0, 0.5);
+    let (w, b, affine) = affine_of(&ctx, 5, 67);
+    let mut cfg = InstanceNormConfig::torch();
+    cfg.affine = true;
+    let mut inorm = InstanceNorm::new(&ctx, 5, cfg).unwrap();
+    inorm.set_affine(affine).unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let yt = ctx.zeros(&shape, DType::F32).unwrap();
+    let plan = recorded_plan(&ctx, |e| {
+        inorm.record(&ctx, e, &xt, &yt, Mode::Train).unwrap()
+    });
+    let view = View::instance_norm(&shape);
+    let chunks =
+        gpunorm::engine::Chunks::of_blocks(&view, DType::F32, 4096, ctx.storage_offset_alignment())
+            .unwrap();
+    assert!(chunks.count >= 3, "{chunks:?}");
+    assert_row_kernel_per_chunk("InstanceNorm", &plan, chunks.count as u32);
+    let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
+    assert_close(
+        "split InstanceNorm",
+        &ctx.download(&yt).unwrap(),
+        &want,
+        1e-4,
+        1e-5,
+    );
 }
