@@ -338,11 +338,27 @@ fn finalize_group(i: u32, w: u32) -> u32 {
 }
 
 fn finalize_gradients(w: u32, total: vec4<f32>) {
+    store_affine_grads(w, total.w, total.z);
+}
+
+// Writes dγ and dβ of affine index i (those asked for), or with
+// BF_ACCUMULATE adds them to what the chunks before wrote: a tensor split
+// into chunks of whole blocks runs a backward per chunk, and its parameter
+// gradients are the sums over them.
+fn store_affine_grads(i: u32, dw: f32, db: f32) {
     if (bwd_flag(BF_GRAD_WEIGHT)) {
-        grad_weight[w] = total.w;
+        var w = dw;
+        if (bwd_flag(BF_ACCUMULATE)) {
+            w += grad_weight[i];
+        }
+        grad_weight[i] = w;
     }
     if (bwd_flag(BF_GRAD_BIAS)) {
-        grad_bias[w] = total.z;
+        var b = db;
+        if (bwd_flag(BF_ACCUMULATE)) {
+            b += grad_bias[i];
+        }
+        grad_bias[i] = b;
     }
 }
 
@@ -562,12 +578,7 @@ fn write_column(l: u32, block: u32, s: vec4<f32>) {
         if (bwd_flag(BF_WRITE_GSUM)) {
             work[l] = s;
         }
-        if (bwd_flag(BF_GRAD_WEIGHT)) {
-            grad_weight[l] = s.w;
-        }
-        if (bwd_flag(BF_GRAD_BIAS)) {
-            grad_bias[l] = s.z;
-        }
+        store_affine_grads(l, s.w, s.z);
     } else {
         work[bp.partials_offset + l * bp.group_stride + block * bp.tile_stride] = s;
     }
@@ -604,11 +615,6 @@ fn bwd_column_sums(
         sum_dy_xhat += block_dy_xhat;
     }
     for (var k = 0u; k < 4u; k++) {
-        if (bwd_flag(BF_GRAD_WEIGHT)) {
-            grad_weight[4u * c4 + k] = sum_dy_xhat[k];
-        }
-        if (bwd_flag(BF_GRAD_BIAS)) {
-            grad_bias[4u * c4 + k] = sum_dy[k];
-        }
+        store_affine_grads(4u * c4 + k, sum_dy_xhat[k], sum_dy[k]);
     }
 }

@@ -350,6 +350,9 @@ const BF_FOUR_ROWS: u32 = 512;
 const BF_COLUMN_SUMS: u32 = 1024;
 /// Host-side only: the tensor is split across bindings (`BWD_CHUNKED`).
 const BF_CHUNKED: u32 = 2048;
+/// A later chunk of whole blocks adds its affine gradients to the earlier
+/// chunks' instead of writing them ([`plan_blocks`]).
+const BF_ACCUMULATE: u32 = 4096;
 /// Host-side only: bits 24.. of the flags hold the held-row kernel's
 /// vectors per lane (`HELD_K`), a pipeline constant like the flags above.
 const BF_HELD_SHIFT: u32 = 24;
@@ -637,11 +640,60 @@ fn base_params(spec: &BackwardSpec) -> (BwdParams, u32) {
 /// The plan for a tensor bound in `chunks`: [`plan_with`]'s when it fits
 /// one binding, else [`plan_chunked`]'s.
 fn plan_for(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
-    if chunks.count > 1 && spec.view.numel() > 0 {
+    if chunks.whole_blocks {
+        plan_blocks(spec, caps, chunks)
+    } else if chunks.count > 1 && spec.view.numel() > 0 {
         plan_chunked(spec, caps, chunks)
     } else {
         plan_with(spec, caps, false)
     }
+}
+
+/// How x, grad_output and grad_input are split for `ctx`'s binding limit:
+/// between outer blocks where the groups are contiguous and an aligned
+/// run of blocks fits ([`Chunks::of_blocks`], as the forward splits row
+/// norms), else in element ranges ([`plan_chunked`]).
+fn chunks_for(ctx: &Context, spec: &BackwardSpec) -> Chunks {
+    let v = &spec.view;
+    let elements = Chunks::new(v.numel(), spec.dtype, ctx.max_storage_binding());
+    if elements.count > 1 && v.a == 1 {
+        if let Some(blocks) = Chunks::of_blocks(
+            v,
+            spec.dtype,
+            ctx.max_storage_binding(),
+            ctx.storage_offset_alignment(),
+        ) {
+            return blocks;
+        }
+    }
+    elements
+}
+
+/// The plan of a tensor split into chunks of whole blocks: each chunk's
+/// blocks are a tensor of their own (their statistics bound at their first
+/// group), so each runs the plan of a tensor in one binding, with the fast
+/// kernels; from the second chunk on, the affine gradients are added to the
+/// chunks' before (`BF_ACCUMULATE`). The chunks run one after the other and
+/// share the scratch.
+fn plan_blocks(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
+    let mut steps = Vec::new();
+    let mut work_vec4 = 1;
+    for c in 0..chunks.count {
+        let chunk = BackwardSpec {
+            view: chunks.block_view(&spec.view, c),
+            ..*spec
+        };
+        let plan = plan_with(&chunk, caps, false);
+        work_vec4 = work_vec4.max(plan.work_vec4);
+        steps.extend(plan.steps.into_iter().map(|mut step| {
+            step.chunk = c;
+            if c > 0 {
+                step.params.flags |= BF_ACCUMULATE;
+            }
+            step
+        }));
+    }
+    Plan { steps, work_vec4 }
 }
 
 /// The plan of a tensor larger than one storage binding, bound chunk by
@@ -1544,8 +1596,7 @@ pub(crate) fn record_backward_into(
     )?;
     let v = &spec.view;
     to_u32("the input's element count", v.numel())?;
-    // Split across bindings as the forward was (engine::chunks_for).
-    let chunks = Chunks::new(v.numel(), spec.dtype, ctx.max_storage_binding());
+    let chunks = chunks_for(ctx, &spec);
     let plan = match preset_sums {
         None => plan_for(&spec, &ctx.caps(), &chunks),
         Some(_) => plan_preset_sums(&spec, v.groups(), &chunks),
@@ -1634,6 +1685,7 @@ fn record_backward_pass(
     work: &wgpu::Buffer,
 ) {
     if chunks.count > 1
+        && !chunks.whole_blocks
         && plan
             .steps
             .iter()
@@ -1651,6 +1703,18 @@ fn record_backward_pass(
         timestamp_writes: None,
     });
     for (step, &(gx, gy)) in plan.steps.iter().zip(grids) {
+        // A chunk of whole blocks reads the statistics of its own groups.
+        let stats = if chunks.whole_blocks {
+            let first = chunks.first_group(&spec.view, step.chunk) as u64;
+            let groups = chunks.block_view(&spec.view, step.chunk).groups() as u64;
+            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &saved.scratch,
+                offset: 16 * first,
+                size: wgpu::BufferSize::new(16 * groups.max(1)),
+            })
+        } else {
+            saved.scratch.as_entire_binding()
+        };
         let uniform = kernels::uniform_buffer(
             &ctx.device,
             "gpunorm backward",
@@ -1664,7 +1728,7 @@ fn record_backward_pass(
                 chunk_binding(x, chunks, step.chunk),
                 chunk_binding(dy, chunks, step.chunk),
                 GpuTensor::binding_or(weight, &cache.dummies[0]),
-                saved.scratch.as_entire_binding(),
+                stats,
                 chunk_binding(&grads.grad_input, chunks, step.chunk),
                 GpuTensor::binding_or(grads.grad_weight.as_ref(), &cache.dummies[1]),
                 GpuTensor::binding_or(grads.grad_bias.as_ref(), &cache.dummies[2]),

@@ -315,10 +315,32 @@ fn chunked_backward_of_batch_norm_matches_f64_in_train_and_eval() {
 
 #[test]
 fn chunked_backward_of_row_norms_and_groups_matches_f64() {
-    // LayerNorm and RMSNorm (γ per column: the [1, R, K, 1] reduction),
-    // channels-first GroupNorm (γ per channel of H·W elements: [1, R, K, D])
-    // and InstanceNorm (γ per channel, from the group sums).
-    let (rows, len) = (10, 1000);
+    // Rows of 1000 and samples of 8x9x9 fit 8 KiB: the tensors split
+    // between rows (samples), and each chunk runs the unsplit kernels, its
+    // affine gradients added to the chunks' before.
+    row_norm_and_group_backwards_match_f64((10, 1000), [8, 8, 9, 9], 8192, true);
+    // Rows of 3000 and samples of 8x20x20 do not: the tensors split within
+    // rows, for the generic kernels. LayerNorm and RMSNorm take γ per
+    // column (the [1, R, K, 1] reduction), channels-first GroupNorm γ per
+    // channel of H·W elements ([1, R, K, D]) and InstanceNorm γ per
+    // channel, from the group sums.
+    row_norm_and_group_backwards_match_f64((3, 3000), [3, 8, 20, 20], 8192, false);
+}
+
+/// LayerNorm and RMSNorm (f32, f16) of `rows` rows of `len`, and
+/// GroupNorm(2, 8) and InstanceNorm of `samples`, split in `binding`-byte
+/// bindings between blocks (`whole_blocks`) or within them.
+fn row_norm_and_group_backwards_match_f64(
+    (rows, len): (usize, usize),
+    samples: [usize; 4],
+    binding: u64,
+    whole_blocks: bool,
+) {
+    let split = |view: &View, dtype: DType| {
+        let align = binding_limited_ctx(binding).storage_offset_alignment();
+        let blocks = gpunorm::engine::Chunks::of_blocks(view, dtype, binding, align);
+        assert_eq!(blocks.is_some(), whole_blocks, "{view:?} {dtype:?}");
+    };
     let shape = [rows, len];
     let gamma = normal(len, 42, 1.0, 0.5);
     for (rms, what) in [(false, "LayerNorm"), (true, "RMSNorm")] {
@@ -329,10 +351,11 @@ fn chunked_backward_of_row_norms_and_groups_matches_f64() {
         };
         for dtype in [DType::F32, DType::F16] {
             let view = View::layer_norm(&shape, len);
+            split(&view, dtype);
             let case = BackwardCase {
                 rms,
                 eps: config.eps as f64,
-                ..BackwardCase::new(what, dtype, &shape, view, &gamma, 8192)
+                ..BackwardCase::new(what, dtype, &shape, view, &gamma, binding)
             };
             chunked_backward_matches_f64(case, |ctx, x, dy| {
                 let weight = Some(ctx.upload(&gamma, &[len]).unwrap());
@@ -350,15 +373,17 @@ fn chunked_backward_of_row_norms_and_groups_matches_f64() {
             });
         }
     }
-    let shape = [8, 8, 9, 9];
+    let shape = samples;
     let gamma = normal(8, 43, 1.0, 0.5);
+    split(&View::group_norm(&shape, 2), DType::F32);
+    split(&View::instance_norm(&shape), DType::F32);
     let case = BackwardCase::new(
         "GroupNorm(2, 8)",
         DType::F32,
         &shape,
         View::group_norm(&shape, 2),
         &gamma,
-        8192,
+        binding,
     );
     chunked_backward_matches_f64(case, |ctx, x, dy| {
         trained_group_norm(ctx, x, &gamma)
@@ -371,7 +396,7 @@ fn chunked_backward_of_row_norms_and_groups_matches_f64() {
         &shape,
         View::instance_norm(&shape),
         &gamma,
-        8192,
+        binding,
     );
     chunked_backward_matches_f64(case, |ctx, x, dy| {
         let config = InstanceNormConfig {
@@ -468,38 +493,54 @@ fn many_small_groups_of_a_split_tensor_fit_their_scratch_forward_and_backward() 
         1e-4,
         1e-5,
     );
-    let shape = [rows, len];
-    let gamma = normal(len, 44, 1.0, 0.5);
-    let case = BackwardCase::new(
-        "LayerNorm of 60 rows of 70",
-        DType::F32,
-        &shape,
-        View::layer_norm(&shape, len),
-        &gamma,
-        4096,
-    );
+    // The backward of a LayerNorm splits between rows too (see
+    // chunked_backward_of_row_norms_and_groups_matches_f64); a Keras
+    // GroupNorm of one channel on [60, 70, 1] holds the same groups as
+    // [60, 70, 1, 1] of the [P, A, G, B] view, which the backward splits
+    // within them.
+    let shape = [rows, len, 1];
+    let gamma = [1.5];
+    let case = BackwardCase {
+        eps: 1e-3,
+        ..BackwardCase::new(
+            "Keras GroupNorm of 60 samples of 70",
+            DType::F32,
+            &shape,
+            View::group_norm_channels_last(&shape, 1),
+            &gamma,
+            4096,
+        )
+    };
     chunked_backward_matches_f64(case, |ctx, x, dy| {
-        let ln = trained_layer_norm(ctx, x, &gamma);
-        // Twice: the second finds the first's column partials in the
-        // context's shared scratch, where a slot left unwritten would show.
-        ln.backward(ctx, dy).unwrap();
-        ln.backward(ctx, dy).unwrap()
+        let mut gn = gpunorm::GroupNorm::new(ctx, 1, 1, gpunorm::GroupNormConfig::keras()).unwrap();
+        gn.set_affine(gpunorm::Affine {
+            weight: Some(ctx.upload(&gamma, &[1]).unwrap()),
+            bias: Some(ctx.zeros(&[1], DType::F32).unwrap()),
+        })
+        .unwrap();
+        gn.forward(ctx, x).unwrap();
+        // Twice: the second finds the first's partials in the context's
+        // shared scratch, where a slot left unwritten would show.
+        gn.backward(ctx, dy).unwrap();
+        gn.backward(ctx, dy).unwrap()
     });
 }
 
 #[test]
 fn a_split_backward_whose_scratch_outgrows_a_buffer_is_a_typed_error() {
-    // LayerNorm's dγ over a split tensor keeps a partial per column and
-    // chunk it reaches: 10 rows of 1000 in 2048-element chunks, 5000 of
-    // them (80 KB), more than the 64 KiB this context's buffers hold. The
-    // backward says so before recording anything.
+    // LayerNorm's dγ over a tensor split within rows (rows longer than a
+    // binding) keeps a partial per column and chunk it reaches: 3 rows of
+    // 3000 in 2048-element chunks, four slots for each of 3000 columns
+    // (192 KB), more than the 64 KiB this context's buffers hold. The
+    // backward says so before recording anything. (Shorter rows split
+    // between rows, and each chunk needs only its own column sums.)
     let ctx = Context::with_options(ContextOptions {
         max_storage_binding: Some(8192),
         max_buffer_size: Some(65536),
         ..Default::default()
     })
     .unwrap();
-    let (rows, len) = (10, 1000);
+    let (rows, len) = (3, 3000);
     let mut ln = gpunorm::LayerNorm::new(&ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
     let x = ctx
         .upload(&normal(rows * len, 26, 0.0, 1.0), &[rows, len])
@@ -741,4 +782,47 @@ fn split_group_and_instance_norms_run_the_row_kernels_on_chunks_of_whole_samples
         1e-4,
         1e-5,
     );
+}
+
+#[test]
+fn a_backward_split_within_rows_reads_zero_where_a_chunk_leaves_a_slot_unwritten() {
+    // Rows of 3000 in 2048-element chunks: each row keeps partials for the
+    // three chunks from its first, and row 0 reaches only two, so its third
+    // slot must read zero (cleared before the pass). A backward of other
+    // rows first leaves its partials in the context's shared scratch, where
+    // an uncleared slot would add them in.
+    let ctx = binding_limited_ctx(8192);
+    let backward_of = |rows: usize, len: usize, seed: u64| {
+        let gamma = normal(len, seed, 1.0, 0.5);
+        let x = normal(rows * len, seed + 1, 2.0, 3.0);
+        let dy = normal(rows * len, seed + 2, 0.5, 1.0);
+        let mut ln =
+            gpunorm::LayerNorm::new(&ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+        ln.set_weight(Some(ctx.upload(&gamma, &[len]).unwrap()))
+            .unwrap();
+        ln.forward(&ctx, &ctx.upload(&x, &[rows, len]).unwrap(), Mode::Train)
+            .unwrap();
+        let g = ln
+            .backward(&ctx, &ctx.upload(&dy, &[rows, len]).unwrap())
+            .unwrap();
+        let view = View::layer_norm(&[rows, len], len);
+        let want = reference::backward(&x, &dy, &view, false, 1e-5, Some(&gamma), None);
+        let what = format!("{rows} rows of {len}");
+        assert_close(
+            &format!("{what}: grad_input"),
+            &ctx.download(&g.grad_input).unwrap(),
+            &want.grad_input,
+            1e-4,
+            1e-4,
+        );
+        for (got, want, name) in [
+            (&g.grad_weight, &want.grad_weight, "grad_weight"),
+            (&g.grad_bias, &want.grad_bias, "grad_bias"),
+        ] {
+            let got = ctx.download(got.as_ref().unwrap()).unwrap();
+            assert_close(&format!("{what}: {name}"), &got, want, 1e-3, 1e-4);
+        }
+    };
+    backward_of(7, 2500, 70);
+    backward_of(3, 3000, 80);
 }
