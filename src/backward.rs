@@ -26,11 +26,14 @@
 //!   `GradInput` (by runs, with the run's coefficients found once, when runs
 //!   are whole vectors with one γ each).
 //! - Eval mode with running statistics: `grad_input = g·rstd` elementwise.
-//! - A tensor larger than one storage binding (split as the forward splits
-//!   it, [`Chunks`]): `Partials` and `GradInput` once per chunk over its
-//!   elements, one `Finalize` over every chunk's partials, and the affine
-//!   gradients of an index per column through the `[1, R, K, D]` view
-//!   below (`plan_chunked`).
+//! - A tensor larger than one storage binding ([`Chunks`]) with contiguous
+//!   groups, where an aligned run of rows or samples fits a binding: the
+//!   plan above for each chunk of whole rows (samples), the affine
+//!   gradients of later chunks added to the earlier ones' (`plan_blocks`).
+//!   Otherwise, split within groups: `Partials` and `GradInput` once per
+//!   chunk over its elements, one `Finalize` over every chunk's partials,
+//!   and the affine gradients of an index per column through the
+//!   `[1, R, K, D]` view below (`plan_chunked`).
 //! - Affine gradients: when the affine index is the statistics channel
 //!   (BatchNorm, InstanceNorm) they come out of the group sums, summed over
 //!   samples by `Finalize`; an affine index per column (LayerNorm, RMSNorm,

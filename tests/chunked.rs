@@ -472,17 +472,13 @@ fn many_small_groups_of_a_split_tensor_fit_their_scratch_forward_and_backward() 
         .unwrap();
     inorm.forward(&ctx, &other, Mode::Train).unwrap();
     let xt = ctx.upload(&x, &[rows, 1, len]).unwrap();
-    let mut encoder = ctx
-        .device()
-        .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
     let yt = ctx.zeros(&[rows, 1, len], DType::F32).unwrap();
-    let plan = inorm
-        .record(&ctx, &mut encoder, &xt, &yt, Mode::Train)
-        .unwrap();
-    ctx.submit_and_wait(encoder).unwrap();
+    let plan = recorded_plan(&ctx, |e| {
+        inorm.record(&ctx, e, &xt, &yt, Mode::Train).unwrap()
+    });
     assert!(
         plan.iter()
-            .any(|d| d.kernel == gpunorm::kernels::Kernel::Partials && d.chunk > 0),
+            .any(|&(kernel, chunk)| kernel == gpunorm::kernels::Kernel::Partials && chunk > 0),
         "{plan:?}"
     );
     let want = layer_norm_reference(&x, rows, len, 1e-5);
