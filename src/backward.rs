@@ -26,10 +26,10 @@
 //!   `GradInput` (by runs, with the run's coefficients found once, when runs
 //!   are whole vectors with one γ each).
 //! - Eval mode with running statistics: `grad_input = g·rstd` elementwise.
-//! - A tensor larger than one storage binding ([`Chunks`]) with contiguous
-//!   groups, where an aligned run of rows or samples fits a binding: the
-//!   plan above for each chunk of whole rows (samples), the affine
-//!   gradients of later chunks added to the earlier ones' (`plan_blocks`).
+//! - A tensor larger than one storage binding ([`Chunks`]) where an aligned
+//!   run of rows or samples fits a binding: the plan above for each chunk
+//!   of whole rows (samples), the affine gradients of later chunks added to
+//!   the earlier ones' (`plan_blocks`).
 //!   Otherwise, split within groups: `Partials` and `GradInput` once per
 //!   chunk over its elements, one `Finalize` over every chunk's partials,
 //!   and the affine gradients of an index per column through the
@@ -653,13 +653,14 @@ fn plan_for(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
 }
 
 /// How x, grad_output and grad_input are split for `ctx`'s binding limit:
-/// between outer blocks where the groups are contiguous and an aligned
-/// run of blocks fits ([`Chunks::of_blocks`], as the forward splits row
-/// norms), else in element ranges ([`plan_chunked`]).
+/// between outer blocks (rows, samples) where an aligned run of them fits
+/// ([`Chunks::of_blocks`], as the forward splits them where its blocks are
+/// independent; a backward's always are, its only sums across blocks being
+/// the affine gradients), else in element ranges ([`plan_chunked`]).
 fn chunks_for(ctx: &Context, spec: &BackwardSpec) -> Chunks {
     let v = &spec.view;
     let elements = Chunks::new(v.numel(), spec.dtype, ctx.max_storage_binding());
-    if elements.count > 1 && v.a == 1 {
+    if elements.count > 1 {
         if let Some(blocks) = Chunks::of_blocks(
             v,
             spec.dtype,

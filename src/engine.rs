@@ -169,6 +169,13 @@ impl Chunks {
         }
     }
 
+    /// The forward of chunk `c` of whole blocks: `spec` on the chunk's
+    /// view, which one binding holds.
+    pub fn block_spec(&self, spec: &ForwardSpec, c: usize) -> (ForwardSpec, Chunks) {
+        let view = self.block_view(&spec.view, c);
+        (ForwardSpec { view, ..*spec }, Chunks::whole(view.numel()))
+    }
+
     /// The first statistics group of chunk `c` of whole blocks.
     pub fn first_group(&self, view: &View, c: usize) -> usize {
         let block = (view.a * view.g * view.b).max(1);
@@ -596,6 +603,20 @@ pub fn plan_forward(spec: &ForwardSpec) -> Vec<Dispatch> {
 
 /// The dispatches of one forward pass, in order, with the chunk each binds.
 pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) -> Vec<Dispatch> {
+    if chunks.whole_blocks {
+        // Each chunk's blocks are a tensor of their own, in one binding.
+        return (0..chunks.count)
+            .flat_map(|c| {
+                let (chunk, whole) = chunks.block_spec(spec, c);
+                plan_forward_chunked(&chunk, &whole, caps)
+                    .into_iter()
+                    .map(move |d| Dispatch {
+                        chunk: c as u32,
+                        ..d
+                    })
+            })
+            .collect();
+    }
     let v = &spec.view;
     let numel = v.numel();
     let d = |kernel, workgroups: usize, chunk: usize| Dispatch {
@@ -633,26 +654,20 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             plan.extend(normalize_dispatches(v, chunks, caps));
             plan
         }
-        StatsSource::Batch if uses_row_kernel(spec) && (!chunks.split() || chunks.whole_blocks) => {
-            // The kernel (and its pipeline) is the whole tensor's; each
-            // chunk of whole blocks dispatches it over its own groups.
-            let steps_per_wg = (kernels::ROWS_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
-            let rows_per_wg = steps_per_wg * rows_per_step(v, caps) as usize;
-            let (kernel, workgroups): (Kernel, &dyn Fn(usize) -> usize) =
-                if held_vectors(v, caps).is_some() {
-                    (Kernel::RowsHeld, &|groups| block_workgroups(groups, caps))
-                } else if workgroup_held_vectors(v, caps).is_some() {
-                    (Kernel::RowsWorkgroupHeld, &|groups| groups)
-                } else if uses_subgroup_rows(spec, caps) {
-                    // Enough workgroups for the largest subgroup size; with
-                    // smaller subgroups the surplus workgroups find no row.
-                    (Kernel::RowsSubgroup, &|groups| groups.div_ceil(rows_per_wg))
-                } else {
-                    (Kernel::Rows, &|groups| groups)
-                };
-            (0..chunks.count)
-                .map(|c| d(kernel, workgroups(chunks.block_view(v, c).groups()), c))
-                .collect()
+        StatsSource::Batch if uses_row_kernel(spec) && !chunks.split() => {
+            if held_vectors(v, caps).is_some() {
+                vec![d(Kernel::RowsHeld, block_workgroups(v.groups(), caps), 0)]
+            } else if workgroup_held_vectors(v, caps).is_some() {
+                vec![d(Kernel::RowsWorkgroupHeld, v.groups(), 0)]
+            } else if uses_subgroup_rows(spec, caps) {
+                // Enough workgroups for the largest subgroup size; with
+                // smaller subgroups the surplus workgroups find no row.
+                let steps_per_wg = (kernels::ROWS_SG_WG / caps.subgroup_max.max(1)).max(1) as usize;
+                let rows_per_wg = steps_per_wg * rows_per_step(v, caps) as usize;
+                vec![d(Kernel::RowsSubgroup, v.groups().div_ceil(rows_per_wg), 0)]
+            } else {
+                vec![d(Kernel::Rows, v.groups(), 0)]
+            }
         }
         StatsSource::Batch => {
             let tiles = tiles_for(v, chunks, caps) as usize;
@@ -714,15 +729,42 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
     }
 }
 
-/// Bytes of scratch (statistics and partials) a forward of `view` needs.
+/// Bytes of scratch (statistics and partials) a forward of `view` split
+/// in element ranges (or unsplit) needs, whatever kernels it takes.
 pub fn scratch_bytes(view: &View, chunks: &Chunks, caps: &Caps) -> u64 {
     let groups = view.groups() as u64;
-    if chunks.whole_blocks {
-        // The row kernels keep no partials.
-        return 16 * groups.max(1);
-    }
     let tiles = merge_tiles_for(view, chunks, caps) as u64;
     16 * (groups + groups * tiles).max(1)
+}
+
+/// Bytes of scratch the forward of `spec` split as `chunks` needs: the
+/// statistics alone where the row kernels run (they keep no partials),
+/// each chunk's scratch from its first group on for chunks of whole blocks
+/// ([`chunk_scratch`]), else [`scratch_bytes`].
+pub fn forward_scratch_bytes(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) -> u64 {
+    if chunks.whole_blocks {
+        (0..chunks.count)
+            .map(|c| {
+                let (start, bytes) = chunk_scratch(spec, chunks, c, caps);
+                start + bytes
+            })
+            .max()
+            .unwrap_or(16)
+    } else if uses_row_kernel(spec) && !chunks.split() {
+        16 * spec.view.groups().max(1) as u64
+    } else {
+        scratch_bytes(&spec.view, chunks, caps)
+    }
+}
+
+/// Where the scratch of chunk `c` of whole blocks starts and how long it is,
+/// in bytes: its statistics (from its first group on), then its partials,
+/// which lie over the next chunks' statistics (those chunks run later and
+/// write them then).
+fn chunk_scratch(spec: &ForwardSpec, chunks: &Chunks, c: usize, caps: &Caps) -> (u64, u64) {
+    let (chunk, whole) = chunks.block_spec(spec, c);
+    let start = 16 * chunks.first_group(&spec.view, c) as u64;
+    (start, forward_scratch_bytes(&chunk, &whole, caps))
 }
 
 /// The buffers of one forward call.
@@ -735,7 +777,7 @@ pub(crate) struct ForwardBuffers<'a> {
     pub running_var: Option<&'a GpuTensor>,
     pub counter: Option<&'a wgpu::Buffer>,
     /// Statistics (first `groups` vec4) and partials; at least
-    /// [`scratch_bytes`] long.
+    /// [`forward_scratch_bytes`] long.
     pub scratch: &'a wgpu::Buffer,
 }
 
@@ -824,13 +866,18 @@ fn to_u32(what: &str, n: usize) -> Result<u32> {
 
 /// How x and y are split for `ctx`'s binding limit.
 ///
-/// A split tensor whose forward takes the row kernels is split between
-/// outer blocks where an aligned run of them fits a binding
-/// ([`Chunks::of_blocks`]), so that each chunk runs those kernels: the
-/// generic kernels that cut through groups are several times slower.
+/// A split tensor whose outer blocks are independent (batch statistics and
+/// no running update, which averages over them) is split between blocks
+/// where an aligned run of them fits a binding ([`Chunks::of_blocks`]), so
+/// that each chunk runs the kernels of an unsplit tensor: the generic
+/// kernels that cut through groups are several times slower.
 pub(crate) fn chunks_for(ctx: &Context, spec: &ForwardSpec) -> Chunks {
     let elements = Chunks::new(spec.view.numel(), spec.dtype, ctx.max_storage_binding());
-    if elements.split() && uses_row_kernel(spec) {
+    let independent = spec.source == StatsSource::Batch
+        && spec.update.is_none()
+        && !spec.bump_counter
+        && !spec.empty_batch_nan;
+    if elements.split() && independent {
         if let Some(blocks) = Chunks::of_blocks(
             &spec.view,
             spec.dtype,
@@ -851,7 +898,7 @@ pub(crate) fn check_limits(ctx: &Context, spec: &ForwardSpec, x: &GpuTensor) -> 
     to_u32("the input's element count", v.numel())?;
     ctx.check_buffer_size("the input", x.byte_len())?;
     let chunks = chunks_for(ctx, spec);
-    let scratch = scratch_bytes(v, &chunks, &ctx.caps());
+    let scratch = forward_scratch_bytes(spec, &chunks, &ctx.caps());
     to_u32("the partials count", (scratch / 16) as usize)?;
     ctx.check_size("the statistics scratch", scratch)?;
     if chunks.count > 1 && !x.offset().is_multiple_of(ctx.storage_offset_alignment()) {
@@ -1042,31 +1089,37 @@ fn record_forward_with(
                 _ => forward_uniforms(ctx, spec, &chunks, preset.is_some()),
             };
             ForwardBindings {
-                groups: forward_bind_groups(ctx, &spec.view, bufs, &chunks, &uniforms),
+                groups: forward_bind_groups(ctx, spec, bufs, &chunks, &uniforms),
                 uniforms,
                 key,
             }
         }
     };
-    // Chunks of whole blocks run the pipelines of the unsplit tensor.
-    let kernel_chunks = if chunks.whole_blocks {
-        Chunks::whole(v.numel())
-    } else {
-        chunks
-    };
-    let variant = kernels::Variant {
+    let caps = ctx.caps();
+    let variant_of = |v: &View, chunks: &Chunks| kernels::Variant {
         weight: bufs.weight.is_some(),
         bias: bufs.bias.is_some(),
         rms: spec.rms,
         affine: kernels::AffineMode::of(v.affine_div, v.b),
-        rows_per_step: rows_per_step(v, &ctx.caps()),
+        rows_per_step: rows_per_step(v, &caps),
         // Held rows need G = 1, where held columns count the same vectors.
-        held_vectors: held_vectors(v, &ctx.caps())
-            .or(workgroup_held_vectors(v, &ctx.caps()))
-            .or(held_columns(v, &kernel_chunks, &ctx.caps()))
+        held_vectors: held_vectors(v, &caps)
+            .or(workgroup_held_vectors(v, &caps))
+            .or(held_columns(v, chunks, &caps))
             .unwrap_or(0),
     };
-    if chunks.split() && plan.iter().any(|d| d.kernel == Kernel::Partials) {
+    // Chunks of whole blocks run the pipelines of their own plans.
+    let variants: Vec<kernels::Variant> = if chunks.whole_blocks {
+        (0..chunks.count)
+            .map(|c| {
+                let (chunk, whole) = chunks.block_spec(spec, c);
+                variant_of(&chunk.view, &whole)
+            })
+            .collect()
+    } else {
+        vec![variant_of(v, &chunks)]
+    };
+    if chunks.split() && !chunks.whole_blocks && plan.iter().any(|d| d.kernel == Kernel::Partials) {
         // A chunk's partials dispatch covers only the groups with elements
         // in it (chunk_groups): the slots of a group's other reached chunks
         // must read zero.
@@ -1079,6 +1132,11 @@ fn record_forward_with(
         timestamp_writes: None,
     });
     for dispatch in &plan {
+        let variant = variants[if chunks.whole_blocks {
+            dispatch.chunk as usize
+        } else {
+            0
+        }];
         let pipeline = ctx
             .pipelines
             .get(&ctx.device, dispatch.kernel, variant, bufs.x.dtype());
@@ -1120,21 +1178,18 @@ fn forward_uniforms(
         kernels::uniform_buffer(&ctx.device, "gpunorm forward", bytemuck::bytes_of(params))
     };
     if chunks.whole_blocks {
-        // Each chunk is a tensor of its own blocks, in one binding.
+        // Each chunk is a tensor of its own blocks, in one binding (its
+        // only chunk, as the kernels see it).
         return (0..chunks.count)
             .map(|c| {
-                let view = chunks.block_view(&spec.view, c);
-                let whole = Chunks::whole(view.numel());
-                uniform(&Params {
-                    chunk_index: c as u32,
-                    ..forward_params(ctx, spec, &view, &whole, preset)
-                })
+                let (chunk, whole) = chunks.block_spec(spec, c);
+                uniform(&forward_params(ctx, &chunk, &whole, preset))
             })
             .collect();
     }
     let v = &spec.view;
     let numel = v.numel();
-    let base = forward_params(ctx, spec, v, chunks, preset);
+    let base = forward_params(ctx, spec, chunks, preset);
     (0..chunks.count)
         .map(|c| {
             let (lo, hi) = chunks.range(c, numel);
@@ -1149,15 +1204,10 @@ fn forward_uniforms(
         .collect()
 }
 
-/// The parameters of a forward of `v` (the spec's view, or a chunk's of
-/// whole blocks) split as `chunks`, for its first chunk.
-fn forward_params(
-    ctx: &Context,
-    spec: &ForwardSpec,
-    v: &View,
-    chunks: &Chunks,
-    preset: bool,
-) -> Params {
+/// The parameters of a forward of `spec` split as `chunks`, for its first
+/// chunk.
+fn forward_params(ctx: &Context, spec: &ForwardSpec, chunks: &Chunks, preset: bool) -> Params {
+    let v = &spec.view;
     let mut flags = 0;
     let mut set = |cond: bool, f: u32| {
         if cond {
@@ -1234,7 +1284,7 @@ fn forward_params(
 /// bound to the chunk, with the chunk's uniform.
 fn forward_bind_groups(
     ctx: &Context,
-    view: &View,
+    spec: &ForwardSpec,
     bufs: &ForwardBuffers<'_>,
     chunks: &Chunks,
     uniforms: &[wgpu::Buffer],
@@ -1245,20 +1295,18 @@ fn forward_bind_groups(
         .enumerate()
         .map(|(c, uniform)| {
             let (lo, hi) = chunks.range(c, numel);
-            let stats = chunks.whole_blocks.then(|| {
-                let first = chunks.first_group(view, c) as u64;
-                let groups = chunks.block_view(view, c).groups() as u64;
-                (16 * first, 16 * groups.max(1))
-            });
+            let stats = chunks
+                .whole_blocks
+                .then(|| chunk_scratch(spec, chunks, c, &ctx.caps()));
             forward_bind_group(ctx, bufs, uniform, lo, hi, stats)
         })
         .collect()
 }
 
 /// The bind group of one chunk: parameters, x and y bound to elements
-/// `lo..hi`, the scratch whole or (a chunk of whole blocks) its statistics'
-/// `(offset, size)` in bytes, the other tensors whole (placeholders where
-/// absent).
+/// `lo..hi`, the scratch whole or (a chunk of whole blocks) from its
+/// statistics on (`(offset, size)` in bytes), the other tensors whole
+/// (placeholders where absent).
 fn forward_bind_group(
     ctx: &Context,
     bufs: &ForwardBuffers<'_>,
@@ -1766,7 +1814,7 @@ mod tests {
         }
         // Workgroups for each chunk's rows, fewer than for all 1000.
         assert!(plan[0].workgroups < whole[0].workgroups);
-        assert_eq!(scratch_bytes(&view, &chunks, &SUBGROUPS), 16 * 1000);
+        assert_eq!(forward_scratch_bytes(&ln, &chunks, &SUBGROUPS), 16 * 1000);
     }
 
     #[test]

@@ -449,76 +449,73 @@ fn chunked_sync_batch_norm_backward_matches_a_local_batch_norm() {
 
 #[test]
 fn many_small_groups_of_a_split_tensor_fit_their_scratch_forward_and_backward() {
-    // 60 rows of 70 in 1024-element chunks: most rows straddle two chunks,
-    // the last ones sit in the last chunk. With a partial per group and
-    // chunk the scratch (60 × 6 vec4, 5760 bytes) outgrew the 4 KiB
-    // binding and was refused; each group keeps two chunks' now.
+    // One sample of InstanceNorm1d over 60 channels of 70, in 1024-element
+    // chunks: most channels straddle two chunks, the last ones sit in the
+    // last chunk. With a partial per group and chunk the scratch (60 × 6
+    // vec4, 5760 bytes) outgrew the 4 KiB binding and was refused; each
+    // group keeps two chunks' now. (With more samples that fit a binding
+    // the tensor splits between samples instead.)
     let ctx = binding_limited_ctx(4096);
-    let (rows, len) = (60, 70);
-    let x = normal(rows * len, 24, -3.0, 2.0);
-    // A LayerNorm's forward splits between rows and runs the row kernels
-    // (a_split_row_norm_runs_the_row_kernels_on_chunks_of_whole_rows); a
-    // tracked InstanceNorm's takes the same view, [60, 1, 70], through the
-    // generic kernels, which cut through rows.
-    // The layer's scratch first holds another forward's partials, reused
-    // as large enough, so a slot this one failed to write would show: with
-    // 61 rows, the slot where 60 rows keep row 59's second chunk (chunk 3:
-    // a row of the last chunk keeps chunks 3 and 4) held row 59's data.
-    let mut cfg = InstanceNormConfig::torch();
-    cfg.track_running_stats = true;
-    let mut inorm = InstanceNorm::new(&ctx, 1, cfg).unwrap();
+    let (channels, len) = (60, 70);
+    let shape = [1, channels, len];
+    let x = normal(channels * len, 24, -3.0, 2.0);
+    let gamma = normal(channels, 44, 1.0, 0.5);
+    let instance_norm = |ctx: &Context| {
+        let config = InstanceNormConfig {
+            affine: true,
+            ..InstanceNormConfig::torch_1d()
+        };
+        let mut inorm = InstanceNorm::new(ctx, channels, config).unwrap();
+        inorm
+            .set_affine(gpunorm::Affine {
+                weight: Some(ctx.upload(&gamma, &[channels]).unwrap()),
+                bias: Some(ctx.zeros(&[channels], DType::F32).unwrap()),
+            })
+            .unwrap();
+        inorm
+    };
+    // The layer's scratch first holds another forward's statistics and
+    // partials, reused as large enough, so a slot this one failed to
+    // write would show.
+    let mut inorm = instance_norm(&ctx);
     let other = ctx
-        .upload(&normal(61 * len, 25, 5.0, 1.0), &[61, 1, len])
+        .upload(&normal(channels * 91, 25, 5.0, 1.0), &[1, channels, 91])
         .unwrap();
     inorm.forward(&ctx, &other, Mode::Train).unwrap();
-    let xt = ctx.upload(&x, &[rows, 1, len]).unwrap();
-    let yt = ctx.zeros(&[rows, 1, len], DType::F32).unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let yt = ctx.zeros(&shape, DType::F32).unwrap();
     let plan = recorded_plan(&ctx, |e| {
         inorm.record(&ctx, e, &xt, &yt, Mode::Train).unwrap()
     });
     assert!(
         plan.iter()
-            .any(|&(kernel, chunk)| kernel == gpunorm::kernels::Kernel::Partials && chunk > 0),
-        "{plan:?}"
+            .any(|&(kernel, chunk)| kernel == gpunorm::kernels::Kernel::Shifts && chunk > 0),
+        "split within groups: {plan:?}"
     );
-    let want = layer_norm_reference(&x, rows, len, 1e-5);
+    let view = View::instance_norm(&shape);
+    let want = reference::forward(&x, &view, false, 1e-5, Some(&gamma), None);
     assert_close(
-        "chunked small rows",
+        "chunked small groups",
         &ctx.download(&yt).unwrap(),
         &want,
         1e-4,
         1e-5,
     );
-    // The backward of a LayerNorm splits between rows too (see
-    // chunked_backward_of_row_norms_and_groups_matches_f64); a Keras
-    // GroupNorm of one channel on [60, 70, 1] holds the same groups as
-    // [60, 70, 1, 1] of the [P, A, G, B] view, which the backward splits
-    // within them.
-    let shape = [rows, len, 1];
-    let gamma = [1.5];
-    let case = BackwardCase {
-        eps: 1e-3,
-        ..BackwardCase::new(
-            "Keras GroupNorm of 60 samples of 70",
-            DType::F32,
-            &shape,
-            View::group_norm_channels_last(&shape, 1),
-            &gamma,
-            4096,
-        )
-    };
+    let case = BackwardCase::new(
+        "InstanceNorm1d of 60 channels of 70",
+        DType::F32,
+        &shape,
+        view,
+        &gamma,
+        4096,
+    );
     chunked_backward_matches_f64(case, |ctx, x, dy| {
-        let mut gn = gpunorm::GroupNorm::new(ctx, 1, 1, gpunorm::GroupNormConfig::keras()).unwrap();
-        gn.set_affine(gpunorm::Affine {
-            weight: Some(ctx.upload(&gamma, &[1]).unwrap()),
-            bias: Some(ctx.zeros(&[1], DType::F32).unwrap()),
-        })
-        .unwrap();
-        gn.forward(ctx, x).unwrap();
+        let mut inorm = instance_norm(ctx);
+        inorm.forward(ctx, x, Mode::Train).unwrap();
         // Twice: the second finds the first's partials in the context's
         // shared scratch, where a slot left unwritten would show.
-        gn.backward(ctx, dy).unwrap();
-        gn.backward(ctx, dy).unwrap()
+        inorm.backward(ctx, dy).unwrap();
+        inorm.backward(ctx, dy).unwrap()
     });
 }
 
@@ -821,4 +818,57 @@ fn a_backward_split_within_rows_reads_zero_where_a_chunk_leaves_a_slot_unwritten
     };
     backward_of(7, 2500, 70);
     backward_of(3, 3000, 80);
+}
+
+#[test]
+fn a_split_channels_last_group_norm_runs_each_chunk_of_samples_as_a_tensor_of_its_own() {
+    // Keras GroupNormalization(3) on [N, 5, 7, 6]: a sample is 840 bytes,
+    // its groups strided across it (A = 35), so not the row kernels; in
+    // 4 KiB bindings each chunk of four samples runs the plan of a tensor
+    // in one binding, forward and backward.
+    let ctx = binding_limited_ctx(4096);
+    let shape = [12, 5, 7, 6];
+    let view = View::group_norm_channels_last(&shape, 3);
+    let x = normal(12 * 5 * 7 * 6, 68, 4.0, 2.0);
+    let (w, b, affine) = affine_of(&ctx, 6, 69);
+    let mut gn = gpunorm::GroupNorm::new(&ctx, 3, 6, gpunorm::GroupNormConfig::keras()).unwrap();
+    gn.set_affine(affine).unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let yt = ctx.zeros(&shape, DType::F32).unwrap();
+    let plan = recorded_plan(&ctx, |e| gn.record(&ctx, e, &xt, &yt).unwrap());
+    let chunks =
+        gpunorm::engine::Chunks::of_blocks(&view, DType::F32, 4096, ctx.storage_offset_alignment())
+            .unwrap();
+    assert_eq!(chunks.count, 3);
+    let chunk_of_each: Vec<u32> = plan.iter().map(|&(_, chunk)| chunk).collect();
+    assert!(chunk_of_each.windows(2).all(|w| w[0] <= w[1]), "{plan:?}");
+    assert_eq!(chunk_of_each.last(), Some(&2), "{plan:?}");
+    assert!(
+        plan.iter()
+            .all(|&(kernel, _)| kernel != gpunorm::kernels::Kernel::Shifts),
+        "not split within groups: {plan:?}"
+    );
+    let want = reference::forward(&x, &view, false, 1e-3, Some(&w), Some(&b));
+    assert_close(
+        "split Keras GroupNorm",
+        &ctx.download(&yt).unwrap(),
+        &want,
+        1e-4,
+        1e-5,
+    );
+    let gamma = normal(6, 70, 1.0, 0.5);
+    let case = BackwardCase {
+        eps: 1e-3,
+        ..BackwardCase::new("Keras GroupNorm(3)", DType::F32, &shape, view, &gamma, 4096)
+    };
+    chunked_backward_matches_f64(case, |ctx, x, dy| {
+        let mut gn = gpunorm::GroupNorm::new(ctx, 3, 6, gpunorm::GroupNormConfig::keras()).unwrap();
+        gn.set_affine(gpunorm::Affine {
+            weight: Some(ctx.upload(&gamma, &[6]).unwrap()),
+            bias: Some(ctx.zeros(&[6], DType::F32).unwrap()),
+        })
+        .unwrap();
+        gn.forward(ctx, x).unwrap();
+        gn.backward(ctx, dy).unwrap()
+    });
 }

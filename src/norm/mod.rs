@@ -372,7 +372,7 @@ pub(crate) fn record_layer(
         ],
     )?;
     let chunks = engine::chunks_for(ctx, &spec);
-    let bytes = engine::scratch_bytes(&spec.view, &chunks, &ctx.caps());
+    let bytes = engine::forward_scratch_bytes(&spec, &chunks, &ctx.caps());
     let own = saved.as_ref().filter(|s| s.context == ctx.uid);
     let scratch = match own {
         Some(s) if s.scratch.size() >= bytes => s.scratch.clone(),

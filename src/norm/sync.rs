@@ -112,7 +112,7 @@ impl BatchNorm {
         let chunks = engine::chunks_for(ctx, &spec);
         let scratch = ctx.create_buffer(
             "gpunorm statistics",
-            engine::scratch_bytes(&spec.view, &chunks, &ctx.caps()),
+            engine::forward_scratch_bytes(&spec, &chunks, &ctx.caps()),
         )?;
         let y = ctx.zeros(x.shape(), x.dtype())?;
         let none = crate::norm::Affine::default();
@@ -189,7 +189,7 @@ impl BatchNorm {
         let chunks = engine::chunks_for(ctx, &spec);
         let scratch = std::sync::Arc::new(ctx.create_buffer(
             "gpunorm statistics",
-            engine::scratch_bytes(&spec.view, &chunks, &ctx.caps()),
+            engine::forward_scratch_bytes(&spec, &chunks, &ctx.caps()),
         )?);
         let own = self.saved.as_ref().filter(|s| s.context == ctx.uid);
         let mut copies =
