@@ -342,13 +342,16 @@ fn column_rows(caps: &Caps) -> u32 {
 
 /// Partials per group: tiles (row blocks for the column kernel, times B
 /// columns) over every chunk, times STATS_WG when each invocation writes
-/// its own ([`partials_per_invocation`]).
+/// its own ([`partials_per_invocation`]). Tested in the order
+/// [`plan_forward_chunked`] picks the partials kernel: views that both
+/// hold columns and have runs long enough for subgroups (BatchNorm
+/// [2, 1, 128] on a CPU) take the column kernel.
 fn merge_tiles_for(view: &View, chunks: &Chunks, caps: &Caps) -> u32 {
     let tiles = tiles_for(view, chunks, caps);
-    if uses_partials_runs(view, chunks, caps) {
-        view.a as u32
-    } else if column_partials(view, chunks, caps) {
+    if column_partials(view, chunks, caps) {
         tiles * view.b as u32
+    } else if uses_partials_runs(view, chunks, caps) {
+        view.a as u32
     } else if partials_per_invocation(view, chunks, caps) {
         tiles * kernels::STATS_WG
     } else {
@@ -1815,6 +1818,43 @@ mod tests {
         // Workgroups for each chunk's rows, fewer than for all 1000.
         assert!(plan[0].workgroups < whole[0].workgroups);
         assert_eq!(forward_scratch_bytes(&ln, &chunks, &SUBGROUPS), 16 * 1000);
+    }
+
+    #[test]
+    fn the_finalize_merges_as_many_partials_as_the_chosen_kernel_writes() {
+        // Views where held columns and subgroup runs both apply (runs of at
+        // least 128, at most 256 columns) and views where one does.
+        let lavapipe = Caps {
+            subgroups: true,
+            subgroup_max: 8,
+            subgroup_min: 8,
+            cpu: true,
+        };
+        for shape in [
+            [2, 1, 128, 1],
+            [2, 2, 128, 1],
+            [23, 1, 144, 1],
+            [2, 1, 512, 1],
+            [2, 64, 128, 1],
+            [8, 3, 4, 4],
+        ] {
+            let view = View::batch_norm(&shape, 1);
+            let train = spec(view, StatsSource::Batch, true, DType::F32);
+            let whole = Chunks::whole(view.numel());
+            let partials = kernels_of(&train, &whole, &lavapipe)[0];
+            let tiles = tiles_for(&view, &whole, &lavapipe);
+            let want = match partials {
+                Kernel::PartialsColumnsHeld | Kernel::PartialsColumns => tiles * view.b as u32,
+                Kernel::PartialsRuns => view.a as u32,
+                Kernel::PartialsEach => tiles * kernels::STATS_WG,
+                _ => tiles,
+            };
+            assert_eq!(
+                merge_tiles_for(&view, &whole, &lavapipe),
+                want,
+                "{shape:?}: {partials:?}"
+            );
+        }
     }
 
     #[test]

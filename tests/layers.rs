@@ -889,3 +889,35 @@ fn channels_first_group_norm_with_channels_of_whole_vectors_matches_f64() {
         }
     }
 }
+
+#[test]
+fn batch_norm_whose_runs_fit_held_columns_matches_f64() {
+    // Runs of 128 to 256 elements in rows of at most 256 columns: the
+    // forward takes the held-column partials on a CPU, and its finalize
+    // merged them as per-run partials (a fuzzing find: [2, 1, 128] of
+    // 0..255 normalized with mean 64.5).
+    let ctx = ctx();
+    for (shape, seed) in [
+        ([2usize, 1, 128], 90u64),
+        ([2, 2, 128], 91),
+        ([23, 1, 144], 92),
+    ] {
+        let n: usize = shape.iter().product();
+        let x = normal(n, seed, 5.0, 2.0);
+        let mut bn = BatchNorm::new(ctx, shape[1], BatchNormConfig::torch_1d()).unwrap();
+        let xt = ctx.upload(&x, &shape).unwrap();
+        let y = ctx
+            .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+            .unwrap();
+        let view = View::batch_norm(&shape, 1);
+        let want = reference::forward(&x, &view, false, 1e-5, None, None);
+        assert_close(&format!("{shape:?}"), &y, &want, 1e-5, 1e-5);
+        let (mean, _, _) = running(&bn);
+        for (c, (m, _)) in channel_stats(&x, &shape).iter().enumerate() {
+            assert!(
+                (mean[c] as f64 - 0.1 * m).abs() < 1e-5,
+                "{shape:?} running_mean"
+            );
+        }
+    }
+}
