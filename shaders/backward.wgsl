@@ -260,8 +260,12 @@ fn bwd_partials(
 // Merges partials. Without BF_LOOP_P one output per reduction group; with
 // it one output per index w < RG summing over p < RP (the affine gradients
 // of index w sum every p). BF_WRITE_GSUM stores each group's sums at
-// work[group]; BF_GRAD_WEIGHT/BF_GRAD_BIAS write Σdy·x̂ and Σdy of w. A
-// workgroup per output reduces its partials as a tree; bwd_finalize_serial
+// work[group] (the host sets it only where an output merges one group);
+// BF_GRAD_WEIGHT/BF_GRAD_BIAS write Σdy·x̂ and Σdy of w. A workgroup per
+// output: each invocation sums its share of every group's partials, then
+// one tree adds the invocations' sums. (A tree per group, RP of them in a
+// loop, lost every group past about 6,500 on lavapipe: InstanceNorm's
+// affine gradients over a batch of 6,555.) bwd_finalize_serial
 // (BF_SERIAL) merges few partials per output in one invocation.
 @compute @workgroup_size(BWD_FINALIZE_WG)
 fn bwd_finalize(
@@ -271,21 +275,18 @@ fn bwd_finalize(
 ) {
     let w = bwd_linear_workgroup(wid, nwg);
     let n_loop = finalize_loops(w);
-    var total = vec4<f32>(0.0);
+    var acc = vec4<f32>(0.0);
     for (var i = 0u; i < n_loop; i++) {
-        let group = finalize_group(i, w);
-        let first = bp.partials_offset + group * bp.group_stride;
-        var acc = vec4<f32>(0.0);
+        let first = bp.partials_offset + finalize_group(i, w) * bp.group_stride;
         for (var t = lid; t < bp.tiles; t += BWD_FINALIZE_WG) {
             acc += work[first + t * bp.tile_stride];
         }
-        let s = workgroup_sum4(lid, acc, BWD_FINALIZE_WG);
-        if (lid == 0u && bwd_flag(BF_WRITE_GSUM)) {
-            work[group] = s;
-        }
-        total += s;
     }
-    if (lid == 0u) {
+    let total = workgroup_sum4(lid, acc, BWD_FINALIZE_WG);
+    if (lid == 0u && n_loop > 0u) {
+        if (bwd_flag(BF_WRITE_GSUM)) {
+            work[finalize_group(0u, w)] = total;
+        }
         finalize_gradients(w, total);
     }
 }

@@ -79,6 +79,45 @@ fn finalize_serial(
     update_running(w, sums);
 }
 
+// finalize for running channels with many groups each (a tracked
+// InstanceNorm's instances, P of them; the host takes it when they have
+// more partials than finalize_serial merges): a workgroup per channel w,
+// each invocation merging its share of the groups' partials in order and
+// storing their statistics, then one tree over the invocations' sums for
+// the running update. (finalize's tree per group, P of them in a loop,
+// lost every group past about 5,000 on lavapipe.)
+var<workgroup> wg_update: array<vec2<f32>, FINALIZE_WG>;
+
+@compute @workgroup_size(FINALIZE_WG)
+fn finalize_groups(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let w = linear_workgroup(wid, nwg);
+    let n_loop = finalize_loops(w);
+    var sums = vec2<f32>(0.0);
+    for (var i = lid; i < n_loop; i += FINALIZE_WG) {
+        let group = finalize_group(i, w);
+        var acc = vec3<f32>(0.0, 0.0, 0.0);
+        for (var t = 0u; t < params.merge_tiles; t++) {
+            acc = chan_merge(acc, scratch[params.partials_offset + group * params.merge_tiles + t].xyz);
+        }
+        sums += store_group_stats(group, acc);
+    }
+    wg_update[lid] = sums;
+    workgroupBarrier();
+    for (var stride = FINALIZE_WG / 2u; stride > 0u; stride /= 2u) {
+        if (lid < stride) {
+            wg_update[lid] += wg_update[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u && n_loop > 0u) {
+        update_running(w, wg_update[0]);
+    }
+}
+
 // Groups output w merges: with a running-stat update, running channel w's
 // P groups (none past the last channel); else group w alone.
 fn finalize_loops(w: u32) -> u32 {

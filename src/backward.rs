@@ -640,6 +640,23 @@ fn base_params(spec: &BackwardSpec) -> (BwdParams, u32) {
     (base, grad_flags)
 }
 
+/// The finalize steps over per-group partials, as (flags, outputs): the
+/// group sums (batch statistics) and, where the affine index is the
+/// channel, the affine gradients summed over samples. One step does both
+/// where each channel has one group (P = 1); else the sums are their own
+/// step, so that no workgroup writes the sums of several groups.
+fn finishes(batch: bool, channel_grads: u32, v: &View) -> Vec<(u32, usize)> {
+    let sums = if batch { BF_WRITE_GSUM } else { 0 };
+    match (channel_grads != 0, v.p > 1 && batch) {
+        (false, _) => vec![(sums, v.groups())],
+        (true, false) => vec![(sums | BF_LOOP_P | channel_grads, v.g)],
+        (true, true) => vec![
+            (BF_WRITE_GSUM, v.groups()),
+            (BF_LOOP_P | channel_grads, v.g),
+        ],
+    }
+}
+
 /// The plan for a tensor bound in `chunks`: [`plan_with`]'s when it fits
 /// one binding, else [`plan_chunked`]'s.
 fn plan_for(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
@@ -737,8 +754,8 @@ fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
     };
     // Partials of reduction view `p` (tiles per group, for each of the
     // chunks a group reaches: bwd_chunk_slot), one dispatch per chunk,
-    // then the finalize `finish` over them.
-    let reduce = |steps: &mut Vec<Step>, p: BwdParams, outputs: usize, finish: u32| {
+    // then a finalize over them for each of `finishes` (flags, outputs).
+    let reduce = |steps: &mut Vec<Step>, p: BwdParams, finishes: &[(u32, usize)]| {
         let tiles = p.tiles as usize;
         let reductions = p.n_groups as usize;
         let reduction_view = View {
@@ -766,29 +783,24 @@ fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
                 chunk: c,
             });
         }
-        let mut f = p;
-        f.tiles = (tiles * span) as u32;
-        f.flags |= finish;
-        let (workgroups, f) = finalize_step(outputs, f, serial_max);
-        steps.push(Step {
-            kernel: BackwardKernel::Finalize,
-            workgroups,
-            params: f,
-            chunk: 0,
-        });
+        for &(finish, outputs) in finishes {
+            let mut f = p;
+            f.tiles = (tiles * span) as u32;
+            f.flags |= finish;
+            let (workgroups, f) = finalize_step(outputs, f, serial_max);
+            steps.push(Step {
+                kernel: BackwardKernel::Finalize,
+                workgroups,
+                params: f,
+                chunk: 0,
+            });
+        }
         p.partials_offset as usize + reductions * tiles * span
     };
     if batch || channel_grads != 0 {
         let mut p = base;
         p.tiles = tiles_for(v.group_len()) as u32;
-        let mut finish = if batch { BF_WRITE_GSUM } else { 0 };
-        let outputs = if channel_grads != 0 {
-            finish |= BF_LOOP_P | channel_grads;
-            v.g
-        } else {
-            groups
-        };
-        work_vec4 = work_vec4.max(reduce(&mut steps, p, outputs, finish));
+        work_vec4 = work_vec4.max(reduce(&mut steps, p, &finishes(batch, channel_grads, v)));
     }
     let mut d = base;
     if !batch {
@@ -820,7 +832,7 @@ fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
         // elements in it, whose slots must still read the zeros of the
         // clear before the pass.
         p.partials_offset = work_vec4 as u32;
-        work_vec4 = reduce(&mut steps, p, k, BF_LOOP_P | grad_flags);
+        work_vec4 = reduce(&mut steps, p, &[(BF_LOOP_P | grad_flags, k)]);
     }
     Plan { steps, work_vec4 }
 }
@@ -1083,16 +1095,11 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                 work_vec4 = work_vec4.max(groups + groups * per_group);
                 let mut f = p;
                 f.tiles = per_group as u32;
-                if batch {
-                    f.flags |= BF_WRITE_GSUM;
+                for (finish, outputs) in finishes(batch, channel_grads, v) {
+                    let mut f = f;
+                    f.flags |= finish;
+                    push(BackwardKernel::Finalize, outputs, f);
                 }
-                let finalize_wg = if channel_grads != 0 {
-                    f.flags |= BF_LOOP_P | channel_grads;
-                    v.g
-                } else {
-                    groups
-                };
-                push(BackwardKernel::Finalize, finalize_wg, f);
             }
             let mut d = base;
             if !batch {
@@ -1943,13 +1950,15 @@ mod tests {
         );
         // Groups too long to hold: 512 would be 512 subgroups, too few for
         // a GPU, so tiles spread them over workgroups (5 tiles of 4096 per
-        // group of 16640; grad_input in 17 blocks of 256 vectors); 1024
-        // groups, or a CPU, keep the row kernel.
+        // group of 16640; grad_input in 17 blocks of 256 vectors); the
+        // group sums and the per-channel gradients (over 8 samples) are
+        // finalized apart; 1024 groups, or a CPU, keep the row kernel.
         let long = View::instance_norm(&[8, 64, 128, 130]);
         assert_eq!(
             on(&spec(long, StatsSource::Batch, true)),
             [
                 (PartialsEach, 512 * 5),
+                (Finalize, 512),
                 (Finalize, 64),
                 (GradInput, 512 * 17)
             ]

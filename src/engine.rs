@@ -723,6 +723,8 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
                     finalize_wg.div_ceil(kernels::FINALIZE_WG as usize),
                     0,
                 ));
+            } else if groups_per_output > 1 {
+                plan.push(d(Kernel::FinalizeGroups, finalize_wg, 0));
             } else {
                 plan.push(d(Kernel::Finalize, finalize_wg, 0));
             }

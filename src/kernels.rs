@@ -161,6 +161,10 @@ pub enum Kernel {
     /// Finalize with one invocation per output, for outputs with few
     /// partials ([`FINALIZE_SERIAL_MAX`]): no barrier.
     FinalizeSerial,
+    /// Finalize of running channels with many groups each (a tracked
+    /// InstanceNorm's instances): a workgroup per channel, an invocation
+    /// per group, one tree over the channel's running update.
+    FinalizeGroups,
     /// Statistics from running mean/var (eval mode).
     EvalStats,
     /// Fused normalize-scale-shift.
@@ -196,7 +200,7 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [Kernel; 20] = [
+    pub const ALL: [Kernel; 21] = [
         Kernel::RowsWorkgroupHeld,
         Kernel::PartialsColumnsHeld,
         Kernel::NormalizeColumnsHeld,
@@ -214,6 +218,7 @@ impl Kernel {
         Kernel::Shifts,
         Kernel::Finalize,
         Kernel::FinalizeSerial,
+        Kernel::FinalizeGroups,
         Kernel::EvalStats,
         Kernel::Normalize,
         Kernel::Rows,
@@ -229,7 +234,10 @@ impl Kernel {
             | Kernel::Shifts => {
                 include_str!("../shaders/stats.wgsl")
             }
-            Kernel::Finalize | Kernel::FinalizeSerial | Kernel::EvalStats => {
+            Kernel::Finalize
+            | Kernel::FinalizeSerial
+            | Kernel::FinalizeGroups
+            | Kernel::EvalStats => {
                 include_str!("../shaders/finalize.wgsl")
             }
             Kernel::Normalize | Kernel::NormalizeRuns | Kernel::NormalizeColumns => {
@@ -284,6 +292,7 @@ impl Kernel {
             Kernel::Shifts => "shifts",
             Kernel::Finalize => "finalize",
             Kernel::FinalizeSerial => "finalize_serial",
+            Kernel::FinalizeGroups => "finalize_groups",
             Kernel::EvalStats => "eval_stats",
             Kernel::Normalize => "normalize",
             Kernel::NormalizeRuns => "normalize_runs",

@@ -1618,3 +1618,66 @@ fn half_grad_input_overflows_to_infinity_and_keeps_nan() {
         }
     }
 }
+
+#[test]
+fn affine_gradients_sum_every_sample_of_a_large_batch() {
+    // An InstanceNorm over 7000 samples and a LayerNorm over 7000 rows of
+    // one element: each affine gradient sums 7000 groups' partials. The
+    // finalize merged them with a workgroup tree per group, 7000 in a loop,
+    // and on lavapipe every group past 6554 was lost (a fuzzing find).
+    let ctx = ctx();
+    let n = 7000;
+    for (what, shape, view) in [
+        (
+            "InstanceNorm [7000, 1, 2]",
+            vec![n, 1, 2],
+            View::instance_norm(&[n, 1, 2]),
+        ),
+        (
+            "LayerNorm [7000, 1]",
+            vec![n, 1],
+            View::layer_norm(&[n, 1], 1),
+        ),
+    ] {
+        let numel = view.numel();
+        let x = normal(numel, 93, 1.0, 2.0);
+        let dy = normal(numel, 94, 0.5, 1.0);
+        let xt = ctx.upload(&x, &shape).unwrap();
+        let dyt = ctx.upload(&dy, &shape).unwrap();
+        let affine = Affine {
+            weight: Some(ctx.upload(&[1.5], &[1]).unwrap()),
+            bias: Some(ctx.upload(&[0.25], &[1]).unwrap()),
+        };
+        let g = if shape.len() == 3 {
+            let config = InstanceNormConfig {
+                affine: true,
+                ..InstanceNormConfig::torch_1d()
+            };
+            let mut inorm = InstanceNorm::new(ctx, 1, config).unwrap();
+            inorm.set_affine(affine).unwrap();
+            inorm.forward(ctx, &xt, Mode::Train).unwrap();
+            inorm.backward(ctx, &dyt).unwrap()
+        } else {
+            let mut ln = LayerNorm::new(ctx, &[1], RowNormConfig::torch_layer_norm()).unwrap();
+            ln.set_weight(affine.weight).unwrap();
+            ln.set_bias(affine.bias).unwrap();
+            ln.forward(ctx, &xt, Mode::Train).unwrap();
+            ln.backward(ctx, &dyt).unwrap()
+        };
+        let want = reference::backward(&x, &dy, &view, false, 1e-5, Some(&[1.5]), None);
+        for (got, want, name) in [
+            (&g.grad_weight, &want.grad_weight, "grad_weight"),
+            (&g.grad_bias, &want.grad_bias, "grad_bias"),
+        ] {
+            let got = ctx.download(got.as_ref().unwrap()).unwrap();
+            assert_close(&format!("{what}: {name}"), &got, want, 1e-2, 1e-4);
+        }
+        assert_close(
+            &format!("{what}: grad_input"),
+            &ctx.download(&g.grad_input).unwrap(),
+            &want.grad_input,
+            1e-4,
+            1e-4,
+        );
+    }
+}

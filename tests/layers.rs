@@ -921,3 +921,38 @@ fn batch_norm_whose_runs_fit_held_columns_matches_f64() {
         }
     }
 }
+
+#[test]
+fn tracked_instance_norm_over_a_large_batch_averages_every_instance() {
+    // 9000 instances of two channels: each running channel averages 9000
+    // groups. The finalize merged them with a workgroup tree per group, in
+    // a loop, and on lavapipe every group past about 5,000 was lost.
+    let ctx = ctx();
+    let shape = [9000, 2, 3];
+    let x = normal(9000 * 6, 95, 2.0, 1.0);
+    let mut cfg = InstanceNormConfig::torch();
+    cfg.track_running_stats = true;
+    let mut inorm = InstanceNorm::new(ctx, 2, cfg).unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let y = ctx
+        .download(&inorm.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let want = reference::forward(&x, &View::instance_norm(&shape), false, 1e-5, None, None);
+    assert_close("output", &y, &want, 1e-4, 1e-4);
+    let (mean, var) = instance_norm_first_update(&x, &shape);
+    let r = inorm.running_stats().unwrap();
+    assert_close(
+        "running_mean",
+        &ctx.download(&r.mean).unwrap(),
+        &mean,
+        1e-6,
+        1e-5,
+    );
+    assert_close(
+        "running_var",
+        &ctx.download(&r.var).unwrap(),
+        &var,
+        1e-6,
+        1e-5,
+    );
+}
