@@ -262,11 +262,15 @@ fn bwd_partials(
 // of index w sum every p). BF_WRITE_GSUM stores each group's sums at
 // work[group] (the host sets it only where an output merges one group);
 // BF_GRAD_WEIGHT/BF_GRAD_BIAS write Σdy·x̂ and Σdy of w. A workgroup per
-// output: each invocation sums its share of every group's partials, then
-// one tree adds the invocations' sums. (A tree per group, RP of them in a
-// loop, lost every group past about 6,500 on lavapipe: InstanceNorm's
-// affine gradients over a batch of 6,555.) bwd_finalize_serial
-// (BF_SERIAL) merges few partials per output in one invocation.
+// output: each invocation sums its share of the output's partials (all
+// groups' tiles in one flat range, so that it loops RP·tiles/64 times),
+// then one tree adds the invocations' sums. lavapipe runs at most 65,535
+// loop iterations per invocation and silently stops after them: a tree
+// per group, RP of them in a loop, lost every group past 6,554
+// (InstanceNorm's affine gradients over a batch of 6,555), and a loop
+// over groups around one over tiles every group past 21,845.
+// bwd_finalize_serial (BF_SERIAL) merges few partials per output in one
+// invocation.
 @compute @workgroup_size(BWD_FINALIZE_WG)
 fn bwd_finalize(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -276,11 +280,10 @@ fn bwd_finalize(
     let w = bwd_linear_workgroup(wid, nwg);
     let n_loop = finalize_loops(w);
     var acc = vec4<f32>(0.0);
-    for (var i = 0u; i < n_loop; i++) {
-        let first = bp.partials_offset + finalize_group(i, w) * bp.group_stride;
-        for (var t = lid; t < bp.tiles; t += BWD_FINALIZE_WG) {
-            acc += work[first + t * bp.tile_stride];
-        }
+    for (var k = lid; k < n_loop * bp.tiles; k += BWD_FINALIZE_WG) {
+        let i = k / bp.tiles;
+        let t = k - i * bp.tiles;
+        acc += work[bp.partials_offset + finalize_group(i, w) * bp.group_stride + t * bp.tile_stride];
     }
     let total = workgroup_sum4(lid, acc, BWD_FINALIZE_WG);
     if (lid == 0u && n_loop > 0u) {

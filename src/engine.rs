@@ -573,9 +573,19 @@ pub(crate) fn block_workgroups(count: usize, caps: &Caps) -> usize {
 /// Whether the normalize pass goes run by run with a subgroup per run
 /// ([`Kernel::NormalizeRunsSubgroup`]): CPU adapters with subgroups, runs
 /// of whole vectors long enough to fill a subgroup's lanes several times
-/// ([`uses_runs`]), one binding.
+/// ([`uses_runs`]) and at most [`kernels::ROWS_MAX_LEN`] long, one binding.
+///
+/// The bound is lavapipe's: an invocation there runs at most 65,535 loop
+/// iterations in all and silently stops after them, and a lane walking a
+/// subgroup's block of runs (up to [`kernels::BLOCK_ROWS_MAX_CPU`]) of
+/// 16,384 elements takes 16,384. A BatchNorm of [1, 1, 4096, 4096] (one
+/// run of 16M) left three quarters of its output unwritten; longer runs
+/// take the workgroups along runs of [`Kernel::NormalizeRuns`].
 fn runs_on_subgroups(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
-    caps.cpu && caps.subgroups && uses_runs(view, chunks)
+    caps.cpu
+        && caps.subgroups
+        && uses_runs(view, chunks)
+        && view.b <= kernels::ROWS_MAX_LEN as usize
 }
 
 /// Whether the statistics come from a partial per run of B, a subgroup per

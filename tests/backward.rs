@@ -1621,20 +1621,22 @@ fn half_grad_input_overflows_to_infinity_and_keeps_nan() {
 
 #[test]
 fn affine_gradients_sum_every_sample_of_a_large_batch() {
-    // An InstanceNorm over 7000 samples and a LayerNorm over 7000 rows of
-    // one element: each affine gradient sums 7000 groups' partials. The
-    // finalize merged them with a workgroup tree per group, 7000 in a loop,
-    // and on lavapipe every group past 6554 was lost (a fuzzing find).
+    // An InstanceNorm over 30,000 samples and a LayerNorm over 30,000 rows
+    // of one element: each affine gradient sums 30,000 groups' partials.
+    // lavapipe runs at most 65,535 loop iterations per invocation and
+    // silently stops after them: the finalize's workgroup tree per group,
+    // in a loop over groups, lost every group past 6,554 (a fuzzing find),
+    // and a loop over groups around one over tiles every group past 21,845.
     let ctx = ctx();
-    let n = 7000;
+    let n = 30_000;
     for (what, shape, view) in [
         (
-            "InstanceNorm [7000, 1, 2]",
+            "InstanceNorm [30000, 1, 2]",
             vec![n, 1, 2],
             View::instance_norm(&[n, 1, 2]),
         ),
         (
-            "LayerNorm [7000, 1]",
+            "LayerNorm [30000, 1]",
             vec![n, 1],
             View::layer_norm(&[n, 1], 1),
         ),

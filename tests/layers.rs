@@ -956,3 +956,22 @@ fn tracked_instance_norm_over_a_large_batch_averages_every_instance() {
         1e-5,
     );
 }
+
+#[test]
+fn batch_norm_over_one_long_run_writes_every_output() {
+    // One 4096x4096 plane: a run of 16M elements. lavapipe runs at most
+    // 65,535 loop iterations per invocation and silently stops after them;
+    // a subgroup walking the run normalized its first quarter and left the
+    // rest unwritten.
+    let ctx = ctx();
+    let shape = [1, 1, 4096, 4096];
+    let n = 4096 * 4096;
+    let x = normal(n, 96, -1.0, 3.0);
+    let mut bn = BatchNorm::new(ctx, 1, BatchNormConfig::torch_2d()).unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let y = ctx
+        .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let want = reference::forward(&x, &View::batch_norm(&shape, 1), false, 1e-5, None, None);
+    assert_close("BatchNorm2d of one 4096x4096 plane", &y, &want, 1e-4, 1e-4);
+}
