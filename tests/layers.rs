@@ -975,3 +975,49 @@ fn batch_norm_over_one_long_run_writes_every_output() {
     let want = reference::forward(&x, &View::batch_norm(&shape, 1), false, 1e-5, None, None);
     assert_close("BatchNorm2d of one 4096x4096 plane", &y, &want, 1e-4, 1e-4);
 }
+
+#[test]
+fn tracked_instance_norm_with_momentum_none_keeps_its_statistics_but_takes_nan_as_torch() {
+    // torch passes InstanceNorm's momentum None on as 0.0: the running
+    // statistics become 1·running + 0·batch, so they keep their values on
+    // finite input and turn NaN where the batch has a NaN (a fuzzing find:
+    // they stayed frozen).
+    let ctx = ctx();
+    let config = InstanceNormConfig {
+        track_running_stats: true,
+        momentum: None,
+        ..InstanceNormConfig::torch_1d()
+    };
+    let mut inorm = InstanceNorm::new(ctx, 2, config).unwrap();
+    let (mean, var) = (vec![0.5f32, -1.0], vec![2.0f32, 3.0]);
+    let stats = (
+        ctx.upload(&mean, &[2]).unwrap(),
+        ctx.upload(&var, &[2]).unwrap(),
+        Some(0),
+    );
+    inorm.set_running_stats(ctx, Some(stats)).unwrap();
+    let finite = normal(3 * 2 * 5, 97, 1.0, 2.0);
+    let mut with_nan = finite.clone();
+    with_nan[5] = f32::NAN; // sample 0, channel 1
+    inorm
+        .forward(ctx, &ctx.upload(&finite, &[3, 2, 5]).unwrap(), Mode::Train)
+        .unwrap();
+    let running = |inorm: &InstanceNorm| {
+        let r = inorm.running_stats().unwrap();
+        (
+            ctx.download(&r.mean).unwrap(),
+            ctx.download(&r.var).unwrap(),
+        )
+    };
+    assert_eq!(running(&inorm), (mean.clone(), var.clone()));
+    inorm
+        .forward(
+            ctx,
+            &ctx.upload(&with_nan, &[3, 2, 5]).unwrap(),
+            Mode::Train,
+        )
+        .unwrap();
+    let (m, v) = running(&inorm);
+    assert_eq!((m[0], v[0]), (mean[0], var[0]), "channel 0 has no NaN");
+    assert!(m[1].is_nan() && v[1].is_nan(), "channel 1: {m:?} {v:?}");
+}

@@ -17,8 +17,10 @@ use crate::view::View;
 pub struct InstanceNormConfig {
     /// Added to the variance inside the square root.
     pub eps: f32,
-    /// Weight of the new value in the running update; `None` freezes the
-    /// running statistics (torch's instance-norm rule, SPEC.md §3).
+    /// Weight of the new value in the running update; `None` is torch's
+    /// momentum 0 for instance norm (SPEC.md §3): the running statistics
+    /// keep their values, but a NaN or inf in the batch still reaches
+    /// them (0·NaN), as in torch.
     pub momentum: Option<f32>,
     /// Learnable γ and β.
     pub affine: bool,
@@ -190,13 +192,17 @@ impl InstanceNorm {
                 "Expected more than 1 spatial element when training, got input size {shape:?}"
             )));
         }
-        let update = match (&self.running, train, self.config.momentum) {
-            (Some(_), true, Some(m)) => Some(RunningUpdate {
-                keep: 1.0 - m,
-                take: m,
-                cumulative: false,
-                unbiased: true,
-            }),
+        // torch's InstanceNorm passes momentum None on as 0.0.
+        let update = match (&self.running, train) {
+            (Some(_), true) => {
+                let m = self.config.momentum.unwrap_or(0.0);
+                Some(RunningUpdate {
+                    keep: 1.0 - m,
+                    take: m,
+                    cumulative: false,
+                    unbiased: true,
+                })
+            }
             _ => None,
         };
         Ok(ForwardSpec {
