@@ -478,6 +478,7 @@ fn uses_rows(v: &View, dtype: DType) -> bool {
         && (dtype == DType::F32 || v.b.is_multiple_of(2))
         && (v.b <= kernels::ROWS_MAX_LEN as usize
             || v.groups() >= kernels::ROWS_MIN_FOR_LONG as usize)
+        && v.b <= kernels::ROWS_LONG_MAX as usize
 }
 
 /// Channels per group when the row kernels can sum each channel of a
@@ -495,9 +496,17 @@ fn row_channels(v: &View) -> Option<usize> {
 }
 
 /// Row blocks of the column kernel for `rows` rows.
+///
+/// At least enough blocks that none is longer than [`COLS_MAX_BLOCK_ROWS`]:
+/// an invocation of the column kernel walks its block's rows, under
+/// lavapipe's loop limit ([`kernels::LAVAPIPE_LOOP_LIMIT`]; the affine
+/// gradients of a Keras GroupNorm over 2 channels of 17M pixels were off).
 fn col_blocks(rows: usize) -> usize {
-    (rows / COLS_MIN_ROWS).clamp(1, COLS_MAX_BLOCKS)
+    (rows / COLS_MIN_ROWS).clamp(1, COLS_MAX_BLOCKS.max(rows.div_ceil(COLS_MAX_BLOCK_ROWS)))
 }
+
+/// Most rows one block of the column kernel walks.
+const COLS_MAX_BLOCK_ROWS: usize = 16_384;
 
 /// Whether the statistics are channels-last: each p is several rows of
 /// L = SG·SB channels with γ per channel (BatchNorm over [N, ..., C] or
@@ -585,6 +594,10 @@ fn fused_column_sums(v: &View, caps: &Caps, params_wanted: bool, steps: usize) -
         && params_wanted
         && v.affine_div <= 1
         && (v.groups() + 16 * (v.b / 4).div_ceil(8) * steps) * 16 <= COLUMN_SUMS_MAX_BYTES
+        // bwd_column_sums loops over the steps (and their blocks of 32):
+        // under lavapipe's loop limit, with room to spare (LayerNorm of
+        // rows of 4 over 4M rows lost its dγ and dβ past it).
+        && steps <= kernels::LAVAPIPE_LOOP_LIMIT / 2
 }
 
 /// The parameters every step of `spec`'s plan starts from (the stats view
@@ -1872,6 +1885,33 @@ mod tests {
             kernels_of(&spec(few, StatsSource::Batch, true)),
             [Rows, Cols]
         );
+    }
+
+    #[test]
+    fn per_invocation_loops_stay_under_lavapipes_limit() {
+        // lavapipe silently stops an invocation's loops after 65,535
+        // iterations: the column sums walk their steps, the column kernel
+        // its block's rows, the row kernels a row's vectors.
+        let lavapipe = Caps {
+            subgroups: true,
+            subgroup_max: 8,
+            subgroup_min: 8,
+            cpu: true,
+        };
+        let rows4 = View::layer_norm(&[4_000_000, 4], 4);
+        assert!(fused_column_sums(&rows4, &lavapipe, true, 30_000));
+        assert!(!fused_column_sums(&rows4, &lavapipe, true, 62_500));
+        for rows in [100, 4_000_000, 17_000_000, 40_000_000] {
+            let blocks = col_blocks(rows);
+            assert!(rows.div_ceil(blocks) <= COLS_MAX_BLOCK_ROWS, "{rows}");
+            assert!(blocks <= COLS_MAX_BLOCKS || rows > COLS_MAX_BLOCKS * COLS_MAX_BLOCK_ROWS);
+        }
+        let long = View::layer_norm(&[64, 1 << 20], 1 << 20);
+        assert!(!uses_rows(&long, DType::F16));
+        assert!(uses_rows(
+            &View::layer_norm(&[64, 1 << 19], 1 << 19),
+            DType::F16
+        ));
     }
 
     #[test]

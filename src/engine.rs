@@ -607,6 +607,7 @@ pub fn uses_row_kernel(spec: &ForwardSpec) -> bool {
         && (spec.dtype == DType::F32 || v.b.is_multiple_of(2))
         && (v.b <= kernels::ROWS_MAX_LEN as usize
             || v.groups() >= kernels::ROWS_MIN_FOR_LONG as usize)
+        && v.b <= kernels::ROWS_LONG_MAX as usize
 }
 
 /// The dispatches of one forward pass of a tensor that fits one binding.
@@ -1867,6 +1868,30 @@ mod tests {
                 "{shape:?}: {partials:?}"
             );
         }
+    }
+
+    #[test]
+    fn rows_longer_than_the_row_kernels_walk_take_the_partials() {
+        // A lane of 8 walks a row's vectors twice: rows of 2^20 halves
+        // passed lavapipe's 65,535 loop iterations per invocation.
+        let long = View::layer_norm(&[64, 1 << 20], 1 << 20);
+        let ln = spec(long, StatsSource::Batch, false, DType::F16);
+        assert!(!uses_row_kernel(&ln));
+        let lavapipe = Caps {
+            subgroups: true,
+            subgroup_max: 8,
+            subgroup_min: 8,
+            cpu: true,
+        };
+        let kinds = kernels_of(&ln, &Chunks::whole(long.numel()), &lavapipe);
+        assert!(!kinds.contains(&Kernel::RowsSubgroup), "{kinds:?}");
+        let shorter = View::layer_norm(&[64, 1 << 19], 1 << 19);
+        assert!(uses_row_kernel(&spec(
+            shorter,
+            StatsSource::Batch,
+            false,
+            DType::F16
+        )));
     }
 
     #[test]

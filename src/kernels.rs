@@ -118,9 +118,19 @@ pub const BLOCK_ROWS_MAX_CPU: usize = 64;
 /// partials/finalize/normalize path, which spreads a row over many
 /// workgroups.
 pub const ROWS_MAX_LEN: u32 = 16384;
-/// Rows above which the row kernel is used whatever their length: there is
-/// then enough parallelism across rows.
+/// Rows above which the row kernel is used whatever their length (up to
+/// [`ROWS_LONG_MAX`]): there is then enough parallelism across rows.
 pub const ROWS_MIN_FOR_LONG: u32 = 64;
+/// Longest row the row kernels take at all. A lane of a subgroup of 8
+/// walks a row's vectors twice, and lavapipe stops an invocation's loops
+/// after 65,535 iterations in all, silently: rows of 2^20 halves (64 of
+/// them fill 128 MiB) lost their last elements. Longer rows take the
+/// partials/finalize/normalize path, which spreads a row over workgroups.
+pub const ROWS_LONG_MAX: u32 = 1 << 19;
+/// Most loop iterations one invocation may run on lavapipe, which silently
+/// stops its loops after them (65,535 in all, entries included); plans
+/// keep per-invocation loops well under it.
+pub const LAVAPIPE_LOOP_LIMIT: usize = 65_535;
 /// Most partials one finalize output merges in one invocation
 /// ([`Kernel::FinalizeSerial`]); with more, a workgroup per output merges
 /// them as a tree. lavapipe paid about 10 µs of barriers per workgroup of
