@@ -90,6 +90,7 @@ const FLAG_CUMULATIVE: u32 = 16u;
 const FLAG_UNBIASED: u32 = 32u;
 const FLAG_BUMP_COUNTER: u32 = 64u;
 const FLAG_SHIFT_IN_SCRATCH: u32 = 128u;
+const FLAG_ZERO_RSTD: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> params: Params;
 // γ and β, bound as vec4 (bindings are padded to 16 bytes) so that four
@@ -118,6 +119,16 @@ fn hsum(v: vec4<f32>) -> f32 {
 
 fn has_flag(f: u32) -> bool {
     return (params.flags & f) != 0u;
+}
+
+// 1/sqrt(var + eps) of batch statistics; with FLAG_ZERO_RSTD 0 where
+// var + eps is 0 (torch's InstanceNorm: with eps 0 a constant group gives
+// β and zero gradients, where the other ops give NaN).
+fn batch_rstd(variance: f32) -> f32 {
+    if (has_flag(FLAG_ZERO_RSTD) && variance + params.eps == 0.0) {
+        return 0.0;
+    }
+    return 1.0 / sqrt(variance + params.eps);
 }
 
 // Workgroups beyond 65535 are laid out on a 2-D grid; this is the linear index.

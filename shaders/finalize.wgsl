@@ -143,7 +143,7 @@ fn store_group_stats(group: u32, s: vec3<f32>) -> vec2<f32> {
     let g = group % params.g;
     let shift = group_shift(p, g);
     let variance = s.z / s.x;
-    let rstd = 1.0 / sqrt(variance + params.eps);
+    let rstd = batch_rstd(variance);
     scratch[group] = vec4<f32>(shift, s.y, rstd, variance);
     if (has_flag(FLAG_UNBIASED)) {
         return vec2<f32>(shift + s.y, s.z / (s.x - 1.0));

@@ -97,7 +97,7 @@ fn rows(
         s2 += dot(d, d);
     }
     let variance = workgroup_sum(lid, s2) / f32(n);
-    let rstd = 1.0 / sqrt(variance + params.eps);
+    let rstd = batch_rstd(variance);
     if (lid == 0u) {
         scratch[row] = vec4<f32>(shift, dmean, rstd, variance);
     }

@@ -79,7 +79,7 @@ fn rows_subgroup(
             if (variance < 0.0) {
                 variance = 0.0;
             }
-            rstd[r] = 1.0 / sqrt(variance + params.eps);
+            rstd[r] = batch_rstd(variance);
             if (lane == 0u) {
                 scratch[min(first + r, last)] = vec4<f32>(shift[r], dmean[r], rstd[r], variance);
             }

@@ -79,7 +79,7 @@ fn rows_workgroup_held(
     if (variance < 0.0) {
         variance = 0.0;
     }
-    let rstd = 1.0 / sqrt(variance + params.eps);
+    let rstd = batch_rstd(variance);
     if (lid == 0u) {
         scratch[row] = vec4<f32>(m0, dmean, rstd, variance);
     }

@@ -52,6 +52,10 @@ pub struct ForwardSpec {
     /// of torch's tracked InstanceNorm on an empty batch, or of Keras's
     /// BatchNormalization on an empty input); ignored otherwise.
     pub empty_batch_nan: bool,
+    /// Batch statistics of zero variance with eps 0 get rstd 0, not inf:
+    /// torch's InstanceNorm (its batch-norm kernel) then gives β and zero
+    /// gradients for a constant group, where the other ops give NaN.
+    pub zero_rstd: bool,
 }
 
 impl ForwardSpec {
@@ -870,6 +874,7 @@ const FLAG_CUMULATIVE: u32 = 16;
 const FLAG_UNBIASED: u32 = 32;
 const FLAG_BUMP_COUNTER: u32 = 64;
 const FLAG_SHIFT_IN_SCRATCH: u32 = 128;
+const FLAG_ZERO_RSTD: u32 = 256;
 
 fn to_u32(what: &str, n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| Error::TooLarge {
@@ -1233,6 +1238,7 @@ fn forward_params(ctx: &Context, spec: &ForwardSpec, chunks: &Chunks, preset: bo
     // With preset statistics the counter is bumped by its own dispatch.
     set(spec.bump_counter && !preset, FLAG_BUMP_COUNTER);
     set(chunks.count > 1 || preset, FLAG_SHIFT_IN_SCRATCH);
+    set(spec.zero_rstd, FLAG_ZERO_RSTD);
     let (keep, take) = match spec.update {
         Some(u) => {
             set(true, FLAG_UPDATE_RUNNING);
@@ -1375,6 +1381,7 @@ mod tests {
             }),
             bump_counter: update,
             empty_batch_nan: false,
+            zero_rstd: false,
         }
     }
 
@@ -1911,6 +1918,7 @@ mod tests {
             update: None,
             bump_counter: false,
             empty_batch_nan: true,
+            zero_rstd: false,
             ..spec(
                 View::instance_norm(&[0, 300, 5]),
                 StatsSource::Batch,

@@ -1021,3 +1021,75 @@ fn tracked_instance_norm_with_momentum_none_keeps_its_statistics_but_takes_nan_a
     assert_eq!((m[0], v[0]), (mean[0], var[0]), "channel 0 has no NaN");
     assert!(m[1].is_nan() && v[1].is_nan(), "channel 1: {m:?} {v:?}");
 }
+
+#[test]
+fn instance_norm_with_eps_zero_gives_beta_on_a_constant_group_as_torch_does() {
+    // torch's InstanceNorm runs its batch-norm kernel, whose rstd is 0 where
+    // variance and eps are both 0: a constant group gives β and zero
+    // gradients (torch 2.15: F.instance_norm(ones(2, 3, 4) * 0.7, eps=0)
+    // is 0, its grad 0). Its GroupNorm gives NaN there, and so do we (a
+    // fuzzing find: InstanceNorm gave NaN too).
+    let ctx = ctx();
+    let shape = [2, 3, 4];
+    let mut x = vec![0.7f32; 24];
+    // Channel 1 of sample 1 varies; every other group is constant.
+    for (k, v) in x[16..20].iter_mut().enumerate() {
+        *v = k as f32;
+    }
+    let config = InstanceNormConfig {
+        eps: 0.0,
+        affine: true,
+        ..InstanceNormConfig::torch_1d()
+    };
+    let mut inorm = InstanceNorm::new(ctx, 3, config).unwrap();
+    let beta = [0.1f32, 0.2, 0.3];
+    inorm
+        .set_affine(gpunorm::Affine {
+            weight: Some(ctx.upload(&[1.0, 2.0, 3.0], &[3]).unwrap()),
+            bias: Some(ctx.upload(&beta, &[3]).unwrap()),
+        })
+        .unwrap();
+    let xt = ctx.upload(&x, &shape).unwrap();
+    let y = ctx
+        .download(&inorm.forward(ctx, &xt, Mode::Train).unwrap())
+        .unwrap();
+    let view = View::instance_norm(&shape);
+    let want = reference::forward(&x, &view, false, 0.0, Some(&[1.0, 2.0, 3.0]), Some(&beta));
+    for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
+        let group = i / 4;
+        if group == 4 {
+            assert!((got as f64 - want).abs() < 1e-5, "{i}: {got} vs {want}");
+        } else {
+            assert_eq!(got, beta[group % 3], "{i}: constant group");
+        }
+    }
+    let dy = normal(24, 98, 0.0, 1.0);
+    let g = inorm
+        .backward(ctx, &ctx.upload(&dy, &shape).unwrap())
+        .unwrap();
+    let dx = ctx.download(&g.grad_input).unwrap();
+    assert!(
+        dx.iter()
+            .enumerate()
+            .all(|(i, &d)| (i / 4 == 4) || d == 0.0),
+        "{dx:?}"
+    );
+    assert!(dx[16..20].iter().any(|&d| d != 0.0));
+
+    let mut gn = gpunorm::GroupNorm::new(
+        ctx,
+        3,
+        3,
+        gpunorm::GroupNormConfig {
+            eps: 0.0,
+            ..gpunorm::GroupNormConfig::torch()
+        },
+    )
+    .unwrap();
+    let y = ctx.download(&gn.forward(ctx, &xt).unwrap()).unwrap();
+    assert!(
+        y[..4].iter().all(|v| v.is_nan()),
+        "GroupNorm: {:?}",
+        &y[..4]
+    );
+}

@@ -324,6 +324,7 @@ impl BatchNorm {
             // even when the batch is empty: they become NaN. torch leaves
             // them alone.
             empty_batch_nan: update.is_some() && !torch,
+            zero_rstd: false,
         })
     }
 

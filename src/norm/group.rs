@@ -149,6 +149,7 @@ impl GroupNorm {
             update: None,
             bump_counter: false,
             empty_batch_nan: false,
+            zero_rstd: false,
         })
     }
 

@@ -221,6 +221,9 @@ impl InstanceNorm {
             // with any momentum (None too): over none they are NaN. An
             // empty spatial size leaves them alone.
             empty_batch_nan: self.running.is_some() && train && shape[0] == 0,
+            // torch runs instance norm through its batch-norm kernel, whose
+            // rstd is 0 for zero variance with eps 0.
+            zero_rstd: true,
         })
     }
 

@@ -121,6 +121,7 @@ impl RowNorm {
             update: None,
             bump_counter: false,
             empty_batch_nan: false,
+            zero_rstd: false,
         })
     }
 

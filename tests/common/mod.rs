@@ -115,6 +115,7 @@ pub fn assert_four_rows_per_step_on_a_cpu(ctx: &Context, rows: usize, len: usize
         update: None,
         bump_counter: false,
         empty_batch_nan: false,
+        zero_rstd: false,
     };
     let chunks = gpunorm::engine::Chunks::whole(view.numel());
     let plan = gpunorm::engine::plan_forward_chunked(&spec, &chunks, &caps);
