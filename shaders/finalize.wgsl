@@ -70,11 +70,7 @@ fn finalize_serial(
     var sums = vec2<f32>(0.0);
     for (var i = 0u; i < n_loop; i++) {
         let group = finalize_group(i, w);
-        var acc = vec3<f32>(0.0, 0.0, 0.0);
-        for (var t = 0u; t < params.merge_tiles; t++) {
-            acc = chan_merge(acc, scratch[params.partials_offset + group * params.merge_tiles + t].xyz);
-        }
-        sums += store_group_stats(group, acc);
+        sums += store_group_stats(group, merged_in_order(group));
     }
     update_running(w, sums);
 }
@@ -99,11 +95,7 @@ fn finalize_groups(
     var sums = vec2<f32>(0.0);
     for (var i = lid; i < n_loop; i += FINALIZE_WG) {
         let group = finalize_group(i, w);
-        var acc = vec3<f32>(0.0, 0.0, 0.0);
-        for (var t = 0u; t < params.merge_tiles; t++) {
-            acc = chan_merge(acc, scratch[params.partials_offset + group * params.merge_tiles + t].xyz);
-        }
-        sums += store_group_stats(group, acc);
+        sums += store_group_stats(group, merged_in_order(group));
     }
     wg_update[lid] = sums;
     workgroupBarrier();
@@ -116,6 +108,16 @@ fn finalize_groups(
     if (lid == 0u && n_loop > 0u) {
         update_running(w, wg_update[0]);
     }
+}
+
+// The (count, mean − shift, M2) of `group`'s partials merged in order by
+// one invocation.
+fn merged_in_order(group: u32) -> vec3<f32> {
+    var acc = vec3<f32>(0.0, 0.0, 0.0);
+    for (var t = 0u; t < params.merge_tiles; t++) {
+        acc = chan_merge(acc, scratch[params.partials_offset + group * params.merge_tiles + t].xyz);
+    }
+    return acc;
 }
 
 // Groups output w merges: with a running-stat update, running channel w's
