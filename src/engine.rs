@@ -760,7 +760,7 @@ pub fn scratch_bytes(view: &View, chunks: &Chunks, caps: &Caps) -> u64 {
 /// Bytes of scratch the forward of `spec` split as `chunks` needs: the
 /// statistics alone where the row kernels run (they keep no partials),
 /// each chunk's scratch from its first group on for chunks of whole blocks
-/// ([`chunk_scratch`]), else [`scratch_bytes`].
+/// (`chunk_scratch`), else [`scratch_bytes`].
 pub fn forward_scratch_bytes(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) -> u64 {
     if chunks.whole_blocks {
         (0..chunks.count)
