@@ -738,7 +738,7 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
                     finalize_wg.div_ceil(kernels::FINALIZE_WG as usize),
                     0,
                 ));
-            } else if groups_per_output > 1 {
+            } else if groups_per_output > 1 && finalize_by_groups(groups_per_output, merged) {
                 plan.push(d(Kernel::FinalizeGroups, finalize_wg, 0));
             } else {
                 plan.push(d(Kernel::Finalize, finalize_wg, 0));
@@ -747,6 +747,23 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
             plan
         }
     }
+}
+
+/// Whether a running channel's `groups` groups of `merged` partials in all
+/// are merged an invocation per group ([`Kernel::FinalizeGroups`]) rather
+/// than by a workgroup tree per group, in a loop ([`Kernel::Finalize`]):
+/// whichever loops less per invocation. lavapipe stops an invocation's
+/// loops after 65,535 iterations: many short groups (a tracked
+/// InstanceNorm over thousands of instances) passed it with a tree per
+/// group, and few long ones (two instances of 4M elements, 65,536
+/// partials each) with an invocation per group.
+fn finalize_by_groups(groups: usize, merged: usize) -> bool {
+    let per_group = merged / groups.max(1);
+    let wg = kernels::FINALIZE_WG as usize;
+    let by_groups = groups.div_ceil(wg) * (per_group + 1);
+    // A tree of FINALIZE_WG levels' iterations and its own strided loop.
+    let by_trees = groups * (per_group.div_ceil(wg) + wg.ilog2() as usize + 2);
+    by_groups <= by_trees
 }
 
 /// Bytes of scratch (statistics and partials) a forward of `view` split
@@ -1899,6 +1916,31 @@ mod tests {
             false,
             DType::F16
         )));
+    }
+
+    #[test]
+    fn the_finalize_of_many_groups_per_channel_loops_least_per_invocation() {
+        // 9000 instances of one partial: an invocation per group loops
+        // 141 times, a tree per group 9000 times 9 (past lavapipe's 65,535).
+        assert!(finalize_by_groups(9000, 9000));
+        // 2 instances of 65,536 partials: an invocation per group 65,537
+        // times (past it), a tree per group 2 times 1032.
+        assert!(!finalize_by_groups(2, 2 * 65_536));
+        let lavapipe = Caps {
+            subgroups: true,
+            subgroup_max: 8,
+            subgroup_min: 8,
+            cpu: true,
+        };
+        for (shape, kernel) in [
+            ([9000, 2, 3], Kernel::FinalizeGroups),
+            ([2, 1, 1 << 22], Kernel::Finalize),
+        ] {
+            let view = View::instance_norm(&shape);
+            let tracked = spec(view, StatsSource::Batch, true, DType::F32);
+            let kinds = kernels_of(&tracked, &Chunks::whole(view.numel()), &lavapipe);
+            assert_eq!(kinds[1], kernel, "{shape:?}: {kinds:?}");
+        }
     }
 
     #[test]

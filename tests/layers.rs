@@ -1093,3 +1093,42 @@ fn instance_norm_with_eps_zero_gives_beta_on_a_constant_group_as_torch_does() {
         &y[..4]
     );
 }
+
+#[test]
+fn tracked_instance_norm_of_two_long_instances_counts_every_element() {
+    // Two instances of 4M elements: 65,536 partials each. One invocation
+    // merging each instance's partials passed lavapipe's 65,535 loop
+    // iterations and left the second half of each out of the running
+    // statistics (found in review).
+    let ctx = ctx();
+    let len = 1 << 22;
+    let shape = [2, 1, len];
+    let mut x = normal(2 * len, 99, 0.0, 1.0);
+    for (i, v) in x.iter_mut().enumerate() {
+        if i % len >= len / 2 {
+            *v += 5.0;
+        }
+    }
+    let mut cfg = InstanceNormConfig::torch();
+    cfg.track_running_stats = true;
+    let mut inorm = InstanceNorm::new(ctx, 1, cfg).unwrap();
+    inorm
+        .forward(ctx, &ctx.upload(&x, &shape).unwrap(), Mode::Train)
+        .unwrap();
+    let (mean, var) = instance_norm_first_update(&x, &shape);
+    let r = inorm.running_stats().unwrap();
+    assert_close(
+        "running_mean",
+        &ctx.download(&r.mean).unwrap(),
+        &mean,
+        1e-5,
+        1e-4,
+    );
+    assert_close(
+        "running_var",
+        &ctx.download(&r.var).unwrap(),
+        &var,
+        1e-5,
+        1e-4,
+    );
+}

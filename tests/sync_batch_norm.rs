@@ -375,3 +375,56 @@ fn a_global_batch_of_one_value_per_channel_is_refused_by_every_replica() {
         assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(0));
     }
 }
+
+#[test]
+fn replicas_of_one_sample_without_running_stats_equal_one_batch_norm() {
+    // One sample per replica and no running statistics: the view of a
+    // replica's shard is the row kernels' (A = 1), whose forward keeps no
+    // partials, but the synced forward writes one per channel after the
+    // statistics: its scratch was a vec4 per channel too short, and the
+    // forward a wgpu error (found in review).
+    let ctx = ctx();
+    let config = BatchNormConfig {
+        track_running_stats: false,
+        ..BatchNormConfig::torch_1d()
+    };
+    let x = normal(2 * 4 * 16, 35, 2.0, 1.5);
+    let mut whole = BatchNorm::new(ctx, 4, config.clone()).unwrap();
+    let want: Vec<f64> = ctx
+        .download(
+            &whole
+                .forward(ctx, &ctx.upload(&x, &[2, 4, 16]).unwrap(), Mode::Train)
+                .unwrap(),
+        )
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let mut replicas: Vec<BatchNorm> = (0..2)
+        .map(|_| BatchNorm::new(ctx, 4, config.clone()).unwrap())
+        .collect();
+    let shards: Vec<_> = (0..2)
+        .map(|r| {
+            ctx.upload(&shard(&x, [2, 4, 16], r, r + 1), &[1, 4, 16])
+                .unwrap()
+        })
+        .collect();
+    let stats: Vec<ReplicaStats> = replicas
+        .iter()
+        .zip(&shards)
+        .map(|(bn, x)| bn.replica_stats(ctx, x).unwrap())
+        .collect();
+    let global = ReplicaStats::merge(&stats).unwrap();
+    for (r, (bn, x)) in replicas.iter_mut().zip(&shards).enumerate() {
+        let y = bn
+            .forward_synced(ctx, x, &stats[r], &global, Mode::Train)
+            .unwrap();
+        assert_close(
+            &format!("replica {r}"),
+            &ctx.download(&y).unwrap(),
+            &want[r * 64..(r + 1) * 64],
+            1e-5,
+            1e-5,
+        );
+    }
+}

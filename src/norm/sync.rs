@@ -187,9 +187,13 @@ impl BatchNorm {
             &[self.affine.weight.as_ref(), self.affine.bias.as_ref()],
         )?;
         let chunks = engine::chunks_for(ctx, &spec);
+        // The preset statistics take a partial per group after the groups'
+        // statistics (engine::record_forward_preset), whatever kernels a
+        // forward of this view would take: scratch_bytes leaves room for
+        // them where forward_scratch_bytes gives row kernels none.
         let scratch = std::sync::Arc::new(ctx.create_buffer(
             "gpunorm statistics",
-            engine::forward_scratch_bytes(&spec, &chunks, &ctx.caps()),
+            engine::scratch_bytes(&spec.view, &chunks, &ctx.caps()),
         )?);
         let own = self.saved.as_ref().filter(|s| s.context == ctx.uid);
         let mut copies =
