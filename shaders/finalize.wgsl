@@ -77,7 +77,8 @@ fn finalize_serial(
 
 // finalize for running channels with many groups each (a tracked
 // InstanceNorm's instances, P of them; the host takes it when they have
-// more partials than finalize_serial merges): a workgroup per channel w,
+// more partials than finalize_serial merges and it loops less per
+// invocation than finalize, engine::finalize_by_groups): a workgroup per channel w,
 // each invocation merging its share of the groups' partials in order and
 // storing their statistics, then one tree over the invocations' sums for
 // the running update. (finalize's tree per group, P of them in a loop,
