@@ -593,12 +593,12 @@ fn runs_on_subgroups(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
 }
 
 /// Whether the statistics come from a partial per run of B, a subgroup per
-/// run ([`Kernel::PartialsRuns`]): runs on subgroups of at most
-/// [`kernels::ROWS_MAX_LEN`] elements, the longest the row kernels sum in
-/// one subgroup too: each lane sums its share in f32, and a row of 100,000
-/// with an outlier lost digits there.
+/// run ([`Kernel::PartialsRuns`]): wherever the normalize goes by runs on
+/// subgroups, whose runs are at most [`kernels::ROWS_MAX_LEN`] elements,
+/// the longest the row kernels sum in one subgroup too: each lane sums its
+/// share in f32, and a row of 100,000 with an outlier lost digits there.
 pub fn uses_partials_runs(view: &View, chunks: &Chunks, caps: &Caps) -> bool {
-    runs_on_subgroups(view, chunks, caps) && view.b <= kernels::ROWS_MAX_LEN as usize
+    runs_on_subgroups(view, chunks, caps)
 }
 
 /// Whether the single-dispatch row kernel handles this forward.

@@ -375,6 +375,36 @@ fn instance_norm_first_update(x: &[f32], shape: &[usize]) -> (Vec<f64>, Vec<f64>
     )
 }
 
+/// Asserts that `inorm`'s running statistics are the first update from
+/// `x` ([`instance_norm_first_update`]).
+fn assert_first_update(
+    what: &str,
+    inorm: &InstanceNorm,
+    x: &[f32],
+    shape: &[usize],
+    atol: f64,
+    rtol: f64,
+) {
+    let ctx = ctx();
+    let (mean, var) = instance_norm_first_update(x, shape);
+    let r = inorm.running_stats().unwrap();
+    let got = |t: &GpuTensor| ctx.download(t).unwrap();
+    assert_close(
+        &format!("{what} running_mean"),
+        &got(&r.mean),
+        &mean,
+        atol,
+        rtol,
+    );
+    assert_close(
+        &format!("{what} running_var"),
+        &got(&r.var),
+        &var,
+        atol,
+        rtol,
+    );
+}
+
 #[test]
 fn tracked_instance_norm_averages_instances_and_leaves_the_counter() {
     let ctx = ctx();
@@ -775,22 +805,8 @@ fn runs_walked_by_subgroups_in_blocks_match_f64_and_update_running_stats() {
     assert_close("instance norm", &y, &want, 1e-5, 1e-5);
     // The update averages the three samples' statistics per channel:
     // 0.1·mean and 0.9 + 0.1·(unbiased var), and leaves the counter.
-    let (want_rm, want_rv) = instance_norm_first_update(&x, &shape);
+    assert_first_update("in", &inorm, &x, &shape, 1e-6, 1e-5);
     let r = inorm.running_stats().unwrap();
-    assert_close(
-        "in running_mean",
-        &ctx.download(&r.mean).unwrap(),
-        &want_rm,
-        1e-6,
-        1e-5,
-    );
-    assert_close(
-        "in running_var",
-        &ctx.download(&r.var).unwrap(),
-        &want_rv,
-        1e-6,
-        1e-5,
-    );
     assert_eq!(r.num_batches_tracked(ctx).unwrap(), Some(0));
 }
 
@@ -939,22 +955,7 @@ fn tracked_instance_norm_over_a_large_batch_averages_every_instance() {
         .unwrap();
     let want = reference::forward(&x, &View::instance_norm(&shape), false, 1e-5, None, None);
     assert_close("output", &y, &want, 1e-4, 1e-4);
-    let (mean, var) = instance_norm_first_update(&x, &shape);
-    let r = inorm.running_stats().unwrap();
-    assert_close(
-        "running_mean",
-        &ctx.download(&r.mean).unwrap(),
-        &mean,
-        1e-6,
-        1e-5,
-    );
-    assert_close(
-        "running_var",
-        &ctx.download(&r.var).unwrap(),
-        &var,
-        1e-6,
-        1e-5,
-    );
+    assert_first_update("tracked", &inorm, &x, &shape, 1e-6, 1e-5);
 }
 
 #[test]
@@ -1115,20 +1116,5 @@ fn tracked_instance_norm_of_two_long_instances_counts_every_element() {
     inorm
         .forward(ctx, &ctx.upload(&x, &shape).unwrap(), Mode::Train)
         .unwrap();
-    let (mean, var) = instance_norm_first_update(&x, &shape);
-    let r = inorm.running_stats().unwrap();
-    assert_close(
-        "running_mean",
-        &ctx.download(&r.mean).unwrap(),
-        &mean,
-        1e-5,
-        1e-4,
-    );
-    assert_close(
-        "running_var",
-        &ctx.download(&r.var).unwrap(),
-        &var,
-        1e-5,
-        1e-4,
-    );
+    assert_first_update("tracked", &inorm, &x, &shape, 1e-5, 1e-4);
 }
