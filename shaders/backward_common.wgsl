@@ -252,6 +252,12 @@ fn group_weight4(base: u32, c0: u32, ch: u32, j4: u32) -> vec4<f32> {
     return weight4_of(base + 4u * j4);
 }
 
+// Zero, but only at run time (no flag sets every bit): see opaque() in
+// compensated.wgsl.
+fn opaque_zero() -> u32 {
+    return select(0u, 1u, bp.flags == 0xffffffffu);
+}
+
 fn bwd_flag(f: u32) -> bool {
     return (bp.flags & f) != 0u;
 }

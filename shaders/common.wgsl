@@ -117,6 +117,12 @@ fn hsum(v: vec4<f32>) -> f32 {
     return (v.x + v.y) + (v.z + v.w);
 }
 
+// Zero, but only at run time (no flag sets every bit): see opaque() in
+// compensated.wgsl.
+fn opaque_zero() -> u32 {
+    return select(0u, 1u, params.flags == 0xffffffffu);
+}
+
 fn has_flag(f: u32) -> bool {
     return (params.flags & f) != 0u;
 }
@@ -128,7 +134,7 @@ fn batch_rstd(variance: f32) -> f32 {
     if (has_flag(FLAG_ZERO_RSTD) && variance + params.eps == 0.0) {
         return 0.0;
     }
-    return 1.0 / sqrt(variance + params.eps);
+    return refined_rsqrt(variance + params.eps);
 }
 
 // Workgroups beyond 65535 are laid out on a 2-D grid; this is the linear index.
@@ -173,6 +179,16 @@ fn first_j(p: u32, g: u32, index: u32) -> u32 {
 // the bulk of the data.
 fn median3(a: f32, b: f32, c: f32) -> f32 {
     return max(min(a, b), min(max(a, b), c));
+}
+
+// The lower of the middle two of four values: one of them, as a shift
+// must be. Sums of x − shift over half-precision data are then exact until
+// they outgrow f32's 24 bits; the mean of the middle two, a bit off the
+// data's grid, left LayerNorm of f16 rows of 16384 35 roundings off in
+// the mean.
+fn lower_median4(v: vec4<f32>) -> f32 {
+    let lo = min(v.xy, v.zw);
+    return max(lo.x, lo.y);
 }
 
 // The shift of group (p, g): the median of its first, middle and last
@@ -319,13 +335,23 @@ fn affine4(v: vec4<f32>, g: u32, k4: u32) -> vec4<f32> {
     return apply_affine4(v, affine_params4(g, k4));
 }
 
-// (scale, offset) of a run with statistics st whose γ and β are those of
-// affine index g (AFFINE_PER_RUN: BatchNorm, InstanceNorm), so that
-// y = (x − shift)·scale + offset. Shared by normalize_runs and
-// normalize_runs_subgroup.
-fn run_scale_offset(st: vec4<f32>, g: u32) -> vec2<f32> {
+// The mean of statistics st as an f32 centre and the exact rest (TwoSum of
+// shift and dmean): (x − centre) − rest is x − mean to one rounding.
+fn split_mean(st: vec4<f32>) -> vec2<f32> {
+    return two_sum(st.x, st.y);
+}
+
+// (centre, scale, offset) of a run with statistics st whose γ and β are
+// those of affine index g (AFFINE_PER_RUN: BatchNorm, InstanceNorm), so that
+// y = (x − centre)·scale + offset. Shared by normalize_runs and
+// normalize_runs_subgroup. Centred on the mean (split_mean), not on the
+// shift, the offset is β and a tiny rest: an output near zero is then the
+// difference of two terms of about |β|, not of |β| + |dmean·scale| (a shift
+// 2σ from the mean put f16 outputs near zero 4 ulps off).
+fn run_scale_offset(st: vec4<f32>, g: u32) -> vec3<f32> {
+    let mean = split_mean(st);
     var scale = st.z;
-    var offset = -st.y * st.z;
+    var offset = -mean.y * st.z;
     if (HAS_WEIGHT) {
         scale = scale * weight_at(g);
         offset = offset * weight_at(g);
@@ -333,7 +359,7 @@ fn run_scale_offset(st: vec4<f32>, g: u32) -> vec2<f32> {
     if (HAS_BIAS) {
         offset = offset + bias_at(g);
     }
-    return vec2<f32>(scale, offset);
+    return vec3<f32>(mean.x, scale, offset);
 }
 
 // Shared by the partials kernels (stats.wgsl, runs_subgroup.wgsl).
@@ -415,16 +441,18 @@ fn write_column_partials(p: u32, block: u32, q4: u32, rows: u32, centre: vec4<f3
     }
 }
 
-// y = (x − shift)·scale + offset for the four columns of vector q4 of p:
-// rows shift, scale and offset, one column per element.
+// y = (x − centre)·scale + offset for the four columns of vector q4 of p
+// (centred as run_scale_offset): rows centre, scale and offset, one column
+// per element.
 fn column_affine(p: u32, q4: u32) -> mat3x4<f32> {
     var k: mat3x4<f32>;
     for (var i = 0u; i < 4u; i++) {
         let q = 4u * q4 + i;
         let g = fast_div(q, params.div_b);
         let st = scratch[p * params.g + g];
+        let mean = split_mean(st);
         var s = st.z;
-        var o = -st.y * st.z;
+        var o = -mean.y * st.z;
         let c = fast_div(q, params.div_affine);
         if (HAS_WEIGHT) {
             s = s * weight_at(c);
@@ -433,7 +461,7 @@ fn column_affine(p: u32, q4: u32) -> mat3x4<f32> {
         if (HAS_BIAS) {
             o = o + bias_at(c);
         }
-        k[0][i] = st.x;
+        k[0][i] = mean.x;
         k[1][i] = s;
         k[2][i] = o;
     }

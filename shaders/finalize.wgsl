@@ -30,11 +30,7 @@ fn finalize(
     var sums = vec2<f32>(0.0);
     for (var i = 0u; i < n_loop; i++) {
         let group = finalize_group(i, w);
-        var acc = vec3<f32>(0.0, 0.0, 0.0);
-        for (var t = lid; t < params.merge_tiles; t += FINALIZE_WG) {
-            acc = chan_merge(acc, scratch[params.partials_offset + group * params.merge_tiles + t].xyz);
-        }
-        wg_sum[lid] = acc;
+        wg_sum[lid] = merged_partials(group, lid, FINALIZE_WG);
         workgroupBarrier();
         for (var stride = FINALIZE_WG / 2u; stride > 0u; stride /= 2u) {
             if (lid < stride) {
@@ -114,11 +110,36 @@ fn finalize_groups(
 // The (count, mean − shift, M2) of `group`'s partials merged in order by
 // one invocation.
 fn merged_in_order(group: u32) -> vec3<f32> {
-    var acc = vec3<f32>(0.0, 0.0, 0.0);
-    for (var t = 0u; t < params.merge_tiles; t++) {
-        acc = chan_merge(acc, scratch[params.partials_offset + group * params.merge_tiles + t].xyz);
+    return merged_partials(group, 0u, 1u);
+}
+
+// The (count, mean − shift, M2) of `group`'s partials first, first + step,
+// ... merged in two passes: the mean from the compensated sum of the
+// partials' count·mean, then M2 = Σ M2_i + n_i·(mean_i − mean)², also
+// compensated. This is Chan's merge of all of them at once; merged one by
+// one, in order, the mean and M2 picked up a rounding per partial (a
+// BatchNorm channel of 64 runs had its variance 5 roundings off, enough
+// to move f16 outputs near zero by 4 ulps).
+fn merged_partials(group: u32, first: u32, step: u32) -> vec3<f32> {
+    let base = params.partials_offset + group * params.merge_tiles;
+    var count = 0.0;
+    var weighted = Compensated(0.0, 0.0);
+    for (var t = first; t < params.merge_tiles; t += step) {
+        let s = scratch[base + t].xyz;
+        count += s.x;
+        weighted = add_compensated(weighted, s.x * s.y);
     }
-    return acc;
+    if (count == 0.0) {
+        return vec3<f32>(0.0);
+    }
+    let mean = compensated_total(weighted) / count;
+    var m2 = Compensated(0.0, 0.0);
+    for (var t = first; t < params.merge_tiles; t += step) {
+        let s = scratch[base + t].xyz;
+        let d = s.y - mean;
+        m2 = add_compensated(add_compensated(m2, s.z), s.x * d * d);
+    }
+    return vec3<f32>(count, mean, compensated_total(m2));
 }
 
 // Groups output w merges: with a running-stat update, running channel w's
@@ -184,5 +205,5 @@ fn eval_stats(
     }
     let g = group % params.g;
     let variance = running_var[g];
-    scratch[group] = vec4<f32>(running_mean[g], 0.0, 1.0 / sqrt(variance + params.eps), variance);
+    scratch[group] = vec4<f32>(running_mean[g], 0.0, refined_rsqrt(variance + params.eps), variance);
 }

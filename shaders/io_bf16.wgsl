@@ -6,6 +6,10 @@
 @group(0) @binding(1) var<storage, read> x_buf: array<vec2<u32>>;
 @group(0) @binding(2) var<storage, read_write> y_buf: array<vec2<u32>>;
 
+// Whether x and y are stored in half precision (rows_subgroup then
+// compensates its sums).
+const HALF_STORAGE: bool = true;
+
 fn x_word(k: u32) -> u32 {
     return x_buf[k >> 1u][k & 1u];
 }

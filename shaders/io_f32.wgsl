@@ -4,6 +4,10 @@
 @group(0) @binding(1) var<storage, read> x_buf: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y_buf: array<vec4<f32>>;
 
+// Whether x and y are stored in half precision (rows_subgroup then
+// compensates its sums).
+const HALF_STORAGE: bool = false;
+
 fn load_x(i: u32) -> f32 {
     return x_buf[i >> 2u][i & 3u];
 }

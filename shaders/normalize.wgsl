@@ -135,15 +135,16 @@ fn normalize_runs(
     if (AFFINE_MODE == AFFINE_PER_RUN) {
         // One γ and β per run (BatchNorm, InstanceNorm).
         let so = run_scale_offset(st, g);
-        let scale = so.x;
-        let offset = so.y;
+        let centre = so.x;
+        let scale = so.y;
+        let offset = so.z;
         for (var k = 0u; k < params.run_vec4; k += 2u) {
             let j4 = first + k * RUNS_WG;
             if (j4 < n4) {
-                store_y4(base4 + j4, (load_x4(base4 + j4) - st.x) * scale + offset);
+                store_y4(base4 + j4, (load_x4(base4 + j4) - centre) * scale + offset);
             }
             if (j4 + 1u < n4) {
-                store_y4(base4 + j4 + 1u, (load_x4(base4 + j4 + 1u) - st.x) * scale + offset);
+                store_y4(base4 + j4 + 1u, (load_x4(base4 + j4 + 1u) - centre) * scale + offset);
             }
         }
     } else {

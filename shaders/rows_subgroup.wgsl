@@ -7,9 +7,9 @@
 // Row steps are spread over subgroups by subgroup_rows (subgroup_rows.wgsl).
 // Lane `lane` owns the vec4 groups lane, lane + width, ... of each row.
 // The statistics are shifted sums, Σ(x − shift) and Σ(x − shift)², with
-// shift = the median of the row's first, middle and last elements (a large
-// common offset cancels exactly, SPEC §6, and one outlier cannot pull the
-// shift away from the data), in one read of x; the normalize is a second
+// shift = a median of the row's first, middle and last vectors (row_shift:
+// a large common offset cancels exactly, SPEC §6, and one outlier cannot
+// pull the shift away from the data), in one read of x; the normalize is a second
 // read. Holding short rows in registers for an exact two-pass variance was
 // tried: lavapipe then kept the array in memory and ran 1.7x slower than
 // two reads.
@@ -28,6 +28,25 @@ const ROWS_SG_R_MAX: u32 = 4u;
 // vector's parameters a.
 fn normalized_row4(i4: u32, shift: f32, dmean: f32, rstd: f32, a: Affine4) -> vec4<f32> {
     return apply_affine4(((load_x4(i4) - shift) - dmean) * rstd, a);
+}
+
+// The shift of a row of n4 vectors from base4: the median of three of its
+// values, the lower middle ones (lower_median4) of its first, middle and
+// last vectors. One outlier, or one vector of them, cannot move it far (as
+// with group_shift's median of three elements), and it lies about a third
+// of σ from the mean rather than two thirds. The shifted sum of squares is
+// (1 + d²/σ²) times M2 for a shift d from the mean, so the roundings of
+// the lanes' and the subgroup's sums cost M2 that much more: LayerNorm
+// rows of 16384 had rstd up to 11 roundings off with the median of three
+// elements, about 3 with this, at the cost of two more loads per row.
+// (Compensated lane sums took it to 2, for 6 to 9% more of lavapipe's
+// time.)
+fn row_shift(base4: u32, n4: u32) -> f32 {
+    return median3(
+        lower_median4(load_x4(base4)),
+        lower_median4(load_x4(base4 + n4 / 2u)),
+        lower_median4(load_x4(base4 + n4 - 1u)),
+    );
 }
 
 @compute @workgroup_size(ROWS_SG_WG)
@@ -53,22 +72,54 @@ fn rows_subgroup(
             base4[r] = min(first + r, last) * n4;
             shift[r] = 0.0;
             if (!IS_RMS) {
-                let base = base4[r] * 4u;
-                shift[r] = median3(load_x(base), load_x(base + params.b / 2u), load_x(base + params.b - 1u));
+                shift[r] = row_shift(base4[r], n4);
             }
         }
-        for (var j4 = lane; j4 < n4; j4 += width) {
-            for (var r = 0u; r < ROWS_SG_R; r++) {
-                let v = load_x4(base4[r] + j4) - shift[r];
-                s1[r] += v;
-                s2[r] += v * v;
+        // The sums' carries (compensated.wgsl), for half-precision storage
+        // only: each lane adds COMPENSATED_BLOCK steps at a time into plain
+        // block sums folded into compensated ones, so its hundreds of terms
+        // cost its sums about a rounding rather than sqrt(n/3) of them
+        // (f16 LayerNorm rows of 16384: outputs near zero 8 ulps off, 2
+        // with them). f32 outputs, whose tolerance is not an ulp count,
+        // keep the plain loop: the blocks cost lavapipe 6 to 9%.
+        var c1: array<vec4<f32>, ROWS_SG_R_MAX>;
+        var c2: array<vec4<f32>, ROWS_SG_R_MAX>;
+        if (HALF_STORAGE) {
+            let block = COMPENSATED_BLOCK * width;
+            for (var j0 = lane; j0 < n4; j0 += block) {
+                var b1: array<vec4<f32>, ROWS_SG_R_MAX>;
+                var b2: array<vec4<f32>, ROWS_SG_R_MAX>;
+                let end = min(n4, j0 + block);
+                for (var j4 = j0; j4 < end; j4 += width) {
+                    for (var r = 0u; r < ROWS_SG_R; r++) {
+                        let v = load_x4(base4[r] + j4) - shift[r];
+                        b1[r] += v;
+                        b2[r] += v * v;
+                    }
+                }
+                for (var r = 0u; r < ROWS_SG_R; r++) {
+                    let k1 = add_compensated4(Compensated4(s1[r], c1[r]), b1[r]);
+                    let k2 = add_compensated4(Compensated4(s2[r], c2[r]), b2[r]);
+                    s1[r] = k1.sum;
+                    c1[r] = k1.carry;
+                    s2[r] = k2.sum;
+                    c2[r] = k2.carry;
+                }
+            }
+        } else {
+            for (var j4 = lane; j4 < n4; j4 += width) {
+                for (var r = 0u; r < ROWS_SG_R; r++) {
+                    let v = load_x4(base4[r] + j4) - shift[r];
+                    s1[r] += v;
+                    s2[r] += v * v;
+                }
             }
         }
         var dmean: array<f32, ROWS_SG_R_MAX>;
         var rstd: array<f32, ROWS_SG_R_MAX>;
         for (var r = 0u; r < ROWS_SG_R; r++) {
-            let t1 = subgroupAdd(hsum(s1[r]));
-            let t2 = subgroupAdd(hsum(s2[r]));
+            let t1 = subgroupAdd(hsum(compensated_total4(Compensated4(s1[r], c1[r]))));
+            let t2 = subgroupAdd(hsum(compensated_total4(Compensated4(s2[r], c2[r]))));
             dmean[r] = 0.0;
             if (!IS_RMS) {
                 dmean[r] = t1 / n;

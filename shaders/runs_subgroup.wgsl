@@ -45,8 +45,23 @@ fn partials_runs(
     let w = steps.width;
     for (var r = runs.x; r < runs.y; r++) {
         let at = run_coords(r);
-        let shift = group_shift(at.x, at.z);
         let base4 = r * n4;
+        // The run's sums are centred on one of its own first four values
+        // (lower_median4: one outlier among them cannot move it far), not
+        // on the group's shift (a median of three elements of the group,
+        // sometimes 2σ from the mean, for every run alike): sq − sum·mean
+        // then cancels less, and the runs' errors differ and average out
+        // in the merge (BatchNorm 32x64x56x56: variance 5 roundings off
+        // before, 2 after). The partial's mean is kept relative to the
+        // group's shift; the difference of the two is exact for nearby
+        // values. An inf or NaN among the four keeps the group's shift,
+        // so an inf still gives the infinite mean torch's has.
+        let group_at = group_shift(at.x, at.z);
+        var shift = group_at;
+        let own = lower_median4(load_x4(base4));
+        if (!IS_RMS && is_finite(own - group_at)) {
+            shift = own;
+        }
         // Four independent vectors per step keep four loads in flight
         // (two: BatchNorm 32x64x56x56 train 9.7 ms on lavapipe, four with
         // the normalize's two below 9.3 ms; eval 5.5 to 5.1 ms).
@@ -70,7 +85,7 @@ fn partials_runs(
         if (lane == 0u) {
             let summary = shifted_summary(params.b, t1, t2);
             let slot = (at.x * params.g + at.z) * params.merge_tiles + at.y;
-            scratch[params.partials_offset + slot] = vec4<f32>(f32(params.b), summary, 0.0);
+            scratch[params.partials_offset + slot] = vec4<f32>(f32(params.b), (shift - group_at) + summary.x, summary.y, 0.0);
         }
     }
 }
@@ -99,11 +114,11 @@ fn normalize_runs_subgroup(
             for (; j4 + w < n4; j4 += 2u * w) {
                 let a0 = load_x4(base4 + j4);
                 let a1 = load_x4(base4 + j4 + w);
-                store_y4(base4 + j4, (a0 - st.x) * k.x + k.y);
-                store_y4(base4 + j4 + w, (a1 - st.x) * k.x + k.y);
+                store_y4(base4 + j4, (a0 - k.x) * k.y + k.z);
+                store_y4(base4 + j4 + w, (a1 - k.x) * k.y + k.z);
             }
             if (j4 < n4) {
-                store_y4(base4 + j4, (load_x4(base4 + j4) - st.x) * k.x + k.y);
+                store_y4(base4 + j4, (load_x4(base4 + j4) - k.x) * k.y + k.z);
             }
         } else {
             for (var j4 = lane; j4 < n4; j4 += w) {

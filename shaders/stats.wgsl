@@ -231,21 +231,31 @@ fn partials_columns(
     let shift1 = column_shifts(p, v1);
     let centre0 = column_prefix(p, row0, rows, v0, shift0);
     let centre1 = column_prefix(p, row0, rows, v1, shift1);
-    var sum0 = vec4<f32>(0.0);
-    var sq0 = vec4<f32>(0.0);
-    var sum1 = vec4<f32>(0.0);
-    var sq1 = vec4<f32>(0.0);
-    for (var i = 0u; i < rows; i++) {
-        let row4 = (p * params.a + row0 + i) * l4;
-        let a = (load_x4(row4 + v0) - shift0) - centre0;
-        sum0 += a;
-        sq0 += a * a;
-        let c = (load_x4(row4 + v1) - shift1) - centre1;
-        sum1 += c;
-        sq1 += c * c;
+    var sum0 = Compensated4();
+    var sq0 = Compensated4();
+    var sum1 = Compensated4();
+    var sq1 = Compensated4();
+    for (var i0 = 0u; i0 < rows; i0 += COMPENSATED_BLOCK) {
+        var block_sum0 = vec4<f32>(0.0);
+        var block_sq0 = vec4<f32>(0.0);
+        var block_sum1 = vec4<f32>(0.0);
+        var block_sq1 = vec4<f32>(0.0);
+        for (var i = i0; i < min(rows, i0 + COMPENSATED_BLOCK); i++) {
+            let row4 = (p * params.a + row0 + i) * l4;
+            let a = (load_x4(row4 + v0) - shift0) - centre0;
+            block_sum0 += a;
+            block_sq0 += a * a;
+            let c = (load_x4(row4 + v1) - shift1) - centre1;
+            block_sum1 += c;
+            block_sq1 += c * c;
+        }
+        sum0 = add_compensated4(sum0, block_sum0);
+        sq0 = add_compensated4(sq0, block_sq0);
+        sum1 = add_compensated4(sum1, block_sum1);
+        sq1 = add_compensated4(sq1, block_sq1);
     }
-    write_column_partials(p, block, v0, rows, centre0, sum0, sq0);
+    write_column_partials(p, block, v0, rows, centre0, compensated_total4(sum0), compensated_total4(sq0));
     if (v1 != v0) {
-        write_column_partials(p, block, v1, rows, centre1, sum1, sq1);
+        write_column_partials(p, block, v1, rows, centre1, compensated_total4(sum1), compensated_total4(sq1));
     }
 }

@@ -298,6 +298,7 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
         prelude.as_str(),
         kernels::HALF_CONVERT,
         kernels::FAST_DIV,
+        kernels::COMPENSATED,
         io_source(dtype),
         include_str!("../shaders/backward_common.wgsl"),
         include_str!("../shaders/backward.wgsl"),

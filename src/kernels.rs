@@ -463,6 +463,10 @@ pub(crate) const HALF_CONVERT: &str = include_str!("../shaders/half_convert.wgsl
 /// [`crate::engine::fast_divisor`]), shared by the forward and the backward.
 pub(crate) const FAST_DIV: &str = include_str!("../shaders/fast_div.wgsl");
 
+/// Compensated sums for the statistics' accumulators, shared by the forward
+/// and the backward.
+pub(crate) const COMPENSATED: &str = include_str!("../shaders/compensated.wgsl");
+
 /// How the subgroup row kernels, forward and backward, spread rows over
 /// subgroups (needs subgroup operations: only their sources include it).
 pub(crate) const SUBGROUP_ROWS: &str = include_str!("../shaders/subgroup_rows.wgsl");
@@ -502,6 +506,7 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
         prelude.as_str(),
         HALF_CONVERT,
         FAST_DIV,
+        COMPENSATED,
         io_source(dtype),
         include_str!("../shaders/common.wgsl"),
         if kernel.uses_subgroups() {
@@ -694,15 +699,23 @@ impl PipelineCache {
 mod tests {
     use super::*;
 
-    /// Runs half_convert.wgsl on `bits` (f32 bit patterns, a multiple of
-    /// four of them): per value its f16 and bf16 bits from the scalar and
-    /// from the four-lane functions.
-    fn convert_on_device(bits: &[u32]) -> [Vec<u32>; 4] {
+    /// Runs `main_body` (WGSL, the body of a compute entry point of one
+    /// invocation per input vector; `input` and `output` are arrays of
+    /// vec4<u32>, `i` the vector's index and `n4` the count) after
+    /// `library`, on `bits` (a multiple of four), writing `outputs` vectors
+    /// per input vector: output k of vector i at `output[k * n4 + i]`.
+    /// Returns the outputs, each as long as `bits`.
+    fn run_on_device(
+        library: &str,
+        main_body: &str,
+        bits: &[u32],
+        outputs: usize,
+    ) -> Vec<Vec<u32>> {
         use wgpu::util::DeviceExt;
         let ctx = crate::Context::new().unwrap();
         let device = ctx.device();
         let src = format!(
-            "{HALF_CONVERT}
+            "{library}
 @group(0) @binding(0) var<storage, read> input: array<vec4<u32>>;
 @group(0) @binding(1) var<storage, read_write> output: array<vec4<u32>>;
 @compute @workgroup_size(64)
@@ -712,11 +725,7 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
     if (i >= n4) {{
         return;
     }}
-    let v = bitcast<vec4<f32>>(input[i]);
-    output[i] = vec4<u32>(f16_bits(v.x), f16_bits(v.y), f16_bits(v.z), f16_bits(v.w));
-    output[n4 + i] = f16_bits4(v);
-    output[2u * n4 + i] = vec4<u32>(bf16_bits(v.x), bf16_bits(v.y), bf16_bits(v.z), bf16_bits(v.w));
-    output[3u * n4 + i] = bf16_bits4(v);
+{main_body}
 }}"
         );
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -736,8 +745,8 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
             contents: bytemuck::cast_slice(bits),
             usage: wgpu::BufferUsages::STORAGE,
         });
-        let out_bytes = 16 * bits.len() as u64;
-        let output = ctx.create_buffer("conversions", out_bytes).unwrap();
+        let out_bytes = (4 * outputs * bits.len()) as u64;
+        let output = ctx.create_buffer("outputs", out_bytes).unwrap();
         let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &pipeline.get_bind_group_layout(0),
@@ -763,7 +772,54 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
         let bytes = pollster::block_on(ctx.read_buffer(&output, 0, out_bytes)).unwrap();
         let all: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
         let n = bits.len();
-        std::array::from_fn(|k| all[k * n..(k + 1) * n].to_vec())
+        (0..outputs)
+            .map(|k| all[k * n..(k + 1) * n].to_vec())
+            .collect()
+    }
+
+    /// Runs half_convert.wgsl on `bits` (f32 bit patterns, a multiple of
+    /// four of them): per value its f16 and bf16 bits from the scalar and
+    /// from the four-lane functions.
+    fn convert_on_device(bits: &[u32]) -> [Vec<u32>; 4] {
+        let body = "    let v = bitcast<vec4<f32>>(input[i]);
+    output[i] = vec4<u32>(f16_bits(v.x), f16_bits(v.y), f16_bits(v.z), f16_bits(v.w));
+    output[n4 + i] = f16_bits4(v);
+    output[2u * n4 + i] = vec4<u32>(bf16_bits(v.x), bf16_bits(v.y), bf16_bits(v.z), bf16_bits(v.w));
+    output[3u * n4 + i] = bf16_bits4(v);";
+        let mut out = run_on_device(HALF_CONVERT, body, bits, 4).into_iter();
+        std::array::from_fn(|_| out.next().unwrap())
+    }
+
+    #[test]
+    fn compensated_arithmetic_keeps_its_low_parts_on_the_device() {
+        // A compiler that reassociated float arithmetic (lavapipe does,
+        // unless opaque() stops it) would fold the low parts to zero and
+        // leave the statistics with plain f32 sums: each input vector
+        // (a, b, c, d) gives TwoSum(a, b), the carry of a + b in a
+        // compensated sum and TwoProduct(c, d).
+        let tiny = 2f32.powi(-30);
+        let c = 1.0 + 2f32.powi(-12);
+        let inputs: [[f32; 4]; 3] = [[1.0, tiny, c, c], [-3.0, 1e-9, 1.5, 1.0 / 3.0], [0.0; 4]];
+        let bits: Vec<u32> = inputs.iter().flatten().map(|v| v.to_bits()).collect();
+        let body = "    let v = bitcast<vec4<f32>>(input[i]);
+    let s = two_sum(v.x, v.y);
+    let k = add_compensated(add_compensated(Compensated(0.0, 0.0), v.x), v.y);
+    output[i] = bitcast<vec4<u32>>(vec4<f32>(s, k.sum, k.carry));
+    output[n4 + i] = bitcast<vec4<u32>>(vec4<f32>(two_product(v.z, v.w), 0.0, 0.0));";
+        let library = compensated_library();
+        let out = run_on_device(&library, body, &bits, 2);
+        let f = |k: usize, i: usize| f32::from_bits(out[k][i]) as f64;
+        for (row, v) in inputs.iter().enumerate() {
+            let i = 4 * row;
+            let exact = v[0] as f64 + v[1] as f64;
+            assert_eq!(f(0, i) + f(0, i + 1), exact, "two_sum{v:?}");
+            assert_eq!(f(0, i + 2) + f(0, i + 3), exact, "add_compensated{v:?}");
+            let product = v[2] as f64 * v[3] as f64;
+            assert_eq!(f(1, i) + f(1, i + 1), product, "two_product{v:?}");
+        }
+        // The first row's low parts are not zero: they were kept.
+        assert_eq!(f(0, 1), tiny as f64);
+        assert_ne!(f(1, 1), 0.0);
     }
 
     #[test]
@@ -824,6 +880,47 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {{
                     bf16_want.to_bits()
                 );
             }
+        }
+    }
+
+    /// compensated.wgsl with the opaque zero its kernels supply.
+    fn compensated_library() -> String {
+        format!(
+            "{COMPENSATED}
+fn opaque_zero() -> u32 {{
+    return select(0u, 1u, arrayLength(&input) == 0xffffffffu);
+}}"
+        )
+    }
+
+    #[test]
+    fn refined_rsqrt_rounds_to_nearest() {
+        // Variances over 40 binades. lavapipe's own 1/sqrt(v) was 1.4 ulps
+        // off at worst here, enough to move f16 outputs near zero.
+        let mut bits = Vec::new();
+        let mut state = 0x9e37_79b9_u32;
+        for _ in 0..4096 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let v = 2f32.powf((state % 40_000) as f32 / 1000.0 - 20.0);
+            bits.push(v.to_bits());
+        }
+        let library = compensated_library();
+        let body = "    let v = bitcast<vec4<f32>>(input[i]);
+    output[i] = bitcast<vec4<u32>>(vec4<f32>(refined_rsqrt(v.x), refined_rsqrt(v.y), refined_rsqrt(v.z), refined_rsqrt(v.w)));
+";
+        let out = run_on_device(&library, body, &bits, 1);
+        for (i, &b) in bits.iter().enumerate() {
+            let exact = 1.0 / (f32::from_bits(b) as f64).sqrt();
+            let below = (exact as f32).to_bits();
+            let ulp = (f32::from_bits(below + 1) - f32::from_bits(below)) as f64;
+            let err = (f32::from_bits(out[0][i]) as f64 - exact).abs() / ulp;
+            assert!(
+                err <= 0.5 + 1e-3,
+                "refined_rsqrt({}): {err} ulps",
+                f32::from_bits(b)
+            );
         }
     }
 

@@ -2,16 +2,11 @@
 //! stores (overflow, NaN, subnormals), packed words at odd lengths.
 
 mod common;
-use common::{ctx, gpu_sized, normal};
+use common::{ctx, gpu_sized, normal, stored};
 use gpunorm::{
     reference, BatchNorm, BatchNormConfig, Context, DType, GpuTensor, LayerNorm, Mode,
     RowNormConfig, View,
 };
-
-/// Stored values of `dtype` as f32 (what the GPU actually reads).
-fn stored(values: &[f32], dtype: DType) -> Vec<f32> {
-    gpunorm::tensor::decode(&gpunorm::tensor::encode(values, dtype), dtype)
-}
 
 /// ulp of |v| in `dtype`, floored at 2^-14 (SPEC §6).
 fn ulp(v: f64, dtype: DType) -> f64 {

@@ -44,6 +44,11 @@ pub fn normal(n: usize, seed: u64, mean: f32, std: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Stored values of `dtype` as f32 (what the GPU actually reads).
+pub fn stored(values: &[f32], dtype: gpunorm::DType) -> Vec<f32> {
+    gpunorm::tensor::decode(&gpunorm::tensor::encode(values, dtype), dtype)
+}
+
 /// Largest |a − b| / (atol + rtol·|b|) over all elements; ≤ 1 passes.
 pub fn worst(actual: &[f32], expected: &[f64], atol: f64, rtol: f64) -> f64 {
     assert_eq!(actual.len(), expected.len(), "length");
