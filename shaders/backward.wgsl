@@ -366,6 +366,26 @@ fn store_affine_grads(i: u32, dw: f32, db: f32) {
     }
 }
 
+// The affine gradients of an empty input (bp.cols of them): sums over no
+// element, 0, and NaN for dγ with BF_NAN_WEIGHT_GRAD. The caller's buffers
+// need not be zeroed, so even an empty input writes them.
+@compute @workgroup_size(BWD_WG)
+fn bwd_empty_affine_grads(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = bwd_linear_workgroup(wid, nwg) * BWD_WG + lid;
+    if (i >= bp.cols) {
+        return;
+    }
+    var dw = 0.0;
+    if (bwd_flag(BF_NAN_WEIGHT_GRAD)) {
+        dw = bitcast<f32>(0x7fc00000u);
+    }
+    store_affine_grads(i, dw, 0.0);
+}
+
 // Elementwise grad_input: BWD_DX_PER_THREAD consecutive elements per
 // invocation (an aligned run: it starts at a multiple of
 // BWD_DX_PER_THREAD, so with packed storage every word belongs to one

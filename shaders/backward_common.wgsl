@@ -156,6 +156,7 @@ const BF_GRAD_WEIGHT: u32 = 32u;
 const BF_GRAD_BIAS: u32 = 64u;
 const BF_WRITE_PARTIALS: u32 = 128u;
 const BF_ACCUMULATE: u32 = 4096u;
+const BF_NAN_WEIGHT_GRAD: u32 = 8192u;
 
 @group(0) @binding(0) var<uniform> bp: BwdParams;
 // Bindings 1 (x), 2 (grad_output) and 5 (grad_input) are in backward_io_*.wgsl.

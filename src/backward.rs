@@ -150,11 +150,13 @@ pub enum BackwardKernel {
     PartialsRuns,
     /// grad_input run by run, a subgroup per run (`runs_on_subgroups`).
     GradInputRuns,
+    /// The affine gradients of an empty input: sums over no element.
+    EmptyAffineGrads,
 }
 
 impl BackwardKernel {
     /// Every kernel, for validation tests.
-    pub const ALL: [BackwardKernel; 16] = [
+    pub const ALL: [BackwardKernel; 17] = [
         BackwardKernel::RowsWorkgroupHeld,
         BackwardKernel::ChannelColsHeld,
         BackwardKernel::ChannelGradInputHeld,
@@ -171,6 +173,7 @@ impl BackwardKernel {
         BackwardKernel::ChannelCols,
         BackwardKernel::ChannelGradInput,
         BackwardKernel::ColumnSums,
+        BackwardKernel::EmptyAffineGrads,
     ];
 
     /// WGSL entry point name.
@@ -192,6 +195,7 @@ impl BackwardKernel {
             BackwardKernel::RowsWorkgroupHeld => "bwd_rows_workgroup_held",
             BackwardKernel::PartialsRuns => "bwd_partials_runs",
             BackwardKernel::GradInputRuns => "bwd_dx_runs",
+            BackwardKernel::EmptyAffineGrads => "bwd_empty_affine_grads",
         }
     }
 
@@ -357,6 +361,9 @@ const BF_CHUNKED: u32 = 2048;
 /// A later chunk of whole blocks adds its affine gradients to the earlier
 /// chunks' instead of writing them ([`plan_blocks`]).
 const BF_ACCUMULATE: u32 = 4096;
+/// `bwd_empty_affine_grads`: dγ is NaN, not 0 (Keras's BatchNormalization
+/// trained on an empty batch, whose γ gradient meets the NaN moments).
+const BF_NAN_WEIGHT_GRAD: u32 = 8192;
 /// Host-side only: bits 24.. of the flags hold the held-row kernel's
 /// vectors per lane (`HELD_K`), a pipeline constant like the flags above.
 const BF_HELD_SHIFT: u32 = 24;
@@ -849,6 +856,38 @@ fn plan_chunked(spec: &BackwardSpec, caps: &Caps, chunks: &Chunks) -> Plan {
         work_vec4 = reduce(&mut steps, p, &[(BF_LOOP_P | grad_flags, k)]);
     }
     Plan { steps, work_vec4 }
+}
+
+/// The plan of an empty input: nothing but its affine gradients, sums over
+/// no element, written because the caller's buffers need not be zeroed
+/// (`nan_weight_grad`: a NaN dγ, where the forward's empty batch made the
+/// moments NaN, as Keras's BatchNormalization does).
+fn plan_empty(spec: &BackwardSpec, grads: &Gradients, nan_weight_grad: bool) -> Plan {
+    let (mut params, grad_flags) = base_params(spec);
+    let count = [grads.grad_weight.as_ref(), grads.grad_bias.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(GpuTensor::numel)
+        .max()
+        .unwrap_or(0);
+    let mut steps = Vec::new();
+    if grad_flags != 0 && count > 0 {
+        params.cols = count as u32;
+        params.flags |= grad_flags;
+        if nan_weight_grad {
+            params.flags |= BF_NAN_WEIGHT_GRAD;
+        }
+        steps.push(Step {
+            kernel: BackwardKernel::EmptyAffineGrads,
+            workgroups: count.div_ceil(BWD_WG as usize),
+            params,
+            chunk: 0,
+        });
+    }
+    Plan {
+        steps,
+        work_vec4: 1,
+    }
 }
 
 /// The plan; `tiled` keeps groups off the row kernel so that grad_input is
@@ -1623,6 +1662,7 @@ pub(crate) fn record_backward_into(
     to_u32("the input's element count", v.numel())?;
     let chunks = chunks_for(ctx, &spec);
     let plan = match preset_sums {
+        None if v.numel() == 0 => plan_empty(&spec, grads, saved.spec.empty_batch_nan),
         None => plan_for(&spec, &ctx.caps(), &chunks),
         Some(_) => plan_preset_sums(&spec, v.groups(), &chunks),
     };

@@ -6,9 +6,9 @@ use common::{assert_close, ctx, gpu_sized, normal};
 use gpunorm::backward::{plan_backward_on, BackwardKernel};
 use gpunorm::reference::{self, backward_f64, forward_f64};
 use gpunorm::{
-    Affine, BatchNorm, BatchNormConfig, Context, DType, Error, GpuTensor, Gradients, GroupNorm,
-    GroupNormConfig, InstanceNorm, InstanceNormConfig, LayerNorm, Mode, RmsNorm, RowNormConfig,
-    View,
+    Affine, BatchNorm, BatchNormConfig, Context, Convention, DType, Error, GpuTensor, Gradients,
+    GroupNorm, GroupNormConfig, InstanceNorm, InstanceNormConfig, LayerNorm, Mode, RmsNorm,
+    RowNormConfig, View,
 };
 
 // ---------------------------------------------------------------------------
@@ -1681,5 +1681,56 @@ fn affine_gradients_sum_every_sample_of_a_large_batch() {
             1e-4,
             1e-4,
         );
+    }
+}
+
+#[test]
+fn an_empty_batch_writes_its_affine_gradients_too() {
+    // No element: dγ and dβ are sums over nothing, 0, also where the
+    // caller's buffers held other values (record_backward_into needs no
+    // zeroing; they kept them). Keras's BatchNormalization trained on an
+    // empty batch gives a NaN dγ: its γ gradient meets the NaN moments
+    // (Keras 3.15 on torch; dβ stays 0, and eval mode gives 0).
+    let ctx = ctx();
+    let nan = f32::NAN;
+    for (config, shape, mode, dw) in [
+        (BatchNormConfig::torch_2d(), [0, 4, 3, 3], Mode::Train, 0.0),
+        (BatchNormConfig::keras(), [0, 3, 3, 4], Mode::Train, nan),
+        (BatchNormConfig::keras(), [0, 3, 3, 4], Mode::Eval, 0.0),
+    ] {
+        for dtype in [DType::F32, DType::BF16] {
+            let mut bn = BatchNorm::new(ctx, 4, config.clone()).unwrap();
+            let param = |v: f32| Some(ctx.upload_as(&[v; 4], &[4], dtype).unwrap());
+            bn.set_weight(param(1.0)).unwrap();
+            bn.set_bias(param(0.0)).unwrap();
+            let count = (config.convention == Convention::Torch).then_some(0);
+            let stats = (param(0.0).unwrap(), param(1.0).unwrap(), count);
+            bn.set_running_stats(ctx, Some(stats)).unwrap();
+            let sevens = || ctx.upload_as(&[7.0; 4], &[4], dtype).unwrap();
+            let grads = Gradients {
+                grad_input: ctx.zeros(&shape, dtype).unwrap(),
+                grad_weight: Some(sevens()),
+                grad_bias: Some(sevens()),
+            };
+            let x = ctx.upload_as(&[], &shape, dtype).unwrap();
+            let mut encoder = ctx
+                .device()
+                .create_command_encoder(&gpunorm::wgpu::CommandEncoderDescriptor { label: None });
+            let y = ctx.zeros(&shape, dtype).unwrap();
+            bn.record(ctx, &mut encoder, &x, &y, mode).unwrap();
+            bn.record_backward_into(ctx, &mut encoder, &x, &grads)
+                .unwrap();
+            ctx.submit_and_wait(encoder).unwrap();
+            let got_w = ctx.download(grads.grad_weight.as_ref().unwrap()).unwrap();
+            let got_b = ctx.download(grads.grad_bias.as_ref().unwrap()).unwrap();
+            let what = format!("{:?} {mode:?} {dtype}", config.convention);
+            assert!(
+                got_w
+                    .iter()
+                    .all(|&g| g == dw || (g.is_nan() && dw.is_nan())),
+                "{what}: dγ {got_w:?}"
+            );
+            assert_eq!(got_b, vec![0.0; 4], "{what}: dβ");
+        }
     }
 }
