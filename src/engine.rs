@@ -760,9 +760,10 @@ pub fn plan_forward_chunked(spec: &ForwardSpec, chunks: &Chunks, caps: &Caps) ->
 fn finalize_by_groups(groups: usize, merged: usize) -> bool {
     let per_group = merged / groups.max(1);
     let wg = kernels::FINALIZE_WG as usize;
-    let by_groups = groups.div_ceil(wg) * (per_group + 1);
-    // A tree of FINALIZE_WG levels' iterations and its own strided loop.
-    let by_trees = groups * (per_group.div_ceil(wg) + wg.ilog2() as usize + 2);
+    // Each merge walks its partials twice (merged_partials in finalize.wgsl).
+    let by_groups = groups.div_ceil(wg) * (2 * per_group + 1);
+    // A tree of FINALIZE_WG levels' iterations and its own strided loops.
+    let by_trees = groups * (2 * per_group.div_ceil(wg) + wg.ilog2() as usize + 2);
     by_groups <= by_trees
 }
 
@@ -1921,10 +1922,11 @@ mod tests {
     #[test]
     fn the_finalize_of_many_groups_per_channel_loops_least_per_invocation() {
         // 9000 instances of one partial: an invocation per group loops
-        // 141 times, a tree per group 9000 times 9 (past lavapipe's 65,535).
+        // 141 times 3, a tree per group 9000 times 10 (past lavapipe's
+        // 65,535).
         assert!(finalize_by_groups(9000, 9000));
-        // 2 instances of 65,536 partials: an invocation per group 65,537
-        // times (past it), a tree per group 2 times 1032.
+        // 2 instances of 65,536 partials: an invocation per group 131,073
+        // times (past it), a tree per group 2 times 2056.
         assert!(!finalize_by_groups(2, 2 * 65_536));
         let lavapipe = Caps {
             subgroups: true,
