@@ -103,9 +103,9 @@ fn two_product(a: f32, b: f32) -> vec2<f32> {
 }
 
 // 1/sqrt(v) to about half an ulp: one Newton step on the quotient, whose
-// residual 1 − v·r² is taken exactly. Without it lavapipe's 1/sqrt (an
-// approximate reciprocal square root refined once) was up to 2 ulps off,
-// which moved f16 outputs near zero by 2·|β| of their ulps. Where the
+// residual 1 − v·r² is taken exactly. lavapipe's own 1/sqrt(v) was up to
+// 1.4 ulps off (refined_rsqrt_rounds_to_nearest in src/kernels.rs), which
+// moves f16 outputs near zero by about 1.4·|β| of their ulps. Where the
 // step is not finite (v = 0, inf or NaN) the plain quotient stands.
 fn refined_rsqrt(v: f32) -> f32 {
     let r = 1.0 / sqrt(v);

@@ -79,7 +79,7 @@ fn rows_subgroup(
         // only: each lane adds COMPENSATED_BLOCK steps at a time into plain
         // block sums folded into compensated ones, so its hundreds of terms
         // cost its sums about a rounding rather than sqrt(n/3) of them
-        // (f16 LayerNorm rows of 16384: outputs near zero 8 ulps off, 2
+        // (f16 LayerNorm rows of 16384: outputs near zero 8 ulps off, 4
         // with them). f32 outputs, whose tolerance is not an ulp count,
         // keep the plain loop: the blocks cost lavapipe 6 to 9%.
         var c1: array<vec4<f32>, ROWS_SG_R_MAX>;
