@@ -60,6 +60,23 @@ fn octet_column_partials(p: u32, block: u32, j: U32x8, l: Livex8, rows: u32, c: 
     slot_column_partials(p, block, j[7], l[7], rows, c[7], sum[7], sq[7]);
 }
 
+alias Compensated4x8 = array<Compensated4, 8>;
+
+// Each slot's compensated total plus the slot's block sum (compensated.wgsl).
+fn octet_add_compensated(a: Compensated4x8, v: Vec4x8) -> Compensated4x8 {
+    return Compensated4x8(
+        add_compensated4(a[0], v[0]), add_compensated4(a[1], v[1]), add_compensated4(a[2], v[2]), add_compensated4(a[3], v[3]),
+        add_compensated4(a[4], v[4]), add_compensated4(a[5], v[5]), add_compensated4(a[6], v[6]), add_compensated4(a[7], v[7]),
+    );
+}
+
+fn octet_totals(a: Compensated4x8) -> Vec4x8 {
+    return Vec4x8(
+        compensated_total4(a[0]), compensated_total4(a[1]), compensated_total4(a[2]), compensated_total4(a[3]),
+        compensated_total4(a[4]), compensated_total4(a[5]), compensated_total4(a[6]), compensated_total4(a[7]),
+    );
+}
+
 // The partials of partials_columns: block k of p (params.tiles blocks of
 // tile_len rows per p) gives each column its (count, mean, M2) over the
 // block's rows, at the slot write_column_partials finds, from sums centred
@@ -91,33 +108,51 @@ fn partials_columns_held(
         let m1 = octet_centres(p, row0, rows, slots.j1, slots.l1, s1);
         let m2 = octet_centres(p, row0, rows, slots.j2, slots.l2, s2);
         let m3 = octet_centres(p, row0, rows, slots.j3, slots.l3, s3);
-        var sum0: Vec4x8;
-        var sum1: Vec4x8;
-        var sum2: Vec4x8;
-        var sum3: Vec4x8;
-        var sq0: Vec4x8;
-        var sq1: Vec4x8;
-        var sq2: Vec4x8;
-        var sq3: Vec4x8;
-        for (var i = 0u; i < rows; i++) {
-            let base4 = (p * params.a + row0 + i) * n4;
-            let c0 = octet_sub(octet_sub(octet_x4(base4, slots.j0, slots.l0), s0), m0);
-            let c1 = octet_sub(octet_sub(octet_x4(base4, slots.j1, slots.l1), s1), m1);
-            let c2 = octet_sub(octet_sub(octet_x4(base4, slots.j2, slots.l2), s2), m2);
-            let c3 = octet_sub(octet_sub(octet_x4(base4, slots.j3, slots.l3), s3), m3);
-            sum0 = octet_add(sum0, c0);
-            sum1 = octet_add(sum1, c1);
-            sum2 = octet_add(sum2, c2);
-            sum3 = octet_add(sum3, c3);
-            sq0 = octet_add(sq0, octet_mul(c0, c0));
-            sq1 = octet_add(sq1, octet_mul(c1, c1));
-            sq2 = octet_add(sq2, octet_mul(c2, c2));
-            sq3 = octet_add(sq3, octet_mul(c3, c3));
+        var sum0: Compensated4x8;
+        var sum1: Compensated4x8;
+        var sum2: Compensated4x8;
+        var sum3: Compensated4x8;
+        var sq0: Compensated4x8;
+        var sq1: Compensated4x8;
+        var sq2: Compensated4x8;
+        var sq3: Compensated4x8;
+        for (var i0 = 0u; i0 < rows; i0 += COMPENSATED_BLOCK) {
+            var block_sum0: Vec4x8;
+            var block_sum1: Vec4x8;
+            var block_sum2: Vec4x8;
+            var block_sum3: Vec4x8;
+            var block_sq0: Vec4x8;
+            var block_sq1: Vec4x8;
+            var block_sq2: Vec4x8;
+            var block_sq3: Vec4x8;
+            for (var i = i0; i < min(rows, i0 + COMPENSATED_BLOCK); i++) {
+                let base4 = (p * params.a + row0 + i) * n4;
+                let c0 = octet_sub(octet_sub(octet_x4(base4, slots.j0, slots.l0), s0), m0);
+                let c1 = octet_sub(octet_sub(octet_x4(base4, slots.j1, slots.l1), s1), m1);
+                let c2 = octet_sub(octet_sub(octet_x4(base4, slots.j2, slots.l2), s2), m2);
+                let c3 = octet_sub(octet_sub(octet_x4(base4, slots.j3, slots.l3), s3), m3);
+                block_sum0 = octet_add(block_sum0, c0);
+                block_sum1 = octet_add(block_sum1, c1);
+                block_sum2 = octet_add(block_sum2, c2);
+                block_sum3 = octet_add(block_sum3, c3);
+                block_sq0 = octet_add(block_sq0, octet_mul(c0, c0));
+                block_sq1 = octet_add(block_sq1, octet_mul(c1, c1));
+                block_sq2 = octet_add(block_sq2, octet_mul(c2, c2));
+                block_sq3 = octet_add(block_sq3, octet_mul(c3, c3));
+            }
+            sum0 = octet_add_compensated(sum0, block_sum0);
+            sum1 = octet_add_compensated(sum1, block_sum1);
+            sum2 = octet_add_compensated(sum2, block_sum2);
+            sum3 = octet_add_compensated(sum3, block_sum3);
+            sq0 = octet_add_compensated(sq0, block_sq0);
+            sq1 = octet_add_compensated(sq1, block_sq1);
+            sq2 = octet_add_compensated(sq2, block_sq2);
+            sq3 = octet_add_compensated(sq3, block_sq3);
         }
-        octet_column_partials(p, of_p, slots.j0, slots.l0, rows, m0, sum0, sq0);
-        octet_column_partials(p, of_p, slots.j1, slots.l1, rows, m1, sum1, sq1);
-        octet_column_partials(p, of_p, slots.j2, slots.l2, rows, m2, sum2, sq2);
-        octet_column_partials(p, of_p, slots.j3, slots.l3, rows, m3, sum3, sq3);
+        octet_column_partials(p, of_p, slots.j0, slots.l0, rows, m0, octet_totals(sum0), octet_totals(sq0));
+        octet_column_partials(p, of_p, slots.j1, slots.l1, rows, m1, octet_totals(sum1), octet_totals(sq1));
+        octet_column_partials(p, of_p, slots.j2, slots.l2, rows, m2, octet_totals(sum2), octet_totals(sq2));
+        octet_column_partials(p, of_p, slots.j3, slots.l3, rows, m3, octet_totals(sum3), octet_totals(sq3));
     }
 }
 
