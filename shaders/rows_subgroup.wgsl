@@ -60,9 +60,9 @@ fn row_shift(base4: u32, n4: u32) -> f32 {
 // errors add up instead of cancelling: f32 InstanceNorm [4, 64, 64, 64] of
 // f16 values had means 20 roundings of σ off. Rounded to a grid no finer
 // than the data's (2^-7 of the largest of the three values: bf16 keeps 8
-// bits), x − shift stays on the data's grid and the sums are exact until
-// they outgrow f32's 24 bits: 2 roundings. It moves the shift by at most
-// 2^-8 of that value, nothing next to σ. Left alone where the grid would
+// bits), x − shift stays on the data's grid and Σ(x − shift) is exact
+// until it outgrows f32's 24 bits (means within 2 roundings of σ). It
+// moves the shift by at most 2^-8 of that value, nothing next to σ. Left alone where the grid would
 // be subnormal, and for an infinite or NaN shift or scale.
 fn coarse_shift(shift: f32, scale: f32) -> f32 {
     let e = frexp(scale).exp - 8;
@@ -134,8 +134,8 @@ fn rows_subgroup(
             // Four vectors a step, added in pairs before they meet the
             // running sums, which then take a quarter of the steps and
             // drift a quarter as far (f32 LayerNorm rows of 16384 of f16
-            // values: rstd 8 roundings off, 2 to 4 so), with no more
-            // additions than one at a time.
+            // values: 8 roundings per element off, 2 to 3 so), with no
+            // more additions than one at a time.
             var j4 = lane;
             for (; j4 + 3u * width < n4; j4 += 4u * width) {
                 for (var r = 0u; r < ROWS_SG_R; r++) {
