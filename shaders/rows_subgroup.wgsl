@@ -48,28 +48,38 @@ fn row_shift(base4: u32, n4: u32) -> f32 {
     let a = lower_median4(load_x4(base4));
     let b = lower_median4(load_x4(base4 + n4 / 2u));
     let c = lower_median4(load_x4(base4 + n4 - 1u));
-    return coarse_shift(median3(a, b, c), max(max(abs(a), abs(b)), abs(c)));
+    return coarse_shift(median3(a, b, c), max(max(a, b), c) - min(min(a, b), c));
 }
 
-// `shift` rounded to a multiple of 2^-7 of `scale`'s binade (scale in
-// [2^(e−1), 2^e): a multiple of 2^(e−8)), exactly, by powers of two.
-// Why: a value of the data that is small next to the row's values (0.003
+// `shift` rounded to a multiple of 2^-7 of `spread`'s binade (spread in
+// [2^(e−1), 2^e): a multiple of 2^(e−8)), exactly, by powers of two, where
+// spread is that of the values the shift was drawn from, a stand-in for σ.
+// Why: a value of the data that is small next to the row's spread (0.003
 // in a row of N(0.7, 1)) has low bits that the row's other values lack. On
 // data of the f16 or bf16 grid, every x − shift then carries the same low
 // bits, every step of a lane's sum rounds them the same way, and the
 // errors add up instead of cancelling: f32 InstanceNorm [4, 64, 64, 64] of
-// f16 values had means 20 roundings of σ off. Rounded to a grid no finer
-// than the data's (2^-7 of the largest of the three values: bf16 keeps 8
-// bits), x − shift stays on the data's grid and Σ(x − shift) is exact
-// until it outgrows f32's 24 bits (means within 2 roundings of σ). It
-// moves the shift by at most 2^-8 of that value, nothing next to σ. Left alone where the grid would
-// be subnormal, and for an infinite or NaN shift or scale.
-fn coarse_shift(shift: f32, scale: f32) -> f32 {
-    let e = frexp(scale).exp - 8;
-    if (scale == 0.0 || !is_finite(scale) || !is_finite(shift) || e < -126) {
+// f16 values had means 20 roundings of σ off. On a grid of 2^-7 of the
+// spread (bf16 keeps 8 bits), x − shift stays on the data's grid and
+// Σ(x − shift) is exact until it outgrows f32's 24 bits (means within 2
+// roundings of σ). A shift that is already a multiple stays as it is (a
+// value of a row far from zero, whose grid is coarser); it moves by at
+// most 2^-8 of the spread, so x − shift grows by no more than that: a
+// constant row (spread 0) keeps its own value, x − shift = 0 and y = β
+// exactly. Left alone where the grid would be subnormal, and for an
+// infinite or NaN shift or spread.
+fn coarse_shift(shift: f32, spread: f32) -> f32 {
+    let grid_exp = frexp(spread).exp - 8;
+    if (spread == 0.0 || !is_finite(spread) || !is_finite(shift) || grid_exp < -126) {
         return shift;
     }
-    return ldexp(round(ldexp(shift, -e)), e);
+    // Past 2^23 units the shift is a multiple already (and this keeps an
+    // overflow to inf out of round()).
+    let units = ldexp(shift, -grid_exp);
+    if (abs(units) >= 8388608.0) {
+        return shift;
+    }
+    return ldexp(round(units), grid_exp);
 }
 
 @compute @workgroup_size(ROWS_SG_WG)

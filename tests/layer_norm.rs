@@ -121,15 +121,20 @@ fn layer_norm_odd_rows_match_f64() {
 #[test]
 fn layer_norm_constant_row_gives_bias_exactly() {
     let ctx = ctx();
-    let mut ln = LayerNorm::new(ctx, &[16], RowNormConfig::torch_layer_norm()).unwrap();
-    let b: Vec<f32> = (0..16).map(|i| i as f32 * 0.25).collect();
-    ln.set_bias(Some(ctx.upload(&b, &[16]).unwrap())).unwrap();
-    let x = ctx.upload(&[10000.3; 32], &[2, 16]).unwrap();
-    let y = ctx
-        .download(&ln.forward(ctx, &x, Mode::Train).unwrap())
-        .unwrap();
-    for (i, v) in y.iter().enumerate() {
-        assert_eq!(*v, b[i % 16]);
+    // Rows of 16384 take the subgroup row kernel on lavapipe, whose shift
+    // is rounded to a grid (coarse_shift): a constant row must keep its own
+    // value as the shift, or x − shift of 3.3e20 squares past f32's range.
+    for (len, value) in [(16, 10000.3f32), (16384, 10000.3), (16384, 3.3e20)] {
+        let mut ln = LayerNorm::new(ctx, &[len], RowNormConfig::torch_layer_norm()).unwrap();
+        let b: Vec<f32> = (0..len).map(|i| (i % 16) as f32 * 0.25).collect();
+        ln.set_bias(Some(ctx.upload(&b, &[len]).unwrap())).unwrap();
+        let x = ctx.upload(&vec![value; 2 * len], &[2, len]).unwrap();
+        let y = ctx
+            .download(&ln.forward(ctx, &x, Mode::Train).unwrap())
+            .unwrap();
+        for (i, v) in y.iter().enumerate() {
+            assert_eq!(*v, b[i % len], "rows of {len} of {value}, element {i}");
+        }
     }
 }
 
