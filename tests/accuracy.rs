@@ -86,7 +86,6 @@ fn long_layer_norm_rows_keep_their_statistics_to_a_few_roundings() {
     // to 1024 are held and summed in two passes). An error of the mean or
     // rstd shows in y = x̂ as about U·(1 + |x̂|) per rounding: 10 of them
     // before row_shift and refined_rsqrt, 3 now.
-    let ctx = ctx();
     let (rows, len) = (16, 16384);
     // Each row's first, middle and last elements 2σ above its mean: the
     // median of those three, the shift before row_shift, then sits there.
@@ -96,6 +95,13 @@ fn long_layer_norm_rows_keep_their_statistics_to_a_few_roundings() {
             row[j] = 4.5;
         }
     }
+    let worst = layer_norm_roundings(&x, rows, len);
+    assert!(worst <= 5.0, "{worst:.1} roundings");
+}
+
+/// worst_roundings of LayerNorm without affine over `rows` rows of `len`.
+fn layer_norm_roundings(x: &[f32], rows: usize, len: usize) -> f64 {
+    let ctx = ctx();
     let mut ln = LayerNorm::new(
         ctx,
         &[len],
@@ -103,19 +109,11 @@ fn long_layer_norm_rows_keep_their_statistics_to_a_few_roundings() {
     )
     .unwrap();
     let y = ln
-        .forward(ctx, &ctx.upload(&x, &[rows, len]).unwrap(), Mode::Train)
+        .forward(ctx, &ctx.upload(x, &[rows, len]).unwrap(), Mode::Train)
         .unwrap();
-    let y = ctx.download(&y).unwrap();
-    let want = reference::forward(
-        &x,
-        &View::layer_norm(&[rows, len], len),
-        false,
-        1e-5,
-        None,
-        None,
-    );
-    let worst = worst_roundings(&y, &want);
-    assert!(worst <= 5.0, "{worst:.1} roundings");
+    let view = View::layer_norm(&[rows, len], len);
+    let want = reference::forward(x, &view, false, 1e-5, None, None);
+    worst_roundings(&ctx.download(&y).unwrap(), &want)
 }
 
 /// Largest |y − y64| over all elements, in roundings of 1 + |y64|: an error
@@ -180,18 +178,7 @@ fn f32_rows_of_half_precision_values_keep_their_statistics() {
 
         let (rows, len) = (16, 16384);
         let x = stored(&normal(rows * len, seed, 0.7, 1.0), DType::F16);
-        let mut ln = LayerNorm::new(
-            ctx,
-            &[len],
-            RowNormConfig::torch_layer_norm().elementwise_affine(false),
-        )
-        .unwrap();
-        let y = ln
-            .forward(ctx, &ctx.upload(&x, &[rows, len]).unwrap(), Mode::Train)
-            .unwrap();
-        let view = View::layer_norm(&[rows, len], len);
-        let want = reference::forward(&x, &view, false, 1e-5, None, None);
-        let worst = worst_roundings(&ctx.download(&y).unwrap(), &want);
+        let worst = layer_norm_roundings(&x, rows, len);
         assert!(worst <= 5.0, "LayerNorm, seed {seed}: {worst:.1} roundings");
     }
 }
