@@ -343,8 +343,8 @@ fn split_mean(st: vec4<f32>) -> vec2<f32> {
 
 // (centre, scale, offset) of a run with statistics st whose γ and β are
 // those of affine index g (AFFINE_PER_RUN: BatchNorm, InstanceNorm), so that
-// y = (x − centre)·scale + offset. Shared by normalize_runs and
-// normalize_runs_subgroup. Centred on the mean (split_mean), not on the
+// y = (x − centre)·scale + offset. Shared by normalize_runs,
+// normalize_runs_subgroup and, per column, column_affine. Centred on the mean (split_mean), not on the
 // shift, the offset is β and a tiny rest: an output near zero is then the
 // difference of two terms of about |β|, not of |β| + |dmean·scale| (a shift
 // 2σ from the mean put f16 outputs near zero 4 ulps off).
@@ -441,29 +441,18 @@ fn write_column_partials(p: u32, block: u32, q4: u32, rows: u32, centre: vec4<f3
     }
 }
 
-// y = (x − centre)·scale + offset for the four columns of vector q4 of p
-// (centred as run_scale_offset): rows centre, scale and offset, one column
-// per element.
+// y = (x − centre)·scale + offset for the four columns of vector q4 of p:
+// rows centre, scale and offset, one column per element, each the
+// run_scale_offset of its group's statistics and its own γ and β.
 fn column_affine(p: u32, q4: u32) -> mat3x4<f32> {
     var k: mat3x4<f32>;
     for (var i = 0u; i < 4u; i++) {
         let q = 4u * q4 + i;
         let g = fast_div(q, params.div_b);
-        let st = scratch[p * params.g + g];
-        let mean = split_mean(st);
-        var s = st.z;
-        var o = -mean.y * st.z;
-        let c = fast_div(q, params.div_affine);
-        if (HAS_WEIGHT) {
-            s = s * weight_at(c);
-            o = o * weight_at(c);
-        }
-        if (HAS_BIAS) {
-            o = o + bias_at(c);
-        }
-        k[0][i] = mean.x;
-        k[1][i] = s;
-        k[2][i] = o;
+        let cso = run_scale_offset(scratch[p * params.g + g], fast_div(q, params.div_affine));
+        k[0][i] = cso.x;
+        k[1][i] = cso.y;
+        k[2][i] = cso.z;
     }
     return k;
 }
