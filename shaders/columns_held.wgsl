@@ -174,21 +174,18 @@ fn octet_affines(p: u32, j: U32x8, l: Livex8) -> Affine4x8 {
     );
 }
 
-fn slot_normalize(base4: u32, j4: u32, live: bool, k: mat3x4<f32>) {
-    if (live) {
-        store_y4(base4 + j4, (load_x4(base4 + j4) - k[0]) * k[1] + k[2]);
-    }
+// y of two consecutive slots (vectors j0 and j1 of the row at base4) where
+// live, loaded and stored by the layout's accesses.
+fn slots_normalize(base4: u32, j0: u32, j1: u32, l0: bool, l1: bool, k0: mat3x4<f32>, k1: mat3x4<f32>) {
+    let x = slots_x4(base4, j0, j1, l0, l1);
+    slots_store_y4(base4, j0, j1, l0, l1, (x[0] - k0[0]) * k0[1] + k0[2], (x[1] - k1[0]) * k1[1] + k1[2]);
 }
 
 fn octet_normalize(base4: u32, j: U32x8, l: Livex8, k: Affine4x8) {
-    slot_normalize(base4, j[0], l[0], k[0]);
-    slot_normalize(base4, j[1], l[1], k[1]);
-    slot_normalize(base4, j[2], l[2], k[2]);
-    slot_normalize(base4, j[3], l[3], k[3]);
-    slot_normalize(base4, j[4], l[4], k[4]);
-    slot_normalize(base4, j[5], l[5], k[5]);
-    slot_normalize(base4, j[6], l[6], k[6]);
-    slot_normalize(base4, j[7], l[7], k[7]);
+    slots_normalize(base4, j[0], j[1], l[0], l[1], k[0], k[1]);
+    slots_normalize(base4, j[2], j[3], l[2], l[3], k[2], k[3]);
+    slots_normalize(base4, j[4], j[5], l[4], l[5], k[4], k[5]);
+    slots_normalize(base4, j[6], j[7], l[6], l[7], k[6], k[7]);
 }
 
 // y = (x − shift)·scale + offset, params.run_blocks blocks of run_vec4 rows

@@ -1,23 +1,25 @@
 // Rows held in registers by the held-row kernels (rows_held.wgsl forward,
 // backward_rows_held.wgsl; on GPUs their workgroup twins,
 // rows_workgroup_held.wgsl and backward_rows_workgroup_held.wgsl, with w
-// the workgroup size): a lane of a `w`-wide subgroup holds the vectors
-// lane, lane + w, ... of a row in up to 32 slots, four octets of eight.
+// the workgroup size; channels-last columns, columns_held.wgsl and
+// backward_channels_held.wgsl): a lane of a `w`-wide subgroup holds its
+// share of a row's vectors in up to 32 slots, four octets of eight.
 // Octets are arrays of eight values passed by value and indexed only with
 // constants, so they stay in registers: lavapipe kept an array indexed in a
 // loop in memory and ran 14% slower. HELD_K (an override, declared with
 // the kernels' other pipeline constants) is the number of slots in use;
 // slots past it fold away. A slot whose vector lies past the row (j4 ≥ n4)
 // is dead: it loads zeros and stores nothing.
+//
+// Which vectors a lane's slots hold, and how they are loaded and stored
+// (octet_columns, slots_x4, slots_store_y4: two consecutive slots at a
+// time), is the layout file's, included with this one: held_single.wgsl (slot k of lane l holds vector l + k·w,
+// one access each) or held_pairs.wgsl (slots 2q and 2q + 1 hold the
+// adjacent vectors 2·(l + q·w) and 2·(l + q·w) + 1, one access per pair).
 alias Vec4x8 = array<vec4<f32>, 8>;
+alias Vec4x2 = array<vec4<f32>, 2>;
 alias U32x8 = array<u32, 8>;
 alias Livex8 = array<bool, 8>;
-
-// The vectors of slots first .. first + 7 of a lane of a `w`-wide subgroup.
-fn octet_columns(lane: u32, w: u32, first: u32) -> U32x8 {
-    let c = lane + first * w;
-    return U32x8(c, c + w, c + 2u * w, c + 3u * w, c + 4u * w, c + 5u * w, c + 6u * w, c + 7u * w);
-}
 
 fn slot_live(k: u32, j4: u32, n4: u32) -> bool {
     return k < HELD_K && j4 < n4;
@@ -55,19 +57,14 @@ fn held_slots(lane: u32, w: u32, n4: u32) -> HeldSlots {
     );
 }
 
-fn slot_x4(base4: u32, j4: u32, live: bool) -> vec4<f32> {
-    if (live) {
-        return load_x4(base4 + j4);
-    }
-    return vec4<f32>(0.0);
-}
-
-// x of an octet's slots in the row starting at vector base4.
+// x of an octet's slots in the row starting at vector base4 (zeros in dead
+// slots).
 fn octet_x4(base4: u32, j: U32x8, l: Livex8) -> Vec4x8 {
-    return Vec4x8(
-        slot_x4(base4, j[0], l[0]), slot_x4(base4, j[1], l[1]), slot_x4(base4, j[2], l[2]), slot_x4(base4, j[3], l[3]),
-        slot_x4(base4, j[4], l[4]), slot_x4(base4, j[5], l[5]), slot_x4(base4, j[6], l[6]), slot_x4(base4, j[7], l[7]),
-    );
+    let p0 = slots_x4(base4, j[0], j[1], l[0], l[1]);
+    let p1 = slots_x4(base4, j[2], j[3], l[2], l[3]);
+    let p2 = slots_x4(base4, j[4], j[5], l[4], l[5]);
+    let p3 = slots_x4(base4, j[6], j[7], l[6], l[7]);
+    return Vec4x8(p0[0], p0[1], p1[0], p1[1], p2[0], p2[1], p3[0], p3[1]);
 }
 
 // v − m0 for a live slot, 0 for the others (they add nothing to the sums).

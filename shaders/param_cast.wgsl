@@ -12,7 +12,7 @@
 // access modes of the direction.
 //
 // Halves are packed two to a u32 word, element 2k in the low half (as in
-// io_f16.wgsl). One invocation per word, so no two write the same word; the
+// io_half.wgsl). One invocation per word, so no two write the same word; the
 // last word of an odd length keeps its high half (it is padding the caller
 // may use for something else).
 

@@ -14,7 +14,9 @@
 // apart was 1.3x slower. On lavapipe (fraction of the copy kernel), rows of
 // 256 went from 0.45 to about 1.0, rows of 1024 from 0.55 to about 0.75.
 //
-// The slots are those of held_slots.wgsl: four octets, HELD_K in use.
+// The slots are those of held_slots.wgsl: four octets, HELD_K in use; for
+// half storage of rows of whole pairs of vectors, in adjacent pairs loaded
+// and stored with one 16-byte access each (held_pairs.wgsl).
 //
 // Statistics: the mean m0 of the held values, then Σd and Σd² of
 // d = x − m0 (exact for values near m0). dmean = Σd/n corrects m0's
@@ -37,21 +39,16 @@ fn octet_affine(j: U32x8, l: Livex8) -> Affine4x8 {
     );
 }
 
-fn slot_store(base4: u32, j4: u32, live: bool, v: vec4<f32>, m0: f32, dmean: f32, rstd: f32, a: Affine4) {
-    if (live) {
-        store_y4(base4 + j4, apply_affine4(((v - m0) - dmean) * rstd, a));
-    }
+fn slot_y(v: vec4<f32>, m0: f32, dmean: f32, rstd: f32, a: Affine4) -> vec4<f32> {
+    return apply_affine4(((v - m0) - dmean) * rstd, a);
 }
 
+// Stores y of an octet's live slots, two slots at a time (slots_store_y4).
 fn octet_store(base4: u32, j: U32x8, l: Livex8, v: Vec4x8, m0: f32, dmean: f32, rstd: f32, a: Affine4x8) {
-    slot_store(base4, j[0], l[0], v[0], m0, dmean, rstd, a[0]);
-    slot_store(base4, j[1], l[1], v[1], m0, dmean, rstd, a[1]);
-    slot_store(base4, j[2], l[2], v[2], m0, dmean, rstd, a[2]);
-    slot_store(base4, j[3], l[3], v[3], m0, dmean, rstd, a[3]);
-    slot_store(base4, j[4], l[4], v[4], m0, dmean, rstd, a[4]);
-    slot_store(base4, j[5], l[5], v[5], m0, dmean, rstd, a[5]);
-    slot_store(base4, j[6], l[6], v[6], m0, dmean, rstd, a[6]);
-    slot_store(base4, j[7], l[7], v[7], m0, dmean, rstd, a[7]);
+    slots_store_y4(base4, j[0], j[1], l[0], l[1], slot_y(v[0], m0, dmean, rstd, a[0]), slot_y(v[1], m0, dmean, rstd, a[1]));
+    slots_store_y4(base4, j[2], j[3], l[2], l[3], slot_y(v[2], m0, dmean, rstd, a[2]), slot_y(v[3], m0, dmean, rstd, a[3]));
+    slots_store_y4(base4, j[4], j[5], l[4], l[5], slot_y(v[4], m0, dmean, rstd, a[4]), slot_y(v[5], m0, dmean, rstd, a[5]));
+    slots_store_y4(base4, j[6], j[7], l[6], l[7], slot_y(v[6], m0, dmean, rstd, a[6]), slot_y(v[7], m0, dmean, rstd, a[7]));
 }
 
 @compute @workgroup_size(ROWS_SG_WG)

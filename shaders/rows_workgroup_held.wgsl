@@ -17,24 +17,22 @@
 // Σd² of d = x − m0, a corrected two-pass mean and variance (SPEC §6).
 // Stored as vec4(shift = m0, dmean, rstd, var), as the other kernels do.
 
-// Stores a live slot's y; γ and β of group g are read here (a GPU's cache
-// serves them to every row).
-fn slot_store_row(base4: u32, g: u32, j4: u32, live: bool, v: vec4<f32>, m0: f32, dmean: f32, rstd: f32) {
+// y of a live slot of row group g (zeros for a dead one); γ and β are
+// read here (a GPU's cache serves them to every row).
+fn slot_y_row(g: u32, j4: u32, live: bool, v: vec4<f32>, m0: f32, dmean: f32, rstd: f32) -> vec4<f32> {
     if (live) {
         let a = affine_params4(g, g * (params.b / 4u) + j4);
-        store_y4(base4 + j4, apply_affine4(((v - m0) - dmean) * rstd, a));
+        return apply_affine4(((v - m0) - dmean) * rstd, a);
     }
+    return vec4<f32>(0.0);
 }
 
+// Stores y of an octet's live slots, two slots at a time (slots_store_y4).
 fn octet_store_row(base4: u32, g: u32, j: U32x8, l: Livex8, v: Vec4x8, m0: f32, dmean: f32, rstd: f32) {
-    slot_store_row(base4, g, j[0], l[0], v[0], m0, dmean, rstd);
-    slot_store_row(base4, g, j[1], l[1], v[1], m0, dmean, rstd);
-    slot_store_row(base4, g, j[2], l[2], v[2], m0, dmean, rstd);
-    slot_store_row(base4, g, j[3], l[3], v[3], m0, dmean, rstd);
-    slot_store_row(base4, g, j[4], l[4], v[4], m0, dmean, rstd);
-    slot_store_row(base4, g, j[5], l[5], v[5], m0, dmean, rstd);
-    slot_store_row(base4, g, j[6], l[6], v[6], m0, dmean, rstd);
-    slot_store_row(base4, g, j[7], l[7], v[7], m0, dmean, rstd);
+    slots_store_y4(base4, j[0], j[1], l[0], l[1], slot_y_row(g, j[0], l[0], v[0], m0, dmean, rstd), slot_y_row(g, j[1], l[1], v[1], m0, dmean, rstd));
+    slots_store_y4(base4, j[2], j[3], l[2], l[3], slot_y_row(g, j[2], l[2], v[2], m0, dmean, rstd), slot_y_row(g, j[3], l[3], v[3], m0, dmean, rstd));
+    slots_store_y4(base4, j[4], j[5], l[4], l[5], slot_y_row(g, j[4], l[4], v[4], m0, dmean, rstd), slot_y_row(g, j[5], l[5], v[5], m0, dmean, rstd));
+    slots_store_y4(base4, j[6], j[7], l[6], l[7], slot_y_row(g, j[6], l[6], v[6], m0, dmean, rstd), slot_y_row(g, j[7], l[7], v[7], m0, dmean, rstd));
 }
 
 @compute @workgroup_size(ROWS_WG_HELD)

@@ -288,6 +288,7 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
             kernels::SUBGROUP_ROWS,
             include_str!("../shaders/backward_rows_subgroup.wgsl"),
             kernels::HELD_SLOTS_SOURCE,
+            kernels::HELD_SINGLE,
             include_str!("../shaders/backward_rows_held.wgsl"),
             kernels::WORKGROUP_TOTAL,
             include_str!("../shaders/backward_rows_workgroup_held.wgsl"),

@@ -556,6 +556,28 @@ pub fn workgroup_held_vectors(view: &View, caps: &Caps) -> Option<u32> {
         .filter(|&k| k <= kernels::HELD_SLOTS_WORKGROUP)
 }
 
+/// The slots of the held kernel that takes `view`, if one does: vectors
+/// per lane (`HELD_K`), and whether they are adjacent pairs, one 16-byte
+/// access each ([`kernels::Variant::held_pairs`]): half storage whose held
+/// rows (B elements, or the G·B of held columns) are a multiple of 8, so
+/// that every row starts at a whole pair. Paired slots come in twos, so the
+/// count is rounded up to even (still within the slot limits, all even).
+/// (0, false) where no held kernel applies.
+pub fn held_layout(view: &View, chunks: &Chunks, caps: &Caps, dtype: DType) -> (u32, bool) {
+    let (held, row) = match held_vectors(view, caps).or(workgroup_held_vectors(view, caps)) {
+        Some(k) => (k, view.b),
+        None => match held_columns(view, chunks, caps) {
+            Some(k) => (k, view.g * view.b),
+            None => return (0, false),
+        },
+    };
+    if dtype != DType::F32 && row.is_multiple_of(8) {
+        (held.next_multiple_of(2), true)
+    } else {
+        (held, false)
+    }
+}
+
 /// Contiguous rows (or runs) each subgroup of the block-walking kernels
 /// takes of `count` (held rows forward and backward, runs): a share of
 /// [`kernels::BLOCK_SUBGROUPS_CPU`] on a CPU, at most
@@ -1135,17 +1157,17 @@ fn record_forward_with(
         }
     };
     let caps = ctx.caps();
-    let variant_of = |v: &View, chunks: &Chunks| kernels::Variant {
-        weight: bufs.weight.is_some(),
-        bias: bufs.bias.is_some(),
-        rms: spec.rms,
-        affine: kernels::AffineMode::of(v.affine_div, v.b),
-        rows_per_step: rows_per_step(v, &caps),
-        // Held rows need G = 1, where held columns count the same vectors.
-        held_vectors: held_vectors(v, &caps)
-            .or(workgroup_held_vectors(v, &caps))
-            .or(held_columns(v, chunks, &caps))
-            .unwrap_or(0),
+    let variant_of = |v: &View, chunks: &Chunks| {
+        let (held_vectors, held_pairs) = held_layout(v, chunks, &caps, spec.dtype);
+        kernels::Variant {
+            weight: bufs.weight.is_some(),
+            bias: bufs.bias.is_some(),
+            rms: spec.rms,
+            affine: kernels::AffineMode::of(v.affine_div, v.b),
+            rows_per_step: rows_per_step(v, &caps),
+            held_vectors,
+            held_pairs,
+        }
     };
     // Chunks of whole blocks run the pipelines of their own plans.
     let variants: Vec<kernels::Variant> = if chunks.whole_blocks {
@@ -1498,6 +1520,43 @@ mod tests {
             held_vectors(&View::instance_norm(&[8, 4, 64]), &lavapipe),
             None
         );
+    }
+
+    #[test]
+    fn half_storage_holds_rows_of_whole_pairs_in_paired_slots() {
+        let lavapipe = Caps {
+            subgroup_max: 8,
+            subgroup_min: 8,
+            cpu: true,
+            ..SUBGROUPS
+        };
+        let ln = |b| View::layer_norm(&[64, b], b);
+        let layout = |v: &View, dtype| held_layout(v, &Chunks::whole(v.numel()), &lavapipe, dtype);
+        assert_eq!(layout(&ln(256), DType::F16), (8, true));
+        assert_eq!(layout(&ln(256), DType::BF16), (8, true));
+        // f32 vectors are 16 bytes already.
+        assert_eq!(layout(&ln(256), DType::F32), (8, false));
+        // 36 vectors: 5 per lane singly, 3 pairs paired.
+        assert_eq!(layout(&ln(144), DType::F16), (6, true));
+        assert_eq!(layout(&ln(144), DType::F32), (5, false));
+        // 65 vectors: a row would start inside a pair.
+        assert_eq!(layout(&ln(260), DType::F16), (9, false));
+        assert_eq!(layout(&ln(8), DType::F16), (2, true));
+        assert_eq!(layout(&ln(1024), DType::F16), (32, true));
+        // Held columns count the G·B elements of a row: 72 channels are 18
+        // vectors, 3 per lane singly, 2 pairs paired; 40 are 10 (one pair
+        // in lanes 0 to 4); 36 are 9.
+        let nhwc = |c| View::batch_norm(&[4, 16, 16, c], 3);
+        assert_eq!(layout(&nhwc(72), DType::F16), (4, true));
+        assert_eq!(layout(&nhwc(72), DType::F32), (3, false));
+        assert_eq!(layout(&nhwc(40), DType::F16), (2, true));
+        assert_eq!(layout(&nhwc(36), DType::F16), (2, false));
+        // The GPU's workgroup-held rows: 516 vectors over 256 invocations.
+        let gpu = |v: &View| held_layout(v, &Chunks::whole(v.numel()), &SUBGROUPS, DType::F16);
+        assert_eq!(gpu(&ln(2064)), (4, true));
+        assert_eq!(gpu(&ln(2068)), (3, false));
+        // No held kernel.
+        assert_eq!(layout(&ln(33), DType::F16), (0, false));
     }
 
     #[test]

@@ -370,6 +370,11 @@ pub struct Variant {
     /// Vectors of a row each lane of the held-row kernel keeps (`HELD_K`,
     /// at most [`HELD_SLOTS`]); 0 for every other kernel.
     pub held_vectors: u32,
+    /// Whether a held kernel's slots are adjacent pairs, each loaded and
+    /// stored as one 16-byte access (held_pairs.wgsl, io_half_pairs.wgsl):
+    /// half storage whose rows have an even count of vectors, with
+    /// `held_vectors` even. Not an override: it picks the source.
+    pub held_pairs: bool,
 }
 
 impl Default for Variant {
@@ -381,6 +386,7 @@ impl Default for Variant {
             affine: AffineMode::General,
             rows_per_step: 1,
             held_vectors: 0,
+            held_pairs: false,
         }
     }
 }
@@ -431,6 +437,7 @@ impl Variant {
             } else {
                 default.held_vectors
             },
+            held_pairs: kernel.holds_rows() && self.held_pairs,
         }
     }
 
@@ -479,16 +486,41 @@ pub(crate) const HELD_SLOTS_SOURCE: &str = include_str!("../shaders/held_slots.w
 /// backward (needs the `ROWS_WG_HELD` constant).
 pub(crate) const WORKGROUP_TOTAL: &str = include_str!("../shaders/workgroup_total.wgsl");
 
-fn io_source(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => include_str!("../shaders/io_f32.wgsl"),
-        DType::F16 => include_str!("../shaders/io_f16.wgsl"),
-        DType::BF16 => include_str!("../shaders/io_bf16.wgsl"),
-    }
+/// The held slots' layout of one vector per access (held_slots.wgsl): its
+/// loads, shared with the backward's held kernels.
+pub(crate) const HELD_SINGLE: &str = include_str!("../shaders/held_single.wgsl");
+
+/// The storage of x and y, and for the held kernels the layout of their
+/// slots: with `held_pairs`, half storage bound as vec4<u32> and slots in
+/// adjacent pairs, one 16-byte access per pair ([`Variant::held_pairs`]).
+fn io_source(dtype: DType, holds_rows: bool, held_pairs: bool) -> String {
+    let half = match dtype {
+        DType::F32 => "",
+        DType::F16 => include_str!("../shaders/half_f16.wgsl"),
+        DType::BF16 => include_str!("../shaders/half_bf16.wgsl"),
+    };
+    let pairs = held_pairs && holds_rows && dtype != DType::F32;
+    let io = match (dtype, pairs) {
+        (DType::F32, _) => include_str!("../shaders/io_f32.wgsl"),
+        (_, false) => include_str!("../shaders/io_half.wgsl"),
+        (_, true) => include_str!("../shaders/io_half_pairs.wgsl"),
+    };
+    let layout = match (holds_rows, pairs) {
+        (false, _) => "",
+        (true, false) => concat!(
+            include_str!("../shaders/held_single.wgsl"),
+            "\n",
+            include_str!("../shaders/held_single_stores.wgsl")
+        ),
+        (true, true) => include_str!("../shaders/held_pairs.wgsl"),
+    };
+    [half, io, layout].join("\n")
 }
 
-/// The complete WGSL source of `kernel` for storage dtype `dtype`.
-pub fn source(kernel: Kernel, dtype: DType) -> String {
+/// The complete WGSL source of `kernel` for storage dtype `dtype`; a held
+/// kernel with `held_pairs` takes the paired layout where the dtype is half
+/// ([`Variant::held_pairs`]; the flag changes nothing elsewhere).
+pub fn source(kernel: Kernel, dtype: DType, held_pairs: bool) -> String {
     let prelude = format!(
         "const STATS_WG: u32 = {STATS_WG}u;\n\
          const STATS_PER_THREAD: u32 = {STATS_PER_THREAD}u;\n\
@@ -502,12 +534,13 @@ pub fn source(kernel: Kernel, dtype: DType) -> String {
          const COLUMN_PREFIX: u32 = {COLUMN_PREFIX}u;\n\
          const ROWS_WG_HELD: u32 = {ROWS_WG_HELD}u;\n"
     );
+    let io = io_source(dtype, kernel.holds_rows(), held_pairs);
     [
         prelude.as_str(),
         HALF_CONVERT,
         FAST_DIV,
         COMPENSATED,
-        io_source(dtype),
+        io.as_str(),
         include_str!("../shaders/common.wgsl"),
         if kernel.uses_subgroups() {
             SUBGROUP_ROWS
@@ -690,7 +723,7 @@ impl PipelineCache {
             dtype,
             kernel.entry_point(),
             &variant.constants(),
-            || source(kernel, dtype),
+            || source(kernel, dtype, variant.held_pairs),
         )
     }
 }
@@ -944,11 +977,13 @@ fn opaque_zero() -> u32 {{
             affine: AffineMode::PerElement,
             rows_per_step: ROWS_SG_STEP,
             held_vectors: HELD_SLOTS,
+            held_pairs: true,
         };
         assert_eq!(
             full.for_kernel(Kernel::RowsSubgroup),
             Variant {
                 held_vectors: 0,
+                held_pairs: false,
                 ..full
             }
         );
@@ -964,6 +999,7 @@ fn opaque_zero() -> u32 {{
             Variant {
                 rows_per_step: 1,
                 held_vectors: 0,
+                held_pairs: false,
                 ..full
             }
         );
@@ -980,6 +1016,7 @@ fn opaque_zero() -> u32 {{
                 rms: false,
                 rows_per_step: 1,
                 held_vectors: 0,
+                held_pairs: false,
                 ..full
             }
         );

@@ -93,6 +93,32 @@ fn half_rows_held_by_a_workgroup_round_once_within_2_ulp() {
 }
 
 #[test]
+fn half_rows_held_in_pairs_or_singly_round_once_within_2_ulp() {
+    // Held rows of 8 to 1024 elements: whole pairs of vectors (8, 144, 264,
+    // 1024; 144 and 264 leave a pair of slots dead in some lanes) take
+    // paired 16-byte accesses, rows of an odd count of vectors (260) single
+    // ones; on the GPU-sized context, workgroup-held rows of 2064 (paired)
+    // and 2068 (single).
+    for dtype in [DType::F16, DType::BF16] {
+        for (ctx, rows, len) in [
+            (ctx(), 5, 8),
+            (ctx(), 9, 144),
+            (ctx(), 9, 264),
+            (ctx(), 9, 260),
+            (ctx(), 5, 1024),
+            (gpu_sized(), 9, 264),
+            (gpu_sized(), 3, 2064),
+            (gpu_sized(), 3, 2068),
+        ] {
+            let x = normal(rows * len, len as u64, 4.0, 2.0);
+            let w = normal(len, 7, 1.0, 0.5);
+            let (got, want) = layer_norm_on(ctx, dtype, rows, len, &x, Some(&w));
+            assert_within_ulps(&format!("{dtype} {rows}x{len}"), &got, &want, dtype, 2.0);
+        }
+    }
+}
+
+#[test]
 fn odd_row_lengths_keep_packed_words_whole() {
     for dtype in [DType::F16, DType::BF16] {
         // Odd rows go through the tiled path; the odd total pads the last word.
@@ -146,14 +172,19 @@ fn f16_subnormal_outputs_round_correctly() {
 #[test]
 fn half_batch_norm_channels_last_matches_f64() {
     // 6 channels (not whole vectors) take the tiles and the flat
-    // normalize; 8 channels the column kernels; 192 channels (6 vectors per
-    // lane of 8) rows walked by subgroups holding their columns on
-    // lavapipe, and the GPU's strips on a context sized for one.
+    // normalize; 8 channels the column kernels; 36 to 192 channels (5 or 6
+    // vectors per lane of 8) rows walked by subgroups holding their columns
+    // on lavapipe, and the GPU's strips on a context sized for one.
     for (ctx, dtype, shape) in [
         (ctx(), DType::BF16, [4usize, 5, 5, 6]),
         (ctx(), DType::BF16, [4, 5, 5, 8]),
         (ctx(), DType::BF16, [2, 5, 7, 192]),
         (ctx(), DType::F16, [2, 5, 7, 192]),
+        // Held columns in pairs with dead pairs in some lanes (40 and 72
+        // channels: 10 and 18 vectors), and singly (36 channels: 9).
+        (ctx(), DType::F16, [2, 5, 7, 40]),
+        (ctx(), DType::BF16, [2, 5, 7, 72]),
+        (ctx(), DType::BF16, [2, 5, 7, 36]),
         (gpu_sized(), DType::F16, [2, 5, 7, 192]),
     ] {
         let c = shape[3];

@@ -7,15 +7,18 @@ use gpunorm::DType;
 fn every_kernel_source_validates_with_naga() {
     for kernel in Kernel::ALL {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let src = source(kernel, dtype);
-            let module = naga::front::wgsl::parse_str(&src)
-                .unwrap_or_else(|e| panic!("{kernel:?}/{dtype}: {}", e.emit_to_string(&src)));
-            naga::valid::Validator::new(
-                naga::valid::ValidationFlags::all(),
-                naga::valid::Capabilities::all(),
-            )
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{kernel:?}/{dtype}: {e:?}"));
+            for held_pairs in [false, true] {
+                let src = source(kernel, dtype, held_pairs);
+                let what = format!("{kernel:?}/{dtype}/held_pairs {held_pairs}");
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+                naga::valid::Validator::new(
+                    naga::valid::ValidationFlags::all(),
+                    naga::valid::Capabilities::all(),
+                )
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            }
         }
     }
 }
