@@ -2,7 +2,7 @@
 // (backward_channels.wgsl) with each row walked whole by one subgroup.
 // A subgroup takes blocks of bp.rows_per_block rows of one p (bp.tiles
 // blocks per p); lane `lane` of a `w`-wide subgroup owns the row's vectors
-// lane, lane + w, ... (held_single.wgsl, up to HELD_K per lane), finds their
+// lane, lane + w, ... (held_slots.wgsl, up to HELD_K per lane), finds their
 // channels' coefficients once per block and holds them in registers. Each
 // SIMD access then covers w contiguous vectors and the thread running the
 // subgroup streams through the block's rows; in bwd_channel_dx a lane owns

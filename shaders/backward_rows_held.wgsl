@@ -11,7 +11,9 @@
 // writes them once per block as the block's column sums (column_sums_slot,
 // the block as the step); bwd_column_sums adds the blocks into dβ and dγ.
 // So an element costs a read of x, a read of dy and a store of dx, against
-// two reads of each in bwd_rows_subgroup.
+// two reads of each in bwd_rows_subgroup. For half storage of rows of whole
+// pairs of vectors the slots come in pairs (PAIRED_ACCESS), and x, dy and dx
+// move by 16-byte accesses (backward_io_half_pairs.wgsl).
 alias Weight4x8 = array<vec4<f32>, 8>;
 
 fn slot_dy4(base4: u32, j4: u32, live: bool) -> vec4<f32> {
@@ -21,11 +23,23 @@ fn slot_dy4(base4: u32, j4: u32, live: bool) -> vec4<f32> {
     return vec4<f32>(0.0);
 }
 
+// dy of two consecutive slots, as slots_x4 (held_slots.wgsl) loads x.
+fn slots_dy4(base4: u32, j0: u32, j1: u32, l0: bool, l1: bool) -> Vec4x2 {
+    if (PAIRED_ACCESS) {
+        if (l0) {
+            return load_dy8((base4 + j0) >> 1u);
+        }
+        return Vec4x2(vec4<f32>(0.0), vec4<f32>(0.0));
+    }
+    return Vec4x2(slot_dy4(base4, j0, l0), slot_dy4(base4, j1, l1));
+}
+
 fn octet_dy4(base4: u32, j: U32x8, l: Livex8) -> Vec4x8 {
-    return Vec4x8(
-        slot_dy4(base4, j[0], l[0]), slot_dy4(base4, j[1], l[1]), slot_dy4(base4, j[2], l[2]), slot_dy4(base4, j[3], l[3]),
-        slot_dy4(base4, j[4], l[4]), slot_dy4(base4, j[5], l[5]), slot_dy4(base4, j[6], l[6]), slot_dy4(base4, j[7], l[7]),
-    );
+    let p0 = slots_dy4(base4, j[0], j[1], l[0], l[1]);
+    let p1 = slots_dy4(base4, j[2], j[3], l[2], l[3]);
+    let p2 = slots_dy4(base4, j[4], j[5], l[4], l[5]);
+    let p3 = slots_dy4(base4, j[6], j[7], l[6], l[7]);
+    return Vec4x8(p0[0], p0[1], p1[0], p1[1], p2[0], p2[1], p3[0], p3[1]);
 }
 
 // γ of a slot's four columns (one per column: BWD_AFFINE 0), or ones.
@@ -55,21 +69,28 @@ fn octet_xhat(x: Vec4x8, st: vec4<f32>, l: Livex8) -> Vec4x8 {
     );
 }
 
-fn slot_store_dx(base4: u32, j4: u32, live: bool, g: vec4<f32>, xhat: vec4<f32>, s: vec4<f32>, st: vec4<f32>) {
-    if (live) {
-        store_dx4(base4 + j4, grad_from(g, xhat, s, st));
+// Stores dx0 and dx1 of two consecutive slots where live: one access per
+// pair where PAIRED_ACCESS (as slots_store_y4 in the forward).
+fn slots_store_dx(base4: u32, j0: u32, j1: u32, l0: bool, l1: bool, dx0: vec4<f32>, dx1: vec4<f32>) {
+    if (PAIRED_ACCESS) {
+        if (l0) {
+            store_dx8((base4 + j0) >> 1u, dx0, dx1);
+        }
+        return;
+    }
+    if (l0) {
+        store_dx4(base4 + j0, dx0);
+    }
+    if (l1) {
+        store_dx4(base4 + j1, dx1);
     }
 }
 
 fn octet_store_dx(base4: u32, j: U32x8, l: Livex8, g: Vec4x8, xhat: Vec4x8, s: vec4<f32>, st: vec4<f32>) {
-    slot_store_dx(base4, j[0], l[0], g[0], xhat[0], s, st);
-    slot_store_dx(base4, j[1], l[1], g[1], xhat[1], s, st);
-    slot_store_dx(base4, j[2], l[2], g[2], xhat[2], s, st);
-    slot_store_dx(base4, j[3], l[3], g[3], xhat[3], s, st);
-    slot_store_dx(base4, j[4], l[4], g[4], xhat[4], s, st);
-    slot_store_dx(base4, j[5], l[5], g[5], xhat[5], s, st);
-    slot_store_dx(base4, j[6], l[6], g[6], xhat[6], s, st);
-    slot_store_dx(base4, j[7], l[7], g[7], xhat[7], s, st);
+    slots_store_dx(base4, j[0], j[1], l[0], l[1], grad_from(g[0], xhat[0], s, st), grad_from(g[1], xhat[1], s, st));
+    slots_store_dx(base4, j[2], j[3], l[2], l[3], grad_from(g[2], xhat[2], s, st), grad_from(g[3], xhat[3], s, st));
+    slots_store_dx(base4, j[4], j[5], l[4], l[5], grad_from(g[4], xhat[4], s, st), grad_from(g[5], xhat[5], s, st));
+    slots_store_dx(base4, j[6], j[7], l[6], l[7], grad_from(g[6], xhat[6], s, st), grad_from(g[7], xhat[7], s, st));
 }
 
 fn slot_column_sums(block: u32, j4: u32, live: bool, dy: vec4<f32>, dy_xhat: vec4<f32>) {

@@ -11,15 +11,32 @@
 // slots past it fold away. A slot whose vector lies past the row (j4 ≥ n4)
 // is dead: it loads zeros and stores nothing.
 //
-// Which vectors a lane's slots hold, and how they are loaded and stored
-// (octet_columns, slots_x4, slots_store_y4: two consecutive slots at a
-// time), is the layout file's, included with this one: held_single.wgsl (slot k of lane l holds vector l + k·w,
-// one access each) or held_pairs.wgsl (slots 2q and 2q + 1 hold the
-// adjacent vectors 2·(l + q·w) and 2·(l + q·w) + 1, one access per pair).
+// Which vectors a lane's slots hold depends on the io file's access width
+// (PAIRED_ACCESS). Singly, slot k of lane l holds vector l + k·w, so the w
+// lanes read w consecutive vectors per slot; any row of whole vectors fits.
+// In pairs (half storage bound as vec4<u32>, rows of an even count of
+// vectors n4, HELD_K even: engine::held_layout), slots 2q and 2q + 1 hold
+// the adjacent vectors 2·(l + q·w) and 2·(l + q·w) + 1, moved by one
+// 16-byte access, which halves lavapipe's lane loops for half storage; a
+// row then starts at a whole pair, and a pair is live or dead as a whole.
 alias Vec4x8 = array<vec4<f32>, 8>;
 alias Vec4x2 = array<vec4<f32>, 2>;
 alias U32x8 = array<u32, 8>;
 alias Livex8 = array<bool, 8>;
+
+// The vectors of slots first .. first + 7 (first a multiple of 8) of a lane
+// of a `w`-wide subgroup.
+fn octet_columns(lane: u32, w: u32, first: u32) -> U32x8 {
+    if (PAIRED_ACCESS) {
+        let c = 2u * lane + first * w;
+        return U32x8(
+            c, c + 1u, c + 2u * w, c + 2u * w + 1u,
+            c + 4u * w, c + 4u * w + 1u, c + 6u * w, c + 6u * w + 1u,
+        );
+    }
+    let c = lane + first * w;
+    return U32x8(c, c + w, c + 2u * w, c + 3u * w, c + 4u * w, c + 5u * w, c + 6u * w, c + 7u * w);
+}
 
 fn slot_live(k: u32, j4: u32, n4: u32) -> bool {
     return k < HELD_K && j4 < n4;
@@ -57,8 +74,26 @@ fn held_slots(lane: u32, w: u32, n4: u32) -> HeldSlots {
     );
 }
 
-// x of an octet's slots in the row starting at vector base4 (zeros in dead
-// slots).
+fn slot_x4(base4: u32, j4: u32, live: bool) -> vec4<f32> {
+    if (live) {
+        return load_x4(base4 + j4);
+    }
+    return vec4<f32>(0.0);
+}
+
+// x of two consecutive slots (vectors j0 and j1 of the row at base4; in
+// pairs j1 = j0 + 1, j0 even, and l1 = l0), zeros where dead.
+fn slots_x4(base4: u32, j0: u32, j1: u32, l0: bool, l1: bool) -> Vec4x2 {
+    if (PAIRED_ACCESS) {
+        if (l0) {
+            return load_x8((base4 + j0) >> 1u);
+        }
+        return Vec4x2(vec4<f32>(0.0), vec4<f32>(0.0));
+    }
+    return Vec4x2(slot_x4(base4, j0, l0), slot_x4(base4, j1, l1));
+}
+
+// x of an octet's slots in the row starting at vector base4.
 fn octet_x4(base4: u32, j: U32x8, l: Livex8) -> Vec4x8 {
     let p0 = slots_x4(base4, j[0], j[1], l[0], l[1]);
     let p1 = slots_x4(base4, j[2], j[3], l[2], l[3]);

@@ -1,7 +1,7 @@
 // Half-precision x and y (the half file before it: half_f16.wgsl or
 // half_bf16.wgsl) bound as vec4<u32>, eight elements per access, for the
-// held-row kernels with paired slots (held_pairs.wgsl): a lane loads and
-// stores two adjacent vectors at once.
+// held kernels with paired slots (PAIRED_ACCESS, held_slots.wgsl): a lane
+// loads and stores two adjacent vectors at once.
 //
 // Why: lavapipe turns every storage access into a loop over the SIMD lanes
 // with a bounds check per lane, so its cost follows the count of accesses,
@@ -18,6 +18,9 @@
 @group(0) @binding(2) var<storage, read_write> y_buf: array<vec4<u32>>;
 
 const HALF_STORAGE: bool = true;
+
+// One access moves two vectors (held_slots.wgsl lays its slots in pairs).
+const PAIRED_ACCESS: bool = true;
 
 fn x_word(k: u32) -> u32 {
     return x_buf[k >> 2u][k & 3u];

@@ -16,7 +16,7 @@
 //
 // The slots are those of held_slots.wgsl: four octets, HELD_K in use; for
 // half storage of rows of whole pairs of vectors, in adjacent pairs loaded
-// and stored with one 16-byte access each (held_pairs.wgsl).
+// and stored with one 16-byte access each (PAIRED_ACCESS).
 //
 // Statistics: the mean m0 of the held values, then Σd and Σd² of
 // d = x − m0 (exact for values near m0). dmean = Σd/n corrects m0's

@@ -261,18 +261,30 @@ fn grad_input_step(mut d: BwdParams) -> (usize, BwdParams) {
     }
 }
 
-fn io_source(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => include_str!("../shaders/backward_io_f32.wgsl"),
-        DType::F16 => include_str!("../shaders/backward_io_f16.wgsl"),
-        DType::BF16 => include_str!("../shaders/backward_io_bf16.wgsl"),
-    }
+/// The storage of x, grad_output and grad_input: with `paired`, half
+/// storage bound as vec4<u32>, one access per two vectors (`PAIRED_ACCESS`,
+/// for the held-row kernel); otherwise one vector per access, the
+/// eight-element accesses made of two.
+fn io_source(dtype: DType, paired: bool) -> String {
+    let io = match (dtype, paired) {
+        (DType::F32, _) => include_str!("../shaders/backward_io_f32.wgsl"),
+        (_, false) => include_str!("../shaders/backward_io_half.wgsl"),
+        (_, true) => include_str!("../shaders/backward_io_half_pairs.wgsl"),
+    };
+    let single = if dtype == DType::F32 || !paired {
+        include_str!("../shaders/backward_single_access.wgsl")
+    } else {
+        ""
+    };
+    [kernels::half_format(dtype), io, single].join("\n")
 }
 
 /// The complete WGSL source of the backward kernels for storage `dtype` (of
 /// `x`, `grad_output` and `grad_input`); with `subgroups`, the subgroup row
-/// kernels too (they need `Features::SUBGROUP` to compile).
-pub fn source(dtype: DType, subgroups: bool) -> String {
+/// kernels too (they need `Features::SUBGROUP` to compile). With
+/// `held_pairs` (half storage only), for the held-row kernel with paired
+/// slots: its io moves two vectors per access.
+pub fn source(dtype: DType, subgroups: bool, held_pairs: bool) -> String {
     let prelude = format!(
         "const BWD_WG: u32 = {BWD_WG}u;\n\
          const BWD_SG_WG: u32 = {BWD_SG_WG}u;\n\
@@ -288,7 +300,6 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
             kernels::SUBGROUP_ROWS,
             include_str!("../shaders/backward_rows_subgroup.wgsl"),
             kernels::HELD_SLOTS_SOURCE,
-            kernels::HELD_SINGLE,
             include_str!("../shaders/backward_rows_held.wgsl"),
             kernels::WORKGROUP_TOTAL,
             include_str!("../shaders/backward_rows_workgroup_held.wgsl"),
@@ -304,7 +315,7 @@ pub fn source(dtype: DType, subgroups: bool) -> String {
         kernels::HALF_CONVERT,
         kernels::FAST_DIV,
         kernels::COMPENSATED,
-        io_source(dtype),
+        &io_source(dtype, held_pairs),
         include_str!("../shaders/backward_common.wgsl"),
         include_str!("../shaders/backward.wgsl"),
         include_str!("../shaders/backward_channels.wgsl"),
@@ -365,6 +376,10 @@ const BF_ACCUMULATE: u32 = 4096;
 /// `bwd_empty_affine_grads`: dγ is NaN, not 0 (Keras's BatchNormalization
 /// trained on an empty batch, whose γ gradient meets the NaN moments).
 const BF_NAN_WEIGHT_GRAD: u32 = 8192;
+/// Host-side only: the held-row kernel's slots are pairs of vectors, one
+/// 16-byte access each (half storage, rows of a multiple of 8 elements:
+/// `PAIRED_ACCESS`, backward_io_half_pairs.wgsl).
+const BF_HELD_PAIRS: u32 = 16384;
 /// Host-side only: bits 24.. of the flags hold the held-row kernel's
 /// vectors per lane (`HELD_K`), a pipeline constant like the flags above.
 const BF_HELD_SHIFT: u32 = 24;
@@ -1053,7 +1068,11 @@ fn plan_with(spec: &BackwardSpec, caps: &Caps, tiled: bool) -> Plan {
                 // subgroups some take several.
                 let per_block = crate::engine::subgroup_block(groups, caps);
                 let blocks = groups.div_ceil(per_block);
+                let (held, pairs) = crate::engine::paired_slots(held, v.b, spec.dtype);
                 p.flags |= held << BF_HELD_SHIFT;
+                if pairs {
+                    p.flags |= BF_HELD_PAIRS;
+                }
                 p.tiles = blocks as u32;
                 p.rows_per_block = per_block as u32;
                 let column_sums = fused_column_sums(v, caps, params_wanted, blocks);
@@ -1355,7 +1374,7 @@ impl BackwardCache {
             dtype,
             entry_point,
             &special.constants(),
-            || source(dtype, kernel.uses_subgroups()),
+            || source(dtype, kernel.uses_subgroups(), special.held_pairs),
         )
     }
 }
@@ -1383,6 +1402,9 @@ struct Specialization {
     column_sums: bool,
     /// Vectors per lane of the held-row kernel (`HELD_K`), 0 elsewhere.
     held: u8,
+    /// The held-row kernel's slots are pairs (not an override: it picks
+    /// the io source, [`source`]).
+    held_pairs: bool,
 }
 
 impl Specialization {
@@ -1413,6 +1435,7 @@ impl Specialization {
             },
             column_sums: p.flags & BF_COLUMN_SUMS != 0,
             held: (p.flags >> BF_HELD_SHIFT) as u8,
+            held_pairs: p.flags & BF_HELD_PAIRS != 0,
         }
     }
 
@@ -2114,6 +2137,22 @@ mod tests {
             kernels_of_on(&spec(inorm, StatsSource::Batch, true), &lavapipe)[0],
             RowsSubgroup
         );
+        // Half storage of rows of whole pairs of vectors: paired slots, an
+        // even count (36 vectors: 5 per lane singly, 3 pairs).
+        let held = |len: usize, dtype| {
+            let s = BackwardSpec {
+                dtype,
+                ..spec(View::layer_norm(&[64, len], len), StatsSource::Batch, true)
+            };
+            let step = plan_with(&s, &lavapipe, false).steps[0];
+            assert_eq!(step.kernel, RowsHeld);
+            let flags = step.params.flags;
+            (flags >> BF_HELD_SHIFT, flags & BF_HELD_PAIRS != 0)
+        };
+        assert_eq!(held(256, DType::F16), (8, true));
+        assert_eq!(held(144, DType::BF16), (6, true));
+        assert_eq!(held(144, DType::F32), (5, false));
+        assert_eq!(held(260, DType::F16), (9, false));
     }
 
     #[test]

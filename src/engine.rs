@@ -571,6 +571,14 @@ pub fn held_layout(view: &View, chunks: &Chunks, caps: &Caps, dtype: DType) -> (
             None => return (0, false),
         },
     };
+    paired_slots(held, row, dtype)
+}
+
+/// `held` slots per lane for rows of `row` elements of `dtype`, and whether
+/// they are paired: half storage and rows of a multiple of 8 elements; then
+/// the count is rounded up to even ([`held_layout`]; the held backward
+/// takes its rows the same way).
+pub(crate) fn paired_slots(held: u32, row: usize, dtype: DType) -> (u32, bool) {
     if dtype != DType::F32 && row.is_multiple_of(8) {
         (held.next_multiple_of(2), true)
     } else {

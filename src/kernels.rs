@@ -371,7 +371,8 @@ pub struct Variant {
     /// at most [`HELD_SLOTS`]); 0 for every other kernel.
     pub held_vectors: u32,
     /// Whether a held kernel's slots are adjacent pairs, each loaded and
-    /// stored as one 16-byte access (held_pairs.wgsl, io_half_pairs.wgsl):
+    /// stored as one 16-byte access (`PAIRED_ACCESS` in held_slots.wgsl,
+    /// io_half_pairs.wgsl):
     /// half storage whose rows have an even count of vectors, with
     /// `held_vectors` even. Not an override: it picks the source.
     pub held_pairs: bool,
@@ -486,35 +487,31 @@ pub(crate) const HELD_SLOTS_SOURCE: &str = include_str!("../shaders/held_slots.w
 /// backward (needs the `ROWS_WG_HELD` constant).
 pub(crate) const WORKGROUP_TOTAL: &str = include_str!("../shaders/workgroup_total.wgsl");
 
-/// The held slots' layout of one vector per access (held_slots.wgsl): its
-/// loads, shared with the backward's held kernels.
-pub(crate) const HELD_SINGLE: &str = include_str!("../shaders/held_single.wgsl");
-
-/// The storage of x and y, and for the held kernels the layout of their
-/// slots: with `held_pairs`, half storage bound as vec4<u32> and slots in
-/// adjacent pairs, one 16-byte access per pair ([`Variant::held_pairs`]).
-fn io_source(dtype: DType, holds_rows: bool, held_pairs: bool) -> String {
-    let half = match dtype {
+/// The f16 or bf16 format of the half io files (`unpack_half2`,
+/// `pack_half4`, `half_bits`), shared with the backward; empty for f32.
+pub(crate) fn half_format(dtype: DType) -> &'static str {
+    match dtype {
         DType::F32 => "",
         DType::F16 => include_str!("../shaders/half_f16.wgsl"),
         DType::BF16 => include_str!("../shaders/half_bf16.wgsl"),
-    };
-    let pairs = held_pairs && holds_rows && dtype != DType::F32;
-    let io = match (dtype, pairs) {
+    }
+}
+
+/// The storage of x and y: with `paired`, half storage bound as vec4<u32>,
+/// one access per two vectors (`PAIRED_ACCESS`, [`Variant::held_pairs`]);
+/// otherwise one vector per access, the eight-element accesses made of two.
+fn io_source(dtype: DType, paired: bool) -> String {
+    let io = match (dtype, paired) {
         (DType::F32, _) => include_str!("../shaders/io_f32.wgsl"),
         (_, false) => include_str!("../shaders/io_half.wgsl"),
         (_, true) => include_str!("../shaders/io_half_pairs.wgsl"),
     };
-    let layout = match (holds_rows, pairs) {
-        (false, _) => "",
-        (true, false) => concat!(
-            include_str!("../shaders/held_single.wgsl"),
-            "\n",
-            include_str!("../shaders/held_single_stores.wgsl")
-        ),
-        (true, true) => include_str!("../shaders/held_pairs.wgsl"),
+    let single = if dtype == DType::F32 || !paired {
+        include_str!("../shaders/single_access.wgsl")
+    } else {
+        ""
     };
-    [half, io, layout].join("\n")
+    [half_format(dtype), io, single].join("\n")
 }
 
 /// The complete WGSL source of `kernel` for storage dtype `dtype`; a held
@@ -534,7 +531,7 @@ pub fn source(kernel: Kernel, dtype: DType, held_pairs: bool) -> String {
          const COLUMN_PREFIX: u32 = {COLUMN_PREFIX}u;\n\
          const ROWS_WG_HELD: u32 = {ROWS_WG_HELD}u;\n"
     );
-    let io = io_source(dtype, kernel.holds_rows(), held_pairs);
+    let io = io_source(dtype, held_pairs && kernel.holds_rows());
     [
         prelude.as_str(),
         HALF_CONVERT,
@@ -549,6 +546,11 @@ pub fn source(kernel: Kernel, dtype: DType, held_pairs: bool) -> String {
         },
         if kernel.holds_rows() {
             HELD_SLOTS_SOURCE
+        } else {
+            ""
+        },
+        if kernel.holds_rows() {
+            include_str!("../shaders/held_stores.wgsl")
         } else {
             ""
         },

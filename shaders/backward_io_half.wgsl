@@ -1,8 +1,8 @@
-// Backward storage of x, grad_output and grad_input as bfloat16, two
-// per u32 word (element 2k in the low half), bound as vec2<u32> (four
-// elements; bindings are padded to 16 bytes). Loads shift into place
-// (bf16_pair); stores round once with bf16_bits (half_convert.wgsl):
-// nearest even, overflow to ±inf, NaN kept.
+// Backward storage of x, grad_output and grad_input in half precision, two
+// per u32 word (element 2k in the low half), in the format of the half file
+// before it (half_f16.wgsl or half_bf16.wgsl: unpack_half2, pack_half4,
+// half_bits), bound as vec2<u32> (four elements; bindings are padded to 16
+// bytes). Stores round once: nearest even, overflow to ±inf, NaN kept.
 // Invariant: one invocation writes both halves of a word — callers store
 // pairs starting at even indices (BWD_PACK = 2), so no two invocations race
 // on a word.
@@ -17,25 +17,25 @@ const BWD_PACK: u32 = 2u;
 
 fn load_x(at: u32) -> f32 {
     let i = local(at);
-    return bf16_pair(x_buf[i >> 2u][(i >> 1u) & 1u])[i & 1u];
+    return unpack_half2(x_buf[i >> 2u][(i >> 1u) & 1u])[i & 1u];
 }
 
 fn load_dy(at: u32) -> f32 {
     let i = local(at);
-    return bf16_pair(dy_buf[i >> 2u][(i >> 1u) & 1u])[i & 1u];
+    return unpack_half2(dy_buf[i >> 2u][(i >> 1u) & 1u])[i & 1u];
 }
 
 // Elements 4·i4 .. 4·i4 + 3.
 fn load_x4(at4: u32) -> vec4<f32> {
     let i4 = local4(at4);
     let w = x_buf[i4];
-    return vec4<f32>(bf16_pair(w.x), bf16_pair(w.y));
+    return vec4<f32>(unpack_half2(w.x), unpack_half2(w.y));
 }
 
 fn load_dy4(at4: u32) -> vec4<f32> {
     let i4 = local4(at4);
     let w = dy_buf[i4];
-    return vec4<f32>(bf16_pair(w.x), bf16_pair(w.y));
+    return vec4<f32>(unpack_half2(w.x), unpack_half2(w.y));
 }
 
 // Writes grad_input[i] and grad_input[i + 1] (i even) as one word; without
@@ -44,13 +44,13 @@ fn store_dx(at: u32, v0: f32, v1: f32, second: bool) {
     let i = local(at);
     var hi = 0u;
     if (second) {
-        hi = bf16_bits(v1);
+        hi = half_bits(v1);
     }
-    dx_buf[i >> 2u][(i >> 1u) & 1u] = bf16_bits(v0) | (hi << 16u);
+    dx_buf[i >> 2u][(i >> 1u) & 1u] = half_bits(v0) | (hi << 16u);
 }
 
 // Writes grad_input 4·i4 .. 4·i4 + 3 (two whole words).
 fn store_dx4(at4: u32, v: vec4<f32>) {
     let i4 = local4(at4);
-    dx_buf[i4] = pack_bf16x4(v);
+    dx_buf[i4] = pack_half4(v);
 }
