@@ -12,7 +12,9 @@
 // pull the shift away from the data), in one read of x; the normalize is a second
 // read. Holding short rows in registers for an exact two-pass variance was
 // tried: lavapipe then kept the array in memory and ran 1.7x slower than
-// two reads.
+// two reads. Half storage of rows of a multiple of 8 elements is bound as
+// vec4<u32> (PAIRED_ACCESS): lanes then own pairs of vectors, moved by one
+// 16-byte access each way, half the accesses of one vector at a time.
 
 // Rows a subgroup walks together (ROWS_SG_R, common.wgsl): 1, or 4 when
 // all rows share their affine parameters (G = 1: LayerNorm and RMSNorm;
@@ -28,6 +30,13 @@ const ROWS_SG_R_MAX: u32 = 4u;
 // vector's parameters a.
 fn normalized_row4(i4: u32, shift: f32, dmean: f32, rstd: f32, a: Affine4) -> vec4<f32> {
     return apply_affine4(((load_x4(i4) - shift) - dmean) * rstd, a);
+}
+
+// Stores y of the pair of vectors i8 (elements 8·i8 .. 8·i8 + 7) of a row,
+// one access each way (PAIRED_ACCESS).
+fn normalize_row_pair(i8: u32, shift: f32, dmean: f32, rstd: f32, a0: Affine4, a1: Affine4) {
+    let x = load_x8(i8);
+    store_y8(i8, apply_affine4(((x[0] - shift) - dmean) * rstd, a0), apply_affine4(((x[1] - shift) - dmean) * rstd, a1));
 }
 
 // The shift of a row of n4 vectors from base4: the median of three of its
@@ -118,7 +127,35 @@ fn rows_subgroup(
         // InstanceNorm, four vectors a step nothing measurable.
         var c1: array<vec4<f32>, ROWS_SG_R_MAX>;
         var c2: array<vec4<f32>, ROWS_SG_R_MAX>;
-        if (HALF_STORAGE) {
+        if (PAIRED_ACCESS) {
+            // Half storage bound as vec4<u32> (rows of whole pairs of
+            // vectors): lane `lane` owns the pairs lane, lane + width, ...,
+            // one access each, the two vectors added before the block sums.
+            let n8 = n4 / 2u;
+            let block = COMPENSATED_BLOCK * width;
+            for (var j0 = lane; j0 < n8; j0 += block) {
+                var b1: array<vec4<f32>, ROWS_SG_R_MAX>;
+                var b2: array<vec4<f32>, ROWS_SG_R_MAX>;
+                let end = min(n8, j0 + block);
+                for (var j8 = j0; j8 < end; j8 += width) {
+                    for (var r = 0u; r < ROWS_SG_R; r++) {
+                        let x = load_x8(base4[r] / 2u + j8);
+                        let v0 = x[0] - shift[r];
+                        let v1 = x[1] - shift[r];
+                        b1[r] += v0 + v1;
+                        b2[r] += v0 * v0 + v1 * v1;
+                    }
+                }
+                for (var r = 0u; r < ROWS_SG_R; r++) {
+                    let k1 = add_compensated4(Compensated4(s1[r], c1[r]), b1[r]);
+                    let k2 = add_compensated4(Compensated4(s2[r], c2[r]), b2[r]);
+                    s1[r] = k1.sum;
+                    c1[r] = k1.carry;
+                    s2[r] = k2.sum;
+                    c2[r] = k2.carry;
+                }
+            }
+        } else if (HALF_STORAGE) {
             let block = COMPENSATED_BLOCK * width;
             for (var j0 = lane; j0 < n4; j0 += block) {
                 var b1: array<vec4<f32>, ROWS_SG_R_MAX>;
@@ -187,7 +224,29 @@ fn rows_subgroup(
         }
         // Every row's g with one row per step; G = 1 with more.
         let g = first - fast_div(first, params.div_g) * params.g;
-        if (AFFINE_MODE == AFFINE_PER_QUAD && params.b % params.affine_div == 0u
+        if (PAIRED_ACCESS) {
+            // Pairs of vectors, as in the sums.
+            if (AFFINE_MODE == AFFINE_PER_QUAD && params.b % params.affine_div == 0u
+                && params.affine_div % 8u == 0u && params.affine_div >= 8u * width) {
+                let d8 = params.affine_div / 8u;
+                for (var ch = 0u; ch < n4 / (2u * d8); ch++) {
+                    let a = affine_params4(g, g * n4 + 2u * ch * d8);
+                    for (var j8 = ch * d8 + lane; j8 < (ch + 1u) * d8; j8 += width) {
+                        for (var r = 0u; r < ROWS_SG_R; r++) {
+                            normalize_row_pair(base4[r] / 2u + j8, shift[r], dmean[r], rstd[r], a, a);
+                        }
+                    }
+                }
+            } else {
+                for (var j8 = lane; j8 < n4 / 2u; j8 += width) {
+                    let a0 = affine_params4(g, g * n4 + 2u * j8);
+                    let a1 = affine_params4(g, g * n4 + 2u * j8 + 1u);
+                    for (var r = 0u; r < ROWS_SG_R; r++) {
+                        normalize_row_pair(base4[r] / 2u + j8, shift[r], dmean[r], rstd[r], a0, a1);
+                    }
+                }
+            }
+        } else if (AFFINE_MODE == AFFINE_PER_QUAD && params.b % params.affine_div == 0u
             && params.affine_div >= 4u * width) {
             // Rows of whole channels at least a step long (channels-first
             // GroupNorm): γ and β once per channel instead of a division and

@@ -16,6 +16,10 @@
 // normalize_runs_subgroup writes y run by run with the run's statistics
 // and, one per run (AFFINE_PER_RUN), its γ and β folded into a scale and
 // an offset.
+//
+// Half storage of runs of a multiple of 8 elements is bound as vec4<u32>
+// (PAIRED_ACCESS): lanes move pairs of vectors, one 16-byte access each,
+// as rows_subgroup.wgsl does.
 
 // (p, a, g) of run r = (p·A + a)·G + g.
 fn run_coords(r: u32) -> vec3<u32> {
@@ -27,6 +31,14 @@ fn run_coords(r: u32) -> vec3<u32> {
         p = fast_div(r * params.b, params.div_agb);
     }
     return vec3<u32>(p, pa - p * params.a, g);
+}
+
+// (v0 + v1, v0² + v1²) for v = x − shift of the pair of vectors i8.
+fn shifted_pair_terms(i8: u32, shift: f32) -> mat2x4<f32> {
+    let x = load_x8(i8);
+    let v0 = x[0] - shift;
+    let v1 = x[1] - shift;
+    return mat2x4<f32>(v0 + v1, v0 * v0 + v1 * v1);
 }
 
 @compute @workgroup_size(ROWS_SG_WG)
@@ -67,19 +79,34 @@ fn partials_runs(
         // the normalize's two below 9.3 ms; eval 5.5 to 5.1 ms).
         var sums = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
         var other = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
-        var s3 = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
-        var s4 = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
-        var j4 = lane;
-        for (; j4 + 3u * w < n4; j4 += 4u * w) {
-            sums += shifted_terms4(4u * (base4 + j4), shift);
-            other += shifted_terms4(4u * (base4 + j4 + w), shift);
-            s3 += shifted_terms4(4u * (base4 + j4 + 2u * w), shift);
-            s4 += shifted_terms4(4u * (base4 + j4 + 3u * w), shift);
+        if (PAIRED_ACCESS) {
+            // Pairs of vectors, one access each (half storage of runs of a
+            // multiple of 8): two pairs per step, the same four vectors.
+            // Runs of whole pairs start at one (n4 is even).
+            let base8 = base4 / 2u;
+            var j8 = lane;
+            for (; j8 + w < n4 / 2u; j8 += 2u * w) {
+                sums += shifted_pair_terms(base8 + j8, shift);
+                other += shifted_pair_terms(base8 + j8 + w, shift);
+            }
+            if (j8 < n4 / 2u) {
+                sums += shifted_pair_terms(base8 + j8, shift);
+            }
+        } else {
+            var s3 = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
+            var s4 = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
+            var j4 = lane;
+            for (; j4 + 3u * w < n4; j4 += 4u * w) {
+                sums += shifted_terms4(4u * (base4 + j4), shift);
+                other += shifted_terms4(4u * (base4 + j4 + w), shift);
+                s3 += shifted_terms4(4u * (base4 + j4 + 2u * w), shift);
+                s4 += shifted_terms4(4u * (base4 + j4 + 3u * w), shift);
+            }
+            for (; j4 < n4; j4 += w) {
+                sums += shifted_terms4(4u * (base4 + j4), shift);
+            }
+            other += s3 + s4;
         }
-        for (; j4 < n4; j4 += w) {
-            sums += shifted_terms4(4u * (base4 + j4), shift);
-        }
-        other += s3 + s4;
         let t1 = subgroupAdd(hsum(sums[0] + other[0]));
         let t2 = subgroupAdd(hsum(sums[1] + other[1]));
         if (lane == 0u) {
@@ -106,7 +133,17 @@ fn normalize_runs_subgroup(
         let g = at.z;
         let st = scratch[at.x * params.g + g];
         let base4 = r * n4;
-        if (AFFINE_MODE == AFFINE_PER_RUN) {
+        if (PAIRED_ACCESS && AFFINE_MODE == AFFINE_PER_RUN) {
+            // Pairs of vectors, one access each way (runs of whole pairs
+            // start at one), one γ and β per run folded. The other modes
+            // (γ within runs) take the single accesses below.
+            let k = run_scale_offset(st, g);
+            let base8 = base4 / 2u;
+            for (var j8 = lane; j8 < n4 / 2u; j8 += w) {
+                let x = load_x8(base8 + j8);
+                store_y8(base8 + j8, (x[0] - k.x) * k.y + k.z, (x[1] - k.x) * k.y + k.z);
+            }
+        } else if (AFFINE_MODE == AFFINE_PER_RUN) {
             // One γ and β per run (BatchNorm, InstanceNorm), folded.
             let k = run_scale_offset(st, g);
             // Two vectors per step, loaded before either is stored.

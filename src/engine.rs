@@ -558,7 +558,7 @@ pub fn workgroup_held_vectors(view: &View, caps: &Caps) -> Option<u32> {
 
 /// The slots of the held kernel that takes `view`, if one does: vectors
 /// per lane (`HELD_K`), and whether they are adjacent pairs, one 16-byte
-/// access each ([`kernels::Variant::held_pairs`]): half storage whose held
+/// access each ([`kernels::Variant::paired`]): half storage whose held
 /// rows (B elements, or the G·B of held columns) are a multiple of 8, so
 /// that every row starts at a whole pair. Paired slots come in twos, so the
 /// count is rounded up to even (still within the slot limits, all even).
@@ -1167,6 +1167,9 @@ fn record_forward_with(
     let caps = ctx.caps();
     let variant_of = |v: &View, chunks: &Chunks| {
         let (held_vectors, held_pairs) = held_layout(v, chunks, &caps, spec.dtype);
+        // The subgroup row and run kernels move pairs where rows (runs)
+        // are whole pairs.
+        let row_pairs = spec.dtype != DType::F32 && v.b.is_multiple_of(8);
         kernels::Variant {
             weight: bufs.weight.is_some(),
             bias: bufs.bias.is_some(),
@@ -1174,7 +1177,7 @@ fn record_forward_with(
             affine: kernels::AffineMode::of(v.affine_div, v.b),
             rows_per_step: rows_per_step(v, &caps),
             held_vectors,
-            held_pairs,
+            paired: held_pairs || row_pairs,
         }
     };
     // Chunks of whole blocks run the pipelines of their own plans.

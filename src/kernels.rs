@@ -291,6 +291,17 @@ impl Kernel {
         )
     }
 
+    /// Whether the kernel can move half-precision x and y as pairs of
+    /// vectors ([`Variant::paired`]): the held kernels and the subgroup row
+    /// and run kernels.
+    pub fn moves_pairs(self) -> bool {
+        self.holds_rows()
+            || matches!(
+                self,
+                Kernel::RowsSubgroup | Kernel::PartialsRuns | Kernel::NormalizeRunsSubgroup
+            )
+    }
+
     /// WGSL entry point name.
     pub fn entry_point(self) -> &'static str {
         match self {
@@ -370,12 +381,12 @@ pub struct Variant {
     /// Vectors of a row each lane of the held-row kernel keeps (`HELD_K`,
     /// at most [`HELD_SLOTS`]); 0 for every other kernel.
     pub held_vectors: u32,
-    /// Whether a held kernel's slots are adjacent pairs, each loaded and
-    /// stored as one 16-byte access (`PAIRED_ACCESS` in held_slots.wgsl,
-    /// io_half_pairs.wgsl):
-    /// half storage whose rows have an even count of vectors, with
-    /// `held_vectors` even. Not an override: it picks the source.
-    pub held_pairs: bool,
+    /// Whether the kernel moves x and y as pairs of vectors, one 16-byte
+    /// access each (`PAIRED_ACCESS`, io_half_pairs.wgsl; only kernels that
+    /// [`Kernel::moves_pairs`]): half storage whose rows are whole pairs of
+    /// vectors, held slots in adjacent pairs with `held_vectors` even. Not
+    /// an override: it picks the source.
+    pub paired: bool,
 }
 
 impl Default for Variant {
@@ -387,7 +398,7 @@ impl Default for Variant {
             affine: AffineMode::General,
             rows_per_step: 1,
             held_vectors: 0,
-            held_pairs: false,
+            paired: false,
         }
     }
 }
@@ -438,7 +449,7 @@ impl Variant {
             } else {
                 default.held_vectors
             },
-            held_pairs: kernel.holds_rows() && self.held_pairs,
+            paired: kernel.moves_pairs() && self.paired,
         }
     }
 
@@ -498,7 +509,7 @@ pub(crate) fn half_format(dtype: DType) -> &'static str {
 }
 
 /// The storage of x and y: with `paired`, half storage bound as vec4<u32>,
-/// one access per two vectors (`PAIRED_ACCESS`, [`Variant::held_pairs`]);
+/// one access per two vectors (`PAIRED_ACCESS`, [`Variant::paired`]);
 /// otherwise one vector per access, the eight-element accesses made of two.
 fn io_source(dtype: DType, paired: bool) -> String {
     let io = match (dtype, paired) {
@@ -515,9 +526,9 @@ fn io_source(dtype: DType, paired: bool) -> String {
 }
 
 /// The complete WGSL source of `kernel` for storage dtype `dtype`; a held
-/// kernel with `held_pairs` takes the paired layout where the dtype is half
-/// ([`Variant::held_pairs`]; the flag changes nothing elsewhere).
-pub fn source(kernel: Kernel, dtype: DType, held_pairs: bool) -> String {
+/// kernel that [`Kernel::moves_pairs`] moves them with `paired` where the
+/// dtype is half ([`Variant::paired`]; the flag changes nothing elsewhere).
+pub fn source(kernel: Kernel, dtype: DType, paired: bool) -> String {
     let prelude = format!(
         "const STATS_WG: u32 = {STATS_WG}u;\n\
          const STATS_PER_THREAD: u32 = {STATS_PER_THREAD}u;\n\
@@ -531,7 +542,7 @@ pub fn source(kernel: Kernel, dtype: DType, held_pairs: bool) -> String {
          const COLUMN_PREFIX: u32 = {COLUMN_PREFIX}u;\n\
          const ROWS_WG_HELD: u32 = {ROWS_WG_HELD}u;\n"
     );
-    let io = io_source(dtype, held_pairs && kernel.holds_rows());
+    let io = io_source(dtype, paired && kernel.moves_pairs());
     [
         prelude.as_str(),
         HALF_CONVERT,
@@ -725,7 +736,7 @@ impl PipelineCache {
             dtype,
             kernel.entry_point(),
             &variant.constants(),
-            || source(kernel, dtype, variant.held_pairs),
+            || source(kernel, dtype, variant.paired),
         )
     }
 }
@@ -979,13 +990,12 @@ fn opaque_zero() -> u32 {{
             affine: AffineMode::PerElement,
             rows_per_step: ROWS_SG_STEP,
             held_vectors: HELD_SLOTS,
-            held_pairs: true,
+            paired: true,
         };
         assert_eq!(
             full.for_kernel(Kernel::RowsSubgroup),
             Variant {
                 held_vectors: 0,
-                held_pairs: false,
                 ..full
             }
         );
@@ -1001,7 +1011,7 @@ fn opaque_zero() -> u32 {{
             Variant {
                 rows_per_step: 1,
                 held_vectors: 0,
-                held_pairs: false,
+                paired: false,
                 ..full
             }
         );
@@ -1018,7 +1028,7 @@ fn opaque_zero() -> u32 {{
                 rms: false,
                 rows_per_step: 1,
                 held_vectors: 0,
-                held_pairs: false,
+                paired: false,
                 ..full
             }
         );

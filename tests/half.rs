@@ -4,8 +4,8 @@
 mod common;
 use common::{ctx, gpu_sized, normal, stored};
 use gpunorm::{
-    reference, BatchNorm, BatchNormConfig, Context, DType, GpuTensor, LayerNorm, Mode,
-    RowNormConfig, View,
+    reference, Affine, BatchNorm, BatchNormConfig, Context, DType, GpuTensor, GroupNorm,
+    GroupNormConfig, LayerNorm, Mode, RowNormConfig, View,
 };
 
 /// ulp of |v| in `dtype`, floored at 2^-14 (SPEC §6).
@@ -93,12 +93,13 @@ fn half_rows_held_by_a_workgroup_round_once_within_2_ulp() {
 }
 
 #[test]
-fn half_rows_held_in_pairs_or_singly_round_once_within_2_ulp() {
+fn half_rows_in_pairs_or_singly_round_once_within_2_ulp() {
     // Held rows of 8 to 1024 elements: whole pairs of vectors (8, 144, 264,
     // 1024; 144 and 264 leave a pair of slots dead in some lanes) take
     // paired 16-byte accesses, rows of an odd count of vectors (260) single
     // ones; on the GPU-sized context, workgroup-held rows of 2064 (paired)
-    // and 2068 (single).
+    // and 2068 (single). Rows too long to hold (3000 in pairs, 3004
+    // singly) go through the subgroup row kernel.
     for dtype in [DType::F16, DType::BF16] {
         for (ctx, rows, len) in [
             (ctx(), 5, 8),
@@ -106,6 +107,8 @@ fn half_rows_held_in_pairs_or_singly_round_once_within_2_ulp() {
             (ctx(), 9, 264),
             (ctx(), 9, 260),
             (ctx(), 5, 1024),
+            (ctx(), 3, 3000),
+            (ctx(), 3, 3004),
             (gpu_sized(), 9, 264),
             (gpu_sized(), 3, 2064),
             (gpu_sized(), 3, 2068),
@@ -114,6 +117,97 @@ fn half_rows_held_in_pairs_or_singly_round_once_within_2_ulp() {
             let w = normal(len, 7, 1.0, 0.5);
             let (got, want) = layer_norm_on(ctx, dtype, rows, len, &x, Some(&w));
             assert_within_ulps(&format!("{dtype} {rows}x{len}"), &got, &want, dtype, 2.0);
+        }
+    }
+}
+
+#[test]
+fn half_group_norm_rows_in_pairs_or_singly_match_f64() {
+    // Rows too long to hold, or with γ of their own, go through the
+    // subgroup row kernel, in pairs of vectors where rows are a multiple of
+    // 8 elements: channels of 256 (γ once per channel), of 40 (γ per
+    // vector), one channel per group (one γ per row); rows of 90 singly.
+    for dtype in [DType::F16, DType::BF16] {
+        for (shape, groups) in [
+            ([2usize, 8, 16, 16], 4),
+            ([2, 6, 5, 8], 3),
+            ([2, 6, 5, 8], 6),
+            ([2, 6, 5, 6], 2),
+        ] {
+            let c = shape[1];
+            let n: usize = shape.iter().product();
+            let x = stored(&normal(n, n as u64, -3.0, 2.0), dtype);
+            let w = normal(c, 3, 1.0, 0.5);
+            let b = normal(c, 4, 0.0, 1.0);
+            let ctx = ctx();
+            let mut gn = GroupNorm::new(ctx, groups, c, GroupNormConfig::torch()).unwrap();
+            gn.set_affine(Affine {
+                weight: Some(ctx.upload(&w, &[c]).unwrap()),
+                bias: Some(ctx.upload(&b, &[c]).unwrap()),
+            })
+            .unwrap();
+            let xt = ctx.upload_as(&x, &shape, dtype).unwrap();
+            let y = ctx.download(&gn.forward(ctx, &xt).unwrap()).unwrap();
+            let view = View::group_norm(&shape, groups);
+            let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
+            assert_within_ulps(
+                &format!("{dtype} {shape:?} / {groups}"),
+                &y,
+                &want,
+                dtype,
+                2.0,
+            );
+        }
+    }
+}
+
+#[test]
+fn half_batch_norm_channels_first_runs_in_pairs_or_singly_match_f64() {
+    // Runs of H·W at least 128 long go run by run on lavapipe's subgroups
+    // (partials per run, then the normalize with γ and β folded per run):
+    // in pairs of vectors where runs are a multiple of 8 elements (256),
+    // singly otherwise (132). Train normalizes with the batch's statistics,
+    // eval with the running ones it left.
+    for dtype in [DType::F16, DType::BF16] {
+        for shape in [[2usize, 3, 16, 16], [2, 3, 12, 11]] {
+            let c = shape[1];
+            let n: usize = shape.iter().product();
+            let x = stored(&normal(n, n as u64, 2.0, 3.0), dtype);
+            let w = normal(c, 5, 1.0, 0.5);
+            let b = normal(c, 6, 0.0, 1.0);
+            let ctx = ctx();
+            let mut bn = BatchNorm::new(ctx, c, BatchNormConfig::torch_2d()).unwrap();
+            bn.set_weight(Some(ctx.upload(&w, &[c]).unwrap())).unwrap();
+            bn.set_bias(Some(ctx.upload(&b, &[c]).unwrap())).unwrap();
+            let xt = ctx.upload_as(&x, &shape, dtype).unwrap();
+            let view = View::batch_norm(&shape, 1);
+            let train = ctx
+                .download(&bn.forward(ctx, &xt, Mode::Train).unwrap())
+                .unwrap();
+            let want = reference::forward(&x, &view, false, 1e-5, Some(&w), Some(&b));
+            assert_within_ulps(
+                &format!("{dtype} train {shape:?}"),
+                &train,
+                &want,
+                dtype,
+                2.0,
+            );
+            let running = bn.running_stats().unwrap();
+            let mean = ctx.download(&running.mean).unwrap();
+            let var = ctx.download(&running.var).unwrap();
+            let eval = ctx
+                .download(&bn.forward(ctx, &xt, Mode::Eval).unwrap())
+                .unwrap();
+            let want: Vec<f64> = x
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let ch = i / (shape[2] * shape[3]) % c;
+                    (v as f64 - mean[ch] as f64) / (var[ch] as f64 + 1e-5).sqrt() * w[ch] as f64
+                        + b[ch] as f64
+                })
+                .collect();
+            assert_within_ulps(&format!("{dtype} eval {shape:?}"), &eval, &want, dtype, 2.0);
         }
     }
 }

@@ -7,9 +7,9 @@ use gpunorm::DType;
 fn every_kernel_source_validates_with_naga() {
     for kernel in Kernel::ALL {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for held_pairs in [false, true] {
-                let src = source(kernel, dtype, held_pairs);
-                let what = format!("{kernel:?}/{dtype}/held_pairs {held_pairs}");
+            for paired in [false, true] {
+                let src = source(kernel, dtype, paired);
+                let what = format!("{kernel:?}/{dtype}/paired {paired}");
                 let module = naga::front::wgsl::parse_str(&src)
                     .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
                 naga::valid::Validator::new(
