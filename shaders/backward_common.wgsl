@@ -293,8 +293,12 @@ fn terms_with(i: u32, st: vec4<f32>, c: u32) -> vec4<f32> {
 // The sums of element_terms over the elements 4·i4 .. 4·i4 + 3, with their
 // statistics `st` and γ `w` (weight4_of).
 fn terms4(i4: u32, st: vec4<f32>, w: vec4<f32>) -> vec4<f32> {
-    let xhat = ((load_x4(i4) - st.x) - st.y) * st.z;
-    let d = load_dy4(i4);
+    return terms_of(load_x4(i4), load_dy4(i4), st, w);
+}
+
+// terms4 of the values x and d of x and grad_output.
+fn terms_of(x: vec4<f32>, d: vec4<f32>, st: vec4<f32>, w: vec4<f32>) -> vec4<f32> {
+    let xhat = ((x - st.x) - st.y) * st.z;
     var g = d;
     if (BWD_WEIGHT) {
         g = d * w;

@@ -1,11 +1,12 @@
 // Backward half-precision storage (the half file before it: half_f16.wgsl
 // or half_bf16.wgsl) bound as vec4<u32>, eight elements per access, for the
-// held-row backward with paired slots (PAIRED_ACCESS, held_slots.wgsl), as
+// held-row backward with paired slots (PAIRED_ACCESS, held_slots.wgsl) and
+// the subgroup row and run kernels on rows and runs of whole pairs, as
 // io_half_pairs.wgsl is for the forward: lavapipe's cost follows the count
 // of accesses, and pairs halve it for x, grad_output and grad_input.
 // The other io functions stay for the module's other kernels and work at
 // any index, at the cost of partial accesses; they do not run on the
-// paired kernel's hot path. Invariant: one invocation writes both halves of
+// paired kernels' hot paths. Invariant: one invocation writes both halves of
 // a word. Indices are the tensor's; local()/local4() (backward_common.wgsl)
 // make them the bound chunk's (chunks start at multiples of 256 elements,
 // so at whole pairs).

@@ -20,7 +20,31 @@
 // here and half a load there, instead of a third read of x and dy (the
 // column kernel). The row kernels take batch statistics only (eval-mode
 // backwards go elsewhere), so grad_input is grad_from's.
+//
+// Half storage of groups of a multiple of 8 elements is bound as
+// vec4<u32> (PAIRED_ACCESS, backward_io_half_pairs.wgsl) where channels
+// are whole pairs too and a subgroup walks one group per step (src/
+// backward.rs): lanes move pairs of vectors of x, grad_output and
+// grad_input, one 16-byte access each.
 const BWD_ROWS_R_MAX: u32 = 4u;
+
+// grad_input of four elements of x and dy (γ w) of a group with statistics
+// st and sums s.
+fn row_grad(x: vec4<f32>, dy: vec4<f32>, st: vec4<f32>, s: vec4<f32>, w: vec4<f32>) -> vec4<f32> {
+    let xhat = ((x - st.x) - st.y) * st.z;
+    var g = dy;
+    if (BWD_WEIGHT) {
+        g = dy * w;
+    }
+    return grad_from(g, xhat, s, st);
+}
+
+// terms4 of the pair of vectors i8 (γ w0, w1), one access each for x and dy.
+fn terms8(i8: u32, st: vec4<f32>, w0: vec4<f32>, w1: vec4<f32>) -> vec4<f32> {
+    let x = load_x8(i8);
+    let d = load_dy8(i8);
+    return terms_of(x[0], d[0], st, w0) + terms_of(x[1], d[1], st, w1);
+}
 
 @compute @workgroup_size(BWD_SG_WG)
 fn bwd_rows_subgroup(
@@ -49,12 +73,26 @@ fn bwd_rows_subgroup(
         // Channel by channel, as bwd_rows.
         let d4 = group_channel_len4(n4);
         let channels = n4 / d4;
+        // Pairs: the host binds them only where channels (and so groups)
+        // are whole pairs of vectors. A constant, so that a module holds
+        // one of the two paths (both in one were twice the machine code).
+        let d8 = d4 / 2u;
         for (var ch = 0u; ch < channels; ch++) {
             var acc: array<vec4<f32>, BWD_ROWS_R_MAX>;
-            for (var j4 = ch * d4 + lane; j4 < (ch + 1u) * d4; j4 += width) {
-                let w = group_weight4(base, c0, ch, j4);
-                for (var r = 0u; r < BWD_ROWS_R; r++) {
-                    acc[r] += terms4(base4[r] + j4, st[r], w);
+            if (PAIRED_ACCESS) {
+                for (var j8 = ch * d8 + lane; j8 < (ch + 1u) * d8; j8 += width) {
+                    let w0 = group_weight4(base, c0, ch, 2u * j8);
+                    let w1 = group_weight4(base, c0, ch, 2u * j8 + 1u);
+                    for (var r = 0u; r < BWD_ROWS_R; r++) {
+                        acc[r] += terms8(base4[r] / 2u + j8, st[r], w0, w1);
+                    }
+                }
+            } else {
+                for (var j4 = ch * d4 + lane; j4 < (ch + 1u) * d4; j4 += width) {
+                    let w = group_weight4(base, c0, ch, j4);
+                    for (var r = 0u; r < BWD_ROWS_R; r++) {
+                        acc[r] += terms4(base4[r] + j4, st[r], w);
+                    }
                 }
             }
             for (var r = 0u; r < BWD_ROWS_R; r++) {
@@ -73,28 +111,42 @@ fn bwd_rows_subgroup(
         }
         let step = first / BWD_ROWS_R;
         for (var ch = 0u; ch < channels; ch++) {
-            for (var j4 = ch * d4 + lane; j4 < (ch + 1u) * d4; j4 += width) {
-                let w = group_weight4(base, c0, ch, j4);
-                var col_dy = vec4<f32>(0.0);
-                var col_dy_xhat = vec4<f32>(0.0);
-                for (var r = 0u; r < BWD_ROWS_R; r++) {
-                    let i4 = base4[r] + j4;
-                    let dy = load_dy4(i4);
-                    let xhat = ((load_x4(i4) - st[r].x) - st[r].y) * st[r].z;
-                    var g = dy;
-                    if (BWD_WEIGHT) {
-                        g = dy * w;
-                    }
-                    store_dx4(i4, grad_from(g, xhat, s[r], st[r]));
-                    if (BWD_COLUMN_SUMS) {
-                        col_dy += select(vec4<f32>(0.0), dy, live[r]);
-                        col_dy_xhat += select(vec4<f32>(0.0), dy * xhat, live[r]);
+            if (PAIRED_ACCESS) {
+                // One group per step, no column sums (the host's rule).
+                for (var j8 = ch * d8 + lane; j8 < (ch + 1u) * d8; j8 += width) {
+                    let w0 = group_weight4(base, c0, ch, 2u * j8);
+                    let w1 = group_weight4(base, c0, ch, 2u * j8 + 1u);
+                    for (var r = 0u; r < BWD_ROWS_R; r++) {
+                        let i8 = base4[r] / 2u + j8;
+                        let x = load_x8(i8);
+                        let dy = load_dy8(i8);
+                        store_dx8(i8, row_grad(x[0], dy[0], st[r], s[r], w0), row_grad(x[1], dy[1], st[r], s[r], w1));
                     }
                 }
-                if (BWD_COLUMN_SUMS) {
-                    let at = column_sums_slot(step, j4);
-                    work[at] = col_dy;
-                    work[at + 8u] = col_dy_xhat;
+            } else {
+                for (var j4 = ch * d4 + lane; j4 < (ch + 1u) * d4; j4 += width) {
+                    let w = group_weight4(base, c0, ch, j4);
+                    var col_dy = vec4<f32>(0.0);
+                    var col_dy_xhat = vec4<f32>(0.0);
+                    for (var r = 0u; r < BWD_ROWS_R; r++) {
+                        let i4 = base4[r] + j4;
+                        let dy = load_dy4(i4);
+                        let xhat = ((load_x4(i4) - st[r].x) - st[r].y) * st[r].z;
+                        var g = dy;
+                        if (BWD_WEIGHT) {
+                            g = dy * w;
+                        }
+                        store_dx4(i4, grad_from(g, xhat, s[r], st[r]));
+                        if (BWD_COLUMN_SUMS) {
+                            col_dy += select(vec4<f32>(0.0), dy, live[r]);
+                            col_dy_xhat += select(vec4<f32>(0.0), dy * xhat, live[r]);
+                        }
+                    }
+                    if (BWD_COLUMN_SUMS) {
+                        let at = column_sums_slot(step, j4);
+                        work[at] = col_dy;
+                        work[at + 8u] = col_dy_xhat;
+                    }
                 }
             }
         }

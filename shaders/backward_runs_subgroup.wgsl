@@ -6,6 +6,10 @@
 // forward's runs_subgroup.wgsl and for the same reason: the CPU thread
 // running a subgroup streams through memory.
 //
+// Half storage of runs of a multiple of 8 elements is bound as vec4<u32>
+// (PAIRED_ACCESS, backward_io_half_pairs.wgsl): lanes move pairs of
+// vectors of x, grad_output and grad_input, one 16-byte access each.
+//
 // bwd_partials_runs writes a partial per run, (Σg, Σg·x̂, Σdy, Σdy·x̂) at
 // work[partials_offset + group·group_stride + a] (group_stride = SA), which
 // bwd_finalize merges; bwd_dx_runs writes grad_input run by run from the
@@ -39,13 +43,23 @@ fn bwd_partials_runs(
         // Two independent vectors per step keep two loads in flight.
         var sums = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
         var other = mat2x4<f32>(vec4<f32>(0.0), vec4<f32>(0.0));
-        var j4 = lane;
-        for (; j4 + w < n4; j4 += 2u * w) {
-            sums += dy_terms4(base4 + j4, st);
-            other += dy_terms4(base4 + j4 + w, st);
-        }
-        if (j4 < n4) {
-            sums += dy_terms4(base4 + j4, st);
+        if (PAIRED_ACCESS) {
+            // A pair per step (runs of whole pairs start at one).
+            for (var j8 = lane; j8 < n4 / 2u; j8 += w) {
+                let d = load_dy8(base4 / 2u + j8);
+                let x = load_x8(base4 / 2u + j8);
+                sums += mat2x4<f32>(d[0], d[0] * (((x[0] - st.x) - st.y) * st.z));
+                other += mat2x4<f32>(d[1], d[1] * (((x[1] - st.x) - st.y) * st.z));
+            }
+        } else {
+            var j4 = lane;
+            for (; j4 + w < n4; j4 += 2u * w) {
+                sums += dy_terms4(base4 + j4, st);
+                other += dy_terms4(base4 + j4 + w, st);
+            }
+            if (j4 < n4) {
+                sums += dy_terms4(base4 + j4, st);
+            }
         }
         let sum_dy = subgroupAdd(hsum(sums[0] + other[0]));
         let sum_dy_xhat = subgroupAdd(hsum(sums[1] + other[1]));
@@ -76,8 +90,23 @@ fn bwd_dx_runs(
         }
         let k = dx_coefficients(stats[group], s, weight_of_group(at.z));
         let base4 = r * n4;
-        for (var j4 = lane; j4 < n4; j4 += w) {
-            store_dx4(base4 + j4, dx_from(base4 + j4, vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z), vec4<f32>(k.w)));
+        if (PAIRED_ACCESS) {
+            for (var j8 = lane; j8 < n4 / 2u; j8 += w) {
+                let i8 = base4 / 2u + j8;
+                let d = load_dy8(i8);
+                var dx = array<vec4<f32>, 2>(k.x * d[0], k.x * d[1]);
+                if (!BWD_RUNNING) {
+                    let x = load_x8(i8);
+                    // As dx_from, term by term.
+                    dx[0] = dx[0] + k.y * (x[0] - k.w) + k.z;
+                    dx[1] = dx[1] + k.y * (x[1] - k.w) + k.z;
+                }
+                store_dx8(i8, dx[0], dx[1]);
+            }
+        } else {
+            for (var j4 = lane; j4 < n4; j4 += w) {
+                store_dx4(base4 + j4, dx_from(base4 + j4, vec4<f32>(k.x), vec4<f32>(k.y), vec4<f32>(k.z), vec4<f32>(k.w)));
+            }
         }
     }
 }

@@ -579,11 +579,18 @@ pub fn held_layout(view: &View, chunks: &Chunks, caps: &Caps, dtype: DType) -> (
 /// the count is rounded up to even ([`held_layout`]; the held backward
 /// takes its rows the same way).
 pub(crate) fn paired_slots(held: u32, row: usize, dtype: DType) -> (u32, bool) {
-    if dtype != DType::F32 && row.is_multiple_of(8) {
+    if whole_pairs(row, dtype) {
         (held.next_multiple_of(2), true)
     } else {
         (held, false)
     }
+}
+
+/// Whether rows (or runs) of `row` elements of `dtype` can move as pairs of
+/// vectors, one 16-byte access each: half storage (a vector is 8 bytes) and
+/// rows of a multiple of 8 elements, so that every row starts at a pair.
+pub(crate) fn whole_pairs(row: usize, dtype: DType) -> bool {
+    dtype != DType::F32 && row.is_multiple_of(8)
 }
 
 /// Contiguous rows (or runs) each subgroup of the block-walking kernels
@@ -1169,7 +1176,7 @@ fn record_forward_with(
         let (held_vectors, held_pairs) = held_layout(v, chunks, &caps, spec.dtype);
         // The subgroup row and run kernels move pairs where rows (runs)
         // are whole pairs.
-        let row_pairs = spec.dtype != DType::F32 && v.b.is_multiple_of(8);
+        let row_pairs = whole_pairs(v.b, spec.dtype);
         kernels::Variant {
             weight: bufs.weight.is_some(),
             bias: bufs.bias.is_some(),

@@ -161,13 +161,13 @@ fn backward_source_validates_with_naga() {
         - naga::valid::Capabilities::SUBGROUP
         - naga::valid::Capabilities::SUBGROUP_BARRIER;
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        for (subgroups, caps, held_pairs) in [
+        for (subgroups, caps, paired) in [
             (true, naga::valid::Capabilities::all(), false),
             (true, naga::valid::Capabilities::all(), true),
             (false, without_subgroups, false),
         ] {
-            let src = gpunorm::backward::source(dtype, subgroups, held_pairs);
-            let what = format!("backward {dtype} subgroups={subgroups} held_pairs={held_pairs}");
+            let src = gpunorm::backward::source(dtype, subgroups, paired);
+            let what = format!("backward {dtype} subgroups={subgroups} paired={paired}");
             let module = naga::front::wgsl::parse_str(&src)
                 .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
             naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
@@ -1386,8 +1386,17 @@ fn half_layer_norm_backward_matches_f64_within_2_ulp() {
         // Held rows of whole pairs of vectors (256; 144, where some lanes
         // hold a dead pair) move in 16-byte accesses, of an odd count of
         // vectors (260) singly; rows of 33 (odd): the tiled path, and an odd
-        // total whose last word is half padding; 3000: too long to hold.
-        for (rows, len) in [(16, 256), (9, 144), (9, 260), (7, 33), (3, 3000)] {
+        // total whose last word is half padding; 3000: too long to hold,
+        // in pairs; 68 rows of 1040 walk four at a time (singly) with column
+        // sums for dγ and dβ.
+        for (rows, len) in [
+            (16, 256),
+            (9, 144),
+            (9, 260),
+            (7, 33),
+            (3, 3000),
+            (68, 1040),
+        ] {
             let u = half_layer_norm(dtype, rows, len, false, 0.0);
             eprintln!("layer norm {dtype} {rows}x{len}: {u:.3} ulp");
         }
@@ -1498,6 +1507,8 @@ fn half_group_norm_backward_matches_f64_within_2_ulp() {
     for dtype in HALVES {
         for (shape, groups, keras) in [
             (&[2, 12, 9, 9][..], 3, false), // groups of 324 (row kernel)
+            (&[2, 8, 4, 4], 2, false),      // channels of 16: in pairs
+            (&[2, 8, 3, 4], 2, false),      // groups of 48, channels of 12: singly
             (&[2, 6, 3, 3], 2, false),      // groups of 27 (odd: tiled)
             (&[3, 6, 5], 6, false),         // one channel per group, odd
             (&[2, 5, 5, 12], 4, true),      // channels-last
