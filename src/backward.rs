@@ -282,7 +282,7 @@ fn io_source(dtype: DType, paired: bool) -> String {
 /// The complete WGSL source of the backward kernels for storage `dtype` (of
 /// `x`, `grad_output` and `grad_input`); with `subgroups`, the subgroup row
 /// kernels too (they need `Features::SUBGROUP` to compile). With
-/// `paired` (half storage only, [`BF_PAIRS`]), for the held-row kernel with
+/// `paired` (half storage only), for the held-row kernel with
 /// paired slots and the subgroup row and run kernels on rows and runs of
 /// whole pairs: their io moves two vectors per access.
 pub fn source(dtype: DType, subgroups: bool, paired: bool) -> String {
