@@ -402,6 +402,15 @@ fn shifted_terms4(i: u32, shift: f32) -> mat2x4<f32> {
     return mat2x4<f32>(v, v * v);
 }
 
+// (v0 + v1, v0² + v1²) for v = x − shift of the pair of vectors
+// i8 (load_x8: one access where PAIRED_ACCESS).
+fn shifted_pair_terms(i8: u32, shift: f32) -> mat2x4<f32> {
+    let x = load_x8(i8);
+    let v0 = x[0] - shift;
+    let v1 = x[1] - shift;
+    return mat2x4<f32>(v0 + v1, v0 * v0 + v1 * v1);
+}
+
 // The shifts (group_shift) of the four columns of vector q4 of p.
 fn column_shifts(p: u32, q4: u32) -> vec4<f32> {
     var shift = vec4<f32>(0.0);

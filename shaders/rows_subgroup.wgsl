@@ -32,6 +32,16 @@ fn normalized_row4(i4: u32, shift: f32, dmean: f32, rstd: f32, a: Affine4) -> ve
     return apply_affine4(((load_x4(i4) - shift) - dmean) * rstd, a);
 }
 
+// (Σv, Σv²) per component for v = x − shift of unit u of x: the pair of
+// vectors u where PAIRED_ACCESS (shifted_pair_terms), else the vector u.
+fn shifted_unit_terms(u: u32, shift: f32) -> mat2x4<f32> {
+    if (PAIRED_ACCESS) {
+        return shifted_pair_terms(u, shift);
+    }
+    let v = load_x4(u) - shift;
+    return mat2x4<f32>(v, v * v);
+}
+
 // Stores y of the pair of vectors i8 (elements 8·i8 .. 8·i8 + 7) of a row,
 // one access each way (PAIRED_ACCESS).
 fn normalize_row_pair(i8: u32, shift: f32, dmean: f32, rstd: f32, a0: Affine4, a1: Affine4) {
@@ -127,45 +137,22 @@ fn rows_subgroup(
         // InstanceNorm, four vectors a step nothing measurable.
         var c1: array<vec4<f32>, ROWS_SG_R_MAX>;
         var c2: array<vec4<f32>, ROWS_SG_R_MAX>;
-        if (PAIRED_ACCESS) {
-            // Half storage bound as vec4<u32> (rows of whole pairs of
-            // vectors): lane `lane` owns the pairs lane, lane + width, ...,
-            // one access each, the two vectors added before the block sums.
-            let n8 = n4 / 2u;
+        if (HALF_STORAGE) {
+            // Lane `lane` owns units lane, lane + width, ... of its rows: a
+            // unit is a pair of vectors where PAIRED_ACCESS (rows of whole
+            // pairs, one access each), else a vector.
+            let per_unit = select(1u, 2u, PAIRED_ACCESS);
+            let units = n4 / per_unit;
             let block = COMPENSATED_BLOCK * width;
-            for (var j0 = lane; j0 < n8; j0 += block) {
+            for (var j0 = lane; j0 < units; j0 += block) {
                 var b1: array<vec4<f32>, ROWS_SG_R_MAX>;
                 var b2: array<vec4<f32>, ROWS_SG_R_MAX>;
-                let end = min(n8, j0 + block);
-                for (var j8 = j0; j8 < end; j8 += width) {
+                let end = min(units, j0 + block);
+                for (var j = j0; j < end; j += width) {
                     for (var r = 0u; r < ROWS_SG_R; r++) {
-                        let x = load_x8(base4[r] / 2u + j8);
-                        let v0 = x[0] - shift[r];
-                        let v1 = x[1] - shift[r];
-                        b1[r] += v0 + v1;
-                        b2[r] += v0 * v0 + v1 * v1;
-                    }
-                }
-                for (var r = 0u; r < ROWS_SG_R; r++) {
-                    let k1 = add_compensated4(Compensated4(s1[r], c1[r]), b1[r]);
-                    let k2 = add_compensated4(Compensated4(s2[r], c2[r]), b2[r]);
-                    s1[r] = k1.sum;
-                    c1[r] = k1.carry;
-                    s2[r] = k2.sum;
-                    c2[r] = k2.carry;
-                }
-            }
-        } else if (HALF_STORAGE) {
-            let block = COMPENSATED_BLOCK * width;
-            for (var j0 = lane; j0 < n4; j0 += block) {
-                var b1: array<vec4<f32>, ROWS_SG_R_MAX>;
-                var b2: array<vec4<f32>, ROWS_SG_R_MAX>;
-                let end = min(n4, j0 + block);
-                for (var j4 = j0; j4 < end; j4 += width) {
-                    for (var r = 0u; r < ROWS_SG_R; r++) {
-                        let v = load_x4(base4[r] + j4) - shift[r];
-                        b1[r] += v;
-                        b2[r] += v * v;
+                        let t = shifted_unit_terms(base4[r] / per_unit + j, shift[r]);
+                        b1[r] += t[0];
+                        b2[r] += t[1];
                     }
                 }
                 for (var r = 0u; r < ROWS_SG_R; r++) {

@@ -33,14 +33,6 @@ fn run_coords(r: u32) -> vec3<u32> {
     return vec3<u32>(p, pa - p * params.a, g);
 }
 
-// (v0 + v1, v0² + v1²) for v = x − shift of the pair of vectors i8.
-fn shifted_pair_terms(i8: u32, shift: f32) -> mat2x4<f32> {
-    let x = load_x8(i8);
-    let v0 = x[0] - shift;
-    let v1 = x[1] - shift;
-    return mat2x4<f32>(v0 + v1, v0 * v0 + v1 * v1);
-}
-
 @compute @workgroup_size(ROWS_SG_WG)
 fn partials_runs(
     @builtin(workgroup_id) wid: vec3<u32>,

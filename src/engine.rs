@@ -1457,6 +1457,14 @@ mod tests {
         cpu: false,
     };
 
+    /// lavapipe's capabilities: a CPU with subgroups of 8.
+    const LAVAPIPE: Caps = Caps {
+        subgroup_max: 8,
+        subgroup_min: 8,
+        cpu: true,
+        ..SUBGROUPS
+    };
+
     #[test]
     fn run_grid_covers_each_run_with_few_idle_slots() {
         // BatchNorm planes from 28² to 128²: every vector of the run has a
@@ -1496,24 +1504,18 @@ mod tests {
 
     #[test]
     fn short_rows_sharing_parameters_are_held_by_the_smallest_subgroup() {
-        let lavapipe = Caps {
-            subgroup_max: 8,
-            subgroup_min: 8,
-            cpu: true,
-            ..SUBGROUPS
-        };
         let ln = |b| View::layer_norm(&[64, b], b);
-        assert_eq!(held_vectors(&ln(256), &lavapipe), Some(8));
-        assert_eq!(held_vectors(&ln(260), &lavapipe), Some(9));
-        assert_eq!(held_vectors(&ln(4), &lavapipe), Some(1));
-        assert_eq!(held_vectors(&ln(1024), &lavapipe), Some(32));
+        assert_eq!(held_vectors(&ln(256), &LAVAPIPE), Some(8));
+        assert_eq!(held_vectors(&ln(260), &LAVAPIPE), Some(9));
+        assert_eq!(held_vectors(&ln(4), &LAVAPIPE), Some(1));
+        assert_eq!(held_vectors(&ln(1024), &LAVAPIPE), Some(32));
         // 257 vectors: a 33rd per lane of 8.
-        assert_eq!(held_vectors(&ln(1028), &lavapipe), None);
+        assert_eq!(held_vectors(&ln(1028), &LAVAPIPE), None);
         // A GPU holds 8 vectors per lane.
         assert_eq!(held_vectors(&ln(1024), &SUBGROUPS), Some(8));
         assert_eq!(held_vectors(&ln(1028), &SUBGROUPS), None);
         // Odd rows are not whole vectors.
-        assert_eq!(held_vectors(&ln(33), &lavapipe), None);
+        assert_eq!(held_vectors(&ln(33), &LAVAPIPE), None);
         // A borrowed device may run subgroups of 4; without subgroups the
         // kernel cannot run at all.
         let unknown = Caps {
@@ -1535,21 +1537,15 @@ mod tests {
         );
         // GroupNorm and InstanceNorm rows have their own γ and β.
         assert_eq!(
-            held_vectors(&View::instance_norm(&[8, 4, 64]), &lavapipe),
+            held_vectors(&View::instance_norm(&[8, 4, 64]), &LAVAPIPE),
             None
         );
     }
 
     #[test]
     fn half_storage_holds_rows_of_whole_pairs_in_paired_slots() {
-        let lavapipe = Caps {
-            subgroup_max: 8,
-            subgroup_min: 8,
-            cpu: true,
-            ..SUBGROUPS
-        };
         let ln = |b| View::layer_norm(&[64, b], b);
-        let layout = |v: &View, dtype| held_layout(v, &Chunks::whole(v.numel()), &lavapipe, dtype);
+        let layout = |v: &View, dtype| held_layout(v, &Chunks::whole(v.numel()), &LAVAPIPE, dtype);
         assert_eq!(layout(&ln(256), DType::F16), (8, true));
         assert_eq!(layout(&ln(256), DType::BF16), (8, true));
         // f32 vectors are 16 bytes already.
@@ -1609,12 +1605,6 @@ mod tests {
         let whole = Chunks::whole(ln.view.numel());
         // A GPU holds rows of 2048 in a workgroup, with or without
         // subgroups; a CPU walks them on subgroups, reading x twice.
-        let lavapipe = Caps {
-            subgroup_max: 8,
-            subgroup_min: 8,
-            cpu: true,
-            ..SUBGROUPS
-        };
         assert_eq!(
             kernels_of(&ln, &whole, &SUBGROUPS),
             [Kernel::RowsWorkgroupHeld]
@@ -1623,7 +1613,7 @@ mod tests {
             kernels_of(&ln, &whole, &Caps::baseline()),
             [Kernel::RowsWorkgroupHeld]
         );
-        assert_eq!(kernels_of(&ln, &whole, &lavapipe), [Kernel::RowsSubgroup]);
+        assert_eq!(kernels_of(&ln, &whole, &LAVAPIPE), [Kernel::RowsSubgroup]);
         // Past 16 vectors per invocation (16384 elements): a row per
         // subgroup, or per workgroup through workgroup memory.
         let longer = spec(
@@ -1808,24 +1798,18 @@ mod tests {
 
     #[test]
     fn cpus_hold_the_columns_of_rows_of_36_to_256_channels() {
-        let lavapipe = Caps {
-            subgroups: true,
-            subgroup_max: 8,
-            subgroup_min: 8,
-            cpu: true,
-        };
         // Keras GroupNorm 8x32x32x256: 8 vectors per lane; partials over 4
         // blocks of 256 rows per sample (32 partials per group, merged
         // serially, an invocation per group), the normalize over 8 blocks
         // of 128 rows per sample, 8 subgroups per workgroup.
         let gn = View::group_norm_channels_last(&[8, 32, 32, 256], 32);
         let whole = Chunks::whole(gn.numel());
-        assert_eq!(held_columns(&gn, &whole, &lavapipe), Some(8));
-        assert_eq!(merge_tiles_for(&gn, &whole, &lavapipe), 4 * 8);
+        assert_eq!(held_columns(&gn, &whole, &LAVAPIPE), Some(8));
+        assert_eq!(merge_tiles_for(&gn, &whole, &LAVAPIPE), 4 * 8);
         let plan = plan_forward_chunked(
             &spec(gn, StatsSource::Batch, false, DType::F32),
             &whole,
-            &lavapipe,
+            &LAVAPIPE,
         );
         let got: Vec<(Kernel, u32)> = plan.iter().map(|d| (d.kernel, d.workgroups)).collect();
         assert_eq!(
@@ -1840,7 +1824,7 @@ mod tests {
         let nhwc = View::batch_norm(&[32, 14, 14, 256], 3);
         let eval = spec(nhwc, StatsSource::Running, false, DType::F32);
         assert_eq!(
-            kernels_of(&eval, &Chunks::whole(nhwc.numel()), &lavapipe),
+            kernels_of(&eval, &Chunks::whole(nhwc.numel()), &LAVAPIPE),
             [Kernel::EvalStats, Kernel::NormalizeColumnsHeld]
         );
         // The range's edges (2 to 8 vectors per lane); GPUs, no subgroups
@@ -1854,16 +1838,16 @@ mod tests {
         ] {
             let v = View::batch_norm(&[64, channels], 1);
             let chunks = Chunks::whole(v.numel());
-            assert_eq!(held_columns(&v, &chunks, &lavapipe), held, "{channels}");
+            assert_eq!(held_columns(&v, &chunks, &LAVAPIPE), held, "{channels}");
         }
         let no_subgroups = Caps {
             subgroups: false,
-            ..lavapipe
+            ..LAVAPIPE
         };
         assert_eq!(held_columns(&gn, &whole, &no_subgroups), None);
         assert_eq!(held_columns(&gn, &whole, &SUBGROUPS), None);
         let split = Chunks { count: 2, ..whole };
-        assert_eq!(held_columns(&gn, &split, &lavapipe), None);
+        assert_eq!(held_columns(&gn, &split, &LAVAPIPE), None);
     }
 
     #[test]
@@ -1939,12 +1923,6 @@ mod tests {
     fn the_finalize_merges_as_many_partials_as_the_chosen_kernel_writes() {
         // Views where held columns and subgroup runs both apply (runs of at
         // least 128, at most 256 columns) and views where one does.
-        let lavapipe = Caps {
-            subgroups: true,
-            subgroup_max: 8,
-            subgroup_min: 8,
-            cpu: true,
-        };
         for shape in [
             [2, 1, 128, 1],
             [2, 2, 128, 1],
@@ -1956,8 +1934,8 @@ mod tests {
             let view = View::batch_norm(&shape, 1);
             let train = spec(view, StatsSource::Batch, true, DType::F32);
             let whole = Chunks::whole(view.numel());
-            let partials = kernels_of(&train, &whole, &lavapipe)[0];
-            let tiles = tiles_for(&view, &whole, &lavapipe);
+            let partials = kernels_of(&train, &whole, &LAVAPIPE)[0];
+            let tiles = tiles_for(&view, &whole, &LAVAPIPE);
             let want = match partials {
                 Kernel::PartialsColumnsHeld | Kernel::PartialsColumns => tiles * view.b as u32,
                 Kernel::PartialsRuns => view.a as u32,
@@ -1965,7 +1943,7 @@ mod tests {
                 _ => tiles,
             };
             assert_eq!(
-                merge_tiles_for(&view, &whole, &lavapipe),
+                merge_tiles_for(&view, &whole, &LAVAPIPE),
                 want,
                 "{shape:?}: {partials:?}"
             );
@@ -1979,13 +1957,7 @@ mod tests {
         let long = View::layer_norm(&[64, 1 << 20], 1 << 20);
         let ln = spec(long, StatsSource::Batch, false, DType::F16);
         assert!(!uses_row_kernel(&ln));
-        let lavapipe = Caps {
-            subgroups: true,
-            subgroup_max: 8,
-            subgroup_min: 8,
-            cpu: true,
-        };
-        let kinds = kernels_of(&ln, &Chunks::whole(long.numel()), &lavapipe);
+        let kinds = kernels_of(&ln, &Chunks::whole(long.numel()), &LAVAPIPE);
         assert!(!kinds.contains(&Kernel::RowsSubgroup), "{kinds:?}");
         let shorter = View::layer_norm(&[64, 1 << 19], 1 << 19);
         assert!(uses_row_kernel(&spec(
@@ -2005,19 +1977,13 @@ mod tests {
         // 2 instances of 65,536 partials: an invocation per group 131,073
         // times (past it), a tree per group 2 times 2056.
         assert!(!finalize_by_groups(2, 2 * 65_536));
-        let lavapipe = Caps {
-            subgroups: true,
-            subgroup_max: 8,
-            subgroup_min: 8,
-            cpu: true,
-        };
         for (shape, kernel) in [
             ([9000, 2, 3], Kernel::FinalizeGroups),
             ([2, 1, 1 << 22], Kernel::Finalize),
         ] {
             let view = View::instance_norm(&shape);
             let tracked = spec(view, StatsSource::Batch, true, DType::F32);
-            let kinds = kernels_of(&tracked, &Chunks::whole(view.numel()), &lavapipe);
+            let kinds = kernels_of(&tracked, &Chunks::whole(view.numel()), &LAVAPIPE);
             assert_eq!(kinds[1], kernel, "{shape:?}: {kinds:?}");
         }
     }
