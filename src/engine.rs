@@ -586,6 +586,26 @@ pub(crate) fn paired_slots(held: u32, row: usize, dtype: DType) -> (u32, bool) {
     }
 }
 
+/// Whether `kernel` moves half-precision x and y of a forward of `view` as
+/// pairs of vectors ([`kernels::Variant::paired`]): a held kernel where its
+/// held rows are whole pairs ([`held_layout`]: B elements, or G·B for held
+/// columns), the subgroup row and run kernels where rows or runs of B are.
+/// Per kernel: a forward may hold columns of whole pairs while its runs are
+/// not.
+pub fn moves_pairs(
+    kernel: Kernel,
+    view: &View,
+    chunks: &Chunks,
+    caps: &Caps,
+    dtype: DType,
+) -> bool {
+    if kernel.holds_rows() {
+        held_layout(view, chunks, caps, dtype).1
+    } else {
+        kernel.moves_pairs() && whole_pairs(view.b, dtype)
+    }
+}
+
 /// Whether rows (or runs) of `row` elements of `dtype` can move as pairs of
 /// vectors, one 16-byte access each: half storage (a vector is 8 bytes) and
 /// rows of a multiple of 8 elements, so that every row starts at a pair.
@@ -1172,31 +1192,25 @@ fn record_forward_with(
         }
     };
     let caps = ctx.caps();
-    let variant_of = |v: &View, chunks: &Chunks| {
-        let (held_vectors, held_pairs) = held_layout(v, chunks, &caps, spec.dtype);
-        // The subgroup row and run kernels move pairs where rows (runs)
-        // are whole pairs.
-        let row_pairs = whole_pairs(v.b, spec.dtype);
-        kernels::Variant {
-            weight: bufs.weight.is_some(),
-            bias: bufs.bias.is_some(),
-            rms: spec.rms,
-            affine: kernels::AffineMode::of(v.affine_div, v.b),
-            rows_per_step: rows_per_step(v, &caps),
-            held_vectors,
-            paired: held_pairs || row_pairs,
-        }
+    let variant_of = |kernel: Kernel, v: &View, chunks: &Chunks| kernels::Variant {
+        weight: bufs.weight.is_some(),
+        bias: bufs.bias.is_some(),
+        rms: spec.rms,
+        affine: kernels::AffineMode::of(v.affine_div, v.b),
+        rows_per_step: rows_per_step(v, &caps),
+        held_vectors: held_layout(v, chunks, &caps, spec.dtype).0,
+        paired: moves_pairs(kernel, v, chunks, &caps, spec.dtype),
     };
     // Chunks of whole blocks run the pipelines of their own plans.
-    let variants: Vec<kernels::Variant> = if chunks.whole_blocks {
+    let views: Vec<(View, Chunks)> = if chunks.whole_blocks {
         (0..chunks.count)
             .map(|c| {
                 let (chunk, whole) = chunks.block_spec(spec, c);
-                variant_of(&chunk.view, &whole)
+                (chunk.view, whole)
             })
             .collect()
     } else {
-        vec![variant_of(v, &chunks)]
+        vec![(*v, chunks)]
     };
     if chunks.split() && !chunks.whole_blocks && plan.iter().any(|d| d.kernel == Kernel::Partials) {
         // A chunk's partials dispatch covers only the groups with elements
@@ -1211,11 +1225,12 @@ fn record_forward_with(
         timestamp_writes: None,
     });
     for dispatch in &plan {
-        let variant = variants[if chunks.whole_blocks {
+        let (view, view_chunks) = &views[if chunks.whole_blocks {
             dispatch.chunk as usize
         } else {
             0
         }];
+        let variant = variant_of(dispatch.kernel, view, view_chunks);
         let pipeline = ctx
             .pipelines
             .get(&ctx.device, dispatch.kernel, variant, bufs.x.dtype());
@@ -1540,6 +1555,49 @@ mod tests {
             held_vectors(&View::instance_norm(&[8, 4, 64]), &LAVAPIPE),
             None
         );
+    }
+
+    #[test]
+    fn pairs_are_chosen_per_kernel_by_the_rows_it_moves() {
+        // A CPU with subgroups of 16 holds BatchNorm's 2 channels of
+        // 11x12 (columns of 264 elements, whole pairs) while the runs of
+        // 132 are not: the run kernels move single vectors.
+        let wide_cpu = Caps {
+            subgroup_max: 16,
+            subgroup_min: 16,
+            ..LAVAPIPE
+        };
+        let v = View::batch_norm(&[4, 2, 11, 12], 1);
+        let whole = Chunks::whole(v.numel());
+        let pairs = |kernel| moves_pairs(kernel, &v, &whole, &wide_cpu, DType::F16);
+        assert!(held_columns(&v, &whole, &wide_cpu).is_some());
+        assert!(pairs(Kernel::NormalizeColumnsHeld));
+        assert!(!pairs(Kernel::PartialsRuns));
+        assert!(!pairs(Kernel::NormalizeRunsSubgroup));
+        // Runs of 128: whole pairs, but not in f32; generic kernels never.
+        let v = View::batch_norm(&[4, 2, 8, 16], 1);
+        let whole = Chunks::whole(v.numel());
+        assert!(moves_pairs(
+            Kernel::PartialsRuns,
+            &v,
+            &whole,
+            &LAVAPIPE,
+            DType::BF16
+        ));
+        assert!(!moves_pairs(
+            Kernel::PartialsRuns,
+            &v,
+            &whole,
+            &LAVAPIPE,
+            DType::F32
+        ));
+        assert!(!moves_pairs(
+            Kernel::Normalize,
+            &v,
+            &whole,
+            &LAVAPIPE,
+            DType::F16
+        ));
     }
 
     #[test]
