@@ -39,7 +39,12 @@ fn reduction_index_at(p: u32, g: u32, pos: RunPos) -> u32 {
 // (dy, dy·x̂) of the four elements at vector i4, with statistics st.
 fn dy_terms4(i4: u32, st: vec4<f32>) -> mat2x4<f32> {
     let d = load_dy4(i4);
-    return mat2x4<f32>(d, d * (((load_x4(i4) - st.x) - st.y) * st.z));
+    return dy_terms_of(d, load_x4(i4), st);
+}
+
+// dy_terms4 of the values d and x of grad_output and x.
+fn dy_terms_of(d: vec4<f32>, x: vec4<f32>, st: vec4<f32>) -> mat2x4<f32> {
+    return mat2x4<f32>(d, d * (((x - st.x) - st.y) * st.z));
 }
 
 // One workgroup per contiguous group of the stats view (SA = 1): sums the

@@ -48,8 +48,8 @@ fn bwd_partials_runs(
             for (var j8 = lane; j8 < n4 / 2u; j8 += w) {
                 let d = load_dy8(base4 / 2u + j8);
                 let x = load_x8(base4 / 2u + j8);
-                sums += mat2x4<f32>(d[0], d[0] * (((x[0] - st.x) - st.y) * st.z));
-                other += mat2x4<f32>(d[1], d[1] * (((x[1] - st.x) - st.y) * st.z));
+                sums += dy_terms_of(d[0], x[0], st);
+                other += dy_terms_of(d[1], x[1], st);
             }
         } else {
             var j4 = lane;

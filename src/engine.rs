@@ -1577,27 +1577,10 @@ mod tests {
         // Runs of 128: whole pairs, but not in f32; generic kernels never.
         let v = View::batch_norm(&[4, 2, 8, 16], 1);
         let whole = Chunks::whole(v.numel());
-        assert!(moves_pairs(
-            Kernel::PartialsRuns,
-            &v,
-            &whole,
-            &LAVAPIPE,
-            DType::BF16
-        ));
-        assert!(!moves_pairs(
-            Kernel::PartialsRuns,
-            &v,
-            &whole,
-            &LAVAPIPE,
-            DType::F32
-        ));
-        assert!(!moves_pairs(
-            Kernel::Normalize,
-            &v,
-            &whole,
-            &LAVAPIPE,
-            DType::F16
-        ));
+        let pairs = |kernel, dtype| moves_pairs(kernel, &v, &whole, &LAVAPIPE, dtype);
+        assert!(pairs(Kernel::PartialsRuns, DType::BF16));
+        assert!(!pairs(Kernel::PartialsRuns, DType::F32));
+        assert!(!pairs(Kernel::Normalize, DType::F16));
     }
 
     #[test]

@@ -525,9 +525,10 @@ fn io_source(dtype: DType, paired: bool) -> String {
     [half_format(dtype), io, single].join("\n")
 }
 
-/// The complete WGSL source of `kernel` for storage dtype `dtype`; a held
-/// kernel that [`Kernel::moves_pairs`] moves them with `paired` where the
-/// dtype is half ([`Variant::paired`]; the flag changes nothing elsewhere).
+/// The complete WGSL source of `kernel` for storage dtype `dtype`; with
+/// `paired`, a kernel that [`Kernel::moves_pairs`] moves half x and y as
+/// pairs of vectors ([`Variant::paired`]; the flag changes nothing for f32
+/// or other kernels).
 pub fn source(kernel: Kernel, dtype: DType, paired: bool) -> String {
     let prelude = format!(
         "const STATS_WG: u32 = {STATS_WG}u;\n\
