@@ -344,10 +344,11 @@ fn split_mean(st: vec4<f32>) -> vec2<f32> {
 // (centre, scale, offset) of a run with statistics st whose γ and β are
 // those of affine index g (AFFINE_PER_RUN: BatchNorm, InstanceNorm), so that
 // y = (x − centre)·scale + offset. Shared by normalize_runs,
-// normalize_runs_subgroup and, per column, column_affine. Centred on the mean (split_mean), not on the
-// shift, the offset is β and a tiny rest: an output near zero is then the
-// difference of two terms of about |β|, not of |β| + |dmean·scale| (a shift
-// 2σ from the mean put f16 outputs near zero 4 ulps off).
+// normalize_runs_subgroup and, per column, column_affine. Centred on the
+// mean (split_mean), not on the shift, the offset is β and a tiny rest:
+// an output near zero is then the difference of two terms of about |β|,
+// not of |β| + |dmean·scale| (a shift 2σ from the mean put f16 outputs
+// near zero 4 ulps off).
 fn run_scale_offset(st: vec4<f32>, g: u32) -> vec3<f32> {
     let mean = split_mean(st);
     var scale = st.z;

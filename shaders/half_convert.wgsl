@@ -1,6 +1,7 @@
 // f32 <-> f16/bf16 conversions shared by the forward (half_f16.wgsl,
-// half_bf16.wgsl for io_half.wgsl and io_half_pairs.wgsl) and the backward (backward_io_*.wgsl): prepended to every
-// kernel by src/kernels.rs and src/backward.rs, so there is one copy.
+// half_bf16.wgsl for io_half.wgsl and io_half_pairs.wgsl) and the backward
+// (backward_io_*.wgsl): prepended to every kernel by src/kernels.rs and
+// src/backward.rs, so there is one copy.
 // Stores are written by hand, not with pack2x16float (its result outside
 // the f16 range is undefined and its rounding is not guaranteed). f16 loads
 // use unpack2x16float directly.

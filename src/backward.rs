@@ -261,23 +261,14 @@ fn grad_input_step(mut d: BwdParams) -> (usize, BwdParams) {
     }
 }
 
-/// The storage of x, grad_output and grad_input: with `paired`, half
-/// storage bound as vec4<u32>, one access per two vectors (`PAIRED_ACCESS`,
-/// [`BF_PAIRS`]); otherwise one vector per access, the
-/// eight-element accesses made of two.
-fn io_source(dtype: DType, paired: bool) -> String {
-    let io = match (dtype, paired) {
-        (DType::F32, _) => include_str!("../shaders/backward_io_f32.wgsl"),
-        (_, false) => include_str!("../shaders/backward_io_half.wgsl"),
-        (_, true) => include_str!("../shaders/backward_io_half_pairs.wgsl"),
-    };
-    let single = if dtype == DType::F32 || !paired {
-        include_str!("../shaders/backward_single_access.wgsl")
-    } else {
-        ""
-    };
-    [kernels::half_format(dtype), io, single].join("\n")
-}
+/// The backward's io files of x, grad_output and grad_input (paired:
+/// [`BF_PAIRS`]), for [`kernels::io_source`].
+const BACKWARD_IO: kernels::IoFiles = kernels::IoFiles {
+    f32: include_str!("../shaders/backward_io_f32.wgsl"),
+    half: include_str!("../shaders/backward_io_half.wgsl"),
+    half_pairs: include_str!("../shaders/backward_io_half_pairs.wgsl"),
+    single_access: include_str!("../shaders/backward_single_access.wgsl"),
+};
 
 /// The complete WGSL source of the backward kernels for storage `dtype` (of
 /// `x`, `grad_output` and `grad_input`); with `subgroups`, the subgroup row
@@ -316,7 +307,7 @@ pub fn source(dtype: DType, subgroups: bool, paired: bool) -> String {
         kernels::HALF_CONVERT,
         kernels::FAST_DIV,
         kernels::COMPENSATED,
-        &io_source(dtype, paired),
+        &kernels::io_source(dtype, paired, &BACKWARD_IO),
         include_str!("../shaders/backward_common.wgsl"),
         include_str!("../shaders/backward.wgsl"),
         include_str!("../shaders/backward_channels.wgsl"),

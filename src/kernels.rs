@@ -499,8 +499,8 @@ pub(crate) const HELD_SLOTS_SOURCE: &str = include_str!("../shaders/held_slots.w
 pub(crate) const WORKGROUP_TOTAL: &str = include_str!("../shaders/workgroup_total.wgsl");
 
 /// The f16 or bf16 format of the half io files (`unpack_half2`,
-/// `pack_half4`, `half_bits`), shared with the backward; empty for f32.
-pub(crate) fn half_format(dtype: DType) -> &'static str {
+/// `pack_half4`, `half_bits`), at the head of [`io_source`]; empty for f32.
+fn half_format(dtype: DType) -> &'static str {
     match dtype {
         DType::F32 => "",
         DType::F16 => include_str!("../shaders/half_f16.wgsl"),
@@ -508,17 +508,37 @@ pub(crate) fn half_format(dtype: DType) -> &'static str {
     }
 }
 
-/// The storage of x and y: with `paired`, half storage bound as vec4<u32>,
-/// one access per two vectors (`PAIRED_ACCESS`, [`Variant::paired`]);
-/// otherwise one vector per access, the eight-element accesses made of two.
-fn io_source(dtype: DType, paired: bool) -> String {
+/// The io files of a module, one per storage: the forward's of x and y
+/// ([`FORWARD_IO`]), the backward's of x, grad_output and grad_input.
+pub(crate) struct IoFiles {
+    pub f32: &'static str,
+    pub half: &'static str,
+    /// Half storage bound as vec4<u32>, one access per two vectors.
+    pub half_pairs: &'static str,
+    /// The eight-element accesses of `f32` and `half`, made of two.
+    pub single_access: &'static str,
+}
+
+/// The forward's io files.
+const FORWARD_IO: IoFiles = IoFiles {
+    f32: include_str!("../shaders/io_f32.wgsl"),
+    half: include_str!("../shaders/io_half.wgsl"),
+    half_pairs: include_str!("../shaders/io_half_pairs.wgsl"),
+    single_access: include_str!("../shaders/single_access.wgsl"),
+};
+
+/// The storage source of `files` for `dtype`: with `paired`, half storage
+/// bound as vec4<u32>, one access per two vectors (`PAIRED_ACCESS`,
+/// [`Variant::paired`]); otherwise one vector per access, the
+/// eight-element accesses made of two. The half format file comes first.
+pub(crate) fn io_source(dtype: DType, paired: bool, files: &IoFiles) -> String {
     let io = match (dtype, paired) {
-        (DType::F32, _) => include_str!("../shaders/io_f32.wgsl"),
-        (_, false) => include_str!("../shaders/io_half.wgsl"),
-        (_, true) => include_str!("../shaders/io_half_pairs.wgsl"),
+        (DType::F32, _) => files.f32,
+        (_, false) => files.half,
+        (_, true) => files.half_pairs,
     };
     let single = if dtype == DType::F32 || !paired {
-        include_str!("../shaders/single_access.wgsl")
+        files.single_access
     } else {
         ""
     };
@@ -543,7 +563,7 @@ pub fn source(kernel: Kernel, dtype: DType, paired: bool) -> String {
          const COLUMN_PREFIX: u32 = {COLUMN_PREFIX}u;\n\
          const ROWS_WG_HELD: u32 = {ROWS_WG_HELD}u;\n"
     );
-    let io = io_source(dtype, paired && kernel.moves_pairs());
+    let io = io_source(dtype, paired && kernel.moves_pairs(), &FORWARD_IO);
     [
         prelude.as_str(),
         HALF_CONVERT,
