@@ -198,15 +198,12 @@ fn half_batch_norm_channels_first_runs_in_pairs_or_singly_match_f64() {
             let eval = ctx
                 .download(&bn.forward(ctx, &xt, Mode::Eval).unwrap())
                 .unwrap();
-            let want: Vec<f64> = x
+            let stats: Vec<(f64, f64)> = mean
                 .iter()
-                .enumerate()
-                .map(|(i, &v)| {
-                    let ch = i / (shape[2] * shape[3]) % c;
-                    (v as f64 - mean[ch] as f64) / (var[ch] as f64 + 1e-5).sqrt() * w[ch] as f64
-                        + b[ch] as f64
-                })
+                .zip(&var)
+                .map(|(&m, &v)| (m as f64, v as f64))
                 .collect();
+            let want = reference::normalize(&x, &view, &stats, 1e-5, Some(&w), Some(&b));
             assert_within_ulps(&format!("{dtype} eval {shape:?}"), &eval, &want, dtype, 2.0);
         }
     }
